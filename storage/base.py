@@ -1,0 +1,95 @@
+"""The contract between the upload core and a storage backend.
+
+A backend stores bytes and upload records and knows nothing of HTTP or tus. The core
+contract is `Storage`; optional powers are separate protocols a backend opts into, and
+the core checks them once at start-up (`isinstance`), so what a server advertises is
+always what its backend really implements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # the core imports this module; at runtime only the shapes matter
+    from uploadsrv.core.model import UploadInfo
+
+
+class Writer(Protocol):
+    """Appends to one upload for the length of one request.
+
+    Bytes given to `write` are not durable until `commit`. A backend may buffer them
+    (S3 collects parts), but must keep its buffer bounded.
+    """
+
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        """Store `blocks` after what was written so far; raises StorageFull when out of space."""
+
+    async def commit(self) -> int:
+        """Make everything written durable and return the upload's new offset."""
+
+    async def discard(self) -> None:
+        """Forget everything written since the writer opened (a failed checksum)."""
+
+
+class UploadLock(Protocol):
+    """A held lock on one upload, exclusive across processes."""
+
+    def preempt_requested(self) -> bool:
+        """True when a request in another process asked for this upload."""
+
+
+@runtime_checkable
+class Storage(Protocol):
+    async def create(self, info: UploadInfo) -> None:
+        """Persist a new upload record with no bytes."""
+
+    async def get(self, upload_id: str) -> UploadInfo:
+        """The upload's record with `offset` and `updated_at` read from the stored bytes.
+
+        Raises UploadNotFound. `upload_id` is already validated by the core.
+        """
+
+    async def update(self, info: UploadInfo) -> None:
+        """Persist a changed record (a deferred length declared)."""
+
+    def writer(self, info: UploadInfo, *, transactional: bool) -> AbstractAsyncContextManager[Writer]:
+        """Open a writer at `info.offset`.
+
+        With `transactional`, nothing written may become visible before `commit`, so the
+        core can `discard` a body whose checksum fails.
+        """
+
+    async def finish(self, info: UploadInfo) -> None:
+        """Called once when the upload reaches its length."""
+
+    async def delete(self, upload_id: str) -> None:
+        """Remove the upload and everything it stored. Missing uploads are not an error."""
+
+    def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
+        """Stream bytes [start, end) of a stored upload."""
+
+    def lock(
+        self, upload_id: str, *, timeout: float, preempt: bool = True
+    ) -> AbstractAsyncContextManager[UploadLock]:
+        """Lock the upload across processes.
+
+        If another process holds it: with `preempt`, ask that holder to let go (its
+        `preempt_requested` turns true) and wait up to `timeout` seconds; without, fail at
+        once. Raises UploadBusy when not acquired, UploadNotFound for unknown uploads.
+        """
+
+    def upload_ids(self) -> AsyncIterator[str]:
+        """Every upload id the backend holds, for expiry and the operator CLI."""
+
+    async def close(self) -> None:
+        """Release resources (threads, clients)."""
+
+
+@runtime_checkable
+class Concatenating(Protocol):
+    """A backend that can join finished uploads into a new one without a client round trip."""
+
+    async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
+        """Fill the new upload `info` with the bytes of `parts`, in order."""

@@ -1,0 +1,303 @@
+"""Local-disk storage: one directory per upload, the bytes in one file.
+
+Layout under the data directory: ``uploads/<id[:2]>/<id>/`` holding ``info.json`` (the
+record), ``data`` (the bytes), ``lock`` (flock target) and, briefly, ``staging`` (a
+checksummed body awaiting verification) and ``preempt`` (another process wants the lock).
+
+The offset of an upload is the size of ``data``: bytes reach the file only in order,
+so the offset can never run ahead of what is stored and never goes down, also after a
+crash. Blocking calls run on a bounded thread pool owned by the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from uploadsrv.core.errors import StorageFull, StorageUnavailable, UploadBusy, UploadNotFound
+from uploadsrv.core.model import UploadInfo, is_upload_id
+
+T = TypeVar("T")
+
+READ_BLOCK = 1 << 20  #: bytes per read when streaming a download
+LOCK_POLL_SECONDS = 0.02  #: how often a waiter retries a lock held by another process
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _storage_error(exc: OSError) -> Exception:
+    if exc.errno in NO_SPACE:
+        return StorageFull("no space left on the data volume")
+    return StorageUnavailable(f"disk error: {exc.strerror}")
+
+
+class LocalStorage:
+    """Uploads stored as files under `root`."""
+
+    def __init__(self, root: str | os.PathLike[str], *, io_threads: int = 16) -> None:
+        self.root = Path(root).resolve()
+        self._uploads = self.root / "uploads"
+        self._uploads.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-disk")
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    def _dir(self, upload_id: str) -> Path:
+        # Ids are validated by the core; checked again because a path is built from them.
+        if not is_upload_id(upload_id):
+            raise UploadNotFound()
+        return self._uploads / upload_id[:2] / upload_id
+
+    # -- records -----------------------------------------------------------------
+
+    async def create(self, info: UploadInfo) -> None:
+        await self._run(self._create, info)
+
+    def _create(self, info: UploadInfo) -> None:
+        path = self._dir(info.id)
+        path.mkdir(parents=True)
+        (path / "data").touch()
+        _write_atomically(path / "info.json", json.dumps(info.to_record()).encode())
+
+    async def get(self, upload_id: str) -> UploadInfo:
+        try:
+            return await self._run(self._get, upload_id)
+        except FileNotFoundError:
+            raise UploadNotFound() from None
+
+    def _get(self, upload_id: str) -> UploadInfo:
+        path = self._dir(upload_id)
+        record = json.loads((path / "info.json").read_bytes())
+        stat = os.stat(path / "data")
+        info = UploadInfo.from_record(record, offset=stat.st_size)
+        info.updated_at = max(info.updated_at, stat.st_mtime)
+        return info
+
+    async def update(self, info: UploadInfo) -> None:
+        path = self._dir(info.id) / "info.json"
+        await self._run(_write_atomically, path, json.dumps(info.to_record()).encode())
+
+    async def finish(self, info: UploadInfo) -> None:
+        """Nothing to do: the bytes are already in place and durable."""
+
+    async def delete(self, upload_id: str) -> None:
+        await self._run(shutil.rmtree, self._dir(upload_id), True)
+
+    async def upload_ids(self) -> AsyncIterator[str]:
+        shards = await self._run(_list_dir, self._uploads)
+        for shard in shards:
+            for name in await self._run(_list_dir, self._uploads / shard):
+                if is_upload_id(name):
+                    yield name
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- bytes -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def writer(self, info: UploadInfo, *, transactional: bool) -> AsyncIterator[_Writer]:
+        path = self._dir(info.id)
+        try:
+            file = await self._run(_FileWriter, path, info.offset, transactional)
+        except FileNotFoundError:
+            raise UploadNotFound() from None
+        try:
+            yield _Writer(self, file)
+        finally:
+            await self._run(file.close)
+
+    async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
+        try:
+            fd = await self._run(os.open, self._dir(info.id) / "data", os.O_RDONLY)
+        except FileNotFoundError:
+            raise UploadNotFound() from None
+        try:
+            while start < end:
+                block = await self._run(os.pread, fd, min(READ_BLOCK, end - start), start)
+                if not block:
+                    raise StorageUnavailable("stored file is shorter than its record")
+                start += len(block)
+                yield block
+        finally:
+            os.close(fd)
+
+    async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
+        sources = [self._dir(part.id) / "data" for part in parts]
+        await self._run(_concatenate, self._dir(info.id) / "data", sources)
+
+    # -- locks -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lock(self, upload_id: str, *, timeout: float, preempt: bool = True) -> AsyncIterator[_FileLock]:
+        """flock on the upload's lock file; a waiter leaves a ``preempt`` marker for the holder.
+
+        Non-blocking flock and small opens are done on the event loop: they never wait.
+        """
+        path = self._dir(upload_id)
+        try:
+            fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise UploadNotFound() from None
+        try:
+            await _acquire(fd, path / "preempt" if preempt else None, timeout)
+            yield _FileLock(path / "preempt")
+        finally:
+            os.close(fd)  # closing releases the flock
+
+
+class _Writer:
+    """The storage `Writer`: each call is one hop to the disk threads."""
+
+    def __init__(self, storage: LocalStorage, file: _FileWriter) -> None:
+        self._run = storage._run
+        self._file = file
+
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        await self._run(self._file.write, blocks)
+
+    async def commit(self) -> int:
+        return await self._run(self._file.commit)
+
+    async def discard(self) -> None:
+        await self._run(self._file.discard)
+
+
+class _FileLock:
+    def __init__(self, marker: Path) -> None:
+        self._marker = marker
+
+    def preempt_requested(self) -> bool:
+        return self._marker.exists()
+
+
+async def _acquire(fd: int, marker: Path | None, timeout: float) -> None:
+    if _try_flock(fd):
+        return
+    if marker is None:
+        raise UploadBusy()
+    marker.touch()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not _try_flock(fd):
+        if loop.time() > deadline:
+            raise UploadBusy("another request holds this upload; retry shortly")
+        await asyncio.sleep(LOCK_POLL_SECONDS)
+    marker.unlink(missing_ok=True)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class _FileWriter:
+    """Writes blocks with pwritev at the upload's offset, or to ``staging`` when transactional."""
+
+    def __init__(self, path: Path, offset: int, transactional: bool) -> None:
+        self._data = path / "data"
+        self._staging = path / "staging" if transactional else None
+        self._committed = offset
+        if self._staging is None:
+            self._fd = os.open(self._data, os.O_WRONLY)
+            self._position = offset
+        else:
+            self._fd = os.open(self._staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._position = 0
+
+    def write(self, blocks: Sequence[bytes]) -> None:
+        views = [memoryview(b) for b in blocks]
+        while views:
+            written = os.pwritev(self._fd, views, self._position)
+            self._position += written
+            views = list(_skip(views, written))
+
+    def commit(self) -> int:
+        if self._staging is None:
+            os.fsync(self._fd)
+            self._committed = self._position
+            return self._committed
+        with open(self._data, "r+b") as data:
+            _copy_range(self._fd, data.fileno(), 0, self._committed, self._position)
+            os.fsync(data.fileno())
+        self._committed += self._position
+        self.discard()
+        return self._committed
+
+    def discard(self) -> None:
+        if self._staging is not None:
+            os.ftruncate(self._fd, 0)
+            self._position = 0
+
+    def close(self) -> None:
+        os.close(self._fd)
+        if self._staging is not None:
+            self._staging.unlink(missing_ok=True)
+
+
+def _skip(views: list[memoryview], count: int) -> Iterator[memoryview]:
+    """The views left after `count` bytes were written (pwritev may write less than asked)."""
+    for view in views:
+        if count >= len(view):
+            count -= len(view)
+            continue
+        yield view[count:]
+        count = 0
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
+    """Copy inside the kernel; no bytes pass through Python."""
+    while count > 0:
+        copied = os.copy_file_range(src, dst, count, src_offset, dst_offset)
+        if copied == 0:
+            raise StorageUnavailable("source file ended early")
+        src_offset += copied
+        dst_offset += copied
+        count -= copied
+
+
+def _concatenate(target: Path, sources: list[Path]) -> None:
+    with open(target, "r+b") as out:
+        offset = 0
+        for source in sources:
+            with open(source, "rb") as part:
+                size = os.fstat(part.fileno()).st_size
+                _copy_range(part.fileno(), out.fileno(), 0, offset, size)
+                offset += size
+        os.fsync(out.fileno())
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _list_dir(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,3 @@
+"""uploadsrv: a resumable upload server."""
+
+__version__ = "0.1.0"

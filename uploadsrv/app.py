@@ -1,0 +1,92 @@
+"""The Starlette application: storage, core, protocols, CORS, metrics and background expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from storage.local import LocalStorage
+
+from .config import Settings
+from .core import UploadService
+from .metrics import Metrics
+from .protocols import tus
+from .protocols.common import problem
+
+log = logging.getLogger("uploadsrv")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    storage = LocalStorage(settings.data_dir, io_threads=settings.io_threads)
+    service = UploadService(
+        storage, max_size=settings.max_size, expiry=settings.expiry, lock_timeout=settings.lock_timeout
+    )
+    metrics = Metrics()
+    service.subscribe(metrics.on_event)
+    tus_protocol = tus.TusProtocol(service, settings)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(_expire_periodically(service, settings.expiry_interval))
+        log.info("serving", extra={"storage": repr(storage), "base_path": settings.base_path})
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await storage.close()
+
+    app = Starlette(
+        routes=[
+            *tus_protocol.routes(),
+            Route("/healthz", health),
+            Route("/metrics", metrics.endpoint),
+        ],
+        middleware=[
+            Middleware(metrics.middleware),
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"],
+                allow_headers=tus.REQUEST_HEADERS,
+                expose_headers=tus.RESPONSE_HEADERS,
+                max_age=86400,
+            ),
+        ],
+        lifespan=lifespan,
+        exception_handlers={Exception: _internal_error},
+    )
+    app.state.service = service
+    return app
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return problem(500, "internal server error; the upload stays resumable from its last offset")
+
+
+async def _expire_periodically(service: UploadService, interval: float | None) -> None:
+    if interval is None or service.expiry is None:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            removed = await service.expire()
+        except Exception:
+            log.exception("expiry pass failed")
+        else:
+            if removed:
+                log.info("expired uploads removed", extra={"count": len(removed)})

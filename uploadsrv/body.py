@@ -1,0 +1,44 @@
+"""A request body as an async iterator of bytes, straight from ASGI `receive`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.types import Receive, Scope
+
+from .core.errors import ClientDisconnected
+from .uvicorn_protocols import TRAILERS
+
+
+class RequestBody:
+    """Yields body chunks as they arrive; raises ClientDisconnected if the client goes away.
+
+    Reading `receive` directly (not Starlette's `Request.stream`) keeps the hot path to
+    one await per chunk and gives access to trailers.
+    """
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self._scope = scope
+        self._receive = receive
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    def trailer(self, name: str) -> str | None:
+        """A trailer field, available once the body has been read to its end."""
+        wanted = name.lower().encode()
+        for key, value in self._scope.get("extensions", {}).get(TRAILERS, ()):
+            if key == wanted:
+                return value.decode("latin-1")
+        return None

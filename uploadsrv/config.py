@@ -1,0 +1,117 @@
+"""Server settings: flags and environment variables with safe defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "UPLOADSRV_"
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '1048576', '512M', '16GiB', '2T' (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (try 512M or 16G)")
+    return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds from '3600', '30m', '12h', '7d'; '0' or 'never' means no limit (None)."""
+    if text.strip().lower() in ("0", "never", "none"):
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (try 90s, 30m, 12h or 7d)")
+    return float(match[1]) * _DURATION_UNITS[match[2]]
+
+
+def _parse_origins(text: str) -> list[str]:
+    return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
+def _parse_bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class Settings:
+    """Every knob of the server. Each field `x` is also read from `UPLOADSRV_X`."""
+
+    host: str = "127.0.0.1"
+    port: int = 1080
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    #: Largest upload accepted (bytes); advertised as Tus-Max-Size.
+    max_size: int = 16 << 30
+    #: Unfinished uploads with no activity for this long expire (None: never).
+    #: Days, because iOS background retries back off over hours.
+    expiry: float | None = 7 * 86400.0
+    #: How often the server deletes expired uploads itself (None: never).
+    expiry_interval: float | None = 3600.0
+    base_path: str = "/files/"
+    #: Origins allowed by CORS; '*' lets any browser app upload.
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    #: Trust X-Forwarded-Proto/Host for the URLs the server hands out.
+    trust_proxy: bool = False
+    #: A request header (set by an auth proxy) whose value is recorded as the upload's owner.
+    owner_header: str | None = None
+    #: Seconds a request waits for an upload held by another request that will not let go.
+    lock_timeout: float = 10.0
+    #: Threads for blocking disk calls (writes, fsync), shared by all requests.
+    io_threads: int = 16
+    workers: int = 1
+    #: uvicorn HTTP implementation: 'httptools' (fast, C) or 'h11' (pure Python).
+    http: str = "httptools"
+    log_level: str = "info"
+    access_log: bool = False
+
+    _parsers = {  # noqa: RUF012  (a class-level table, not a field)
+        "port": int,
+        "data_dir": Path,
+        "max_size": parse_size,
+        "expiry": parse_duration,
+        "expiry_interval": parse_duration,
+        "cors_origins": _parse_origins,
+        "trust_proxy": _parse_bool,
+        "lock_timeout": float,
+        "io_threads": int,
+        "workers": int,
+        "access_log": _parse_bool,
+    }
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> object:
+        return cls._parsers.get(name, str)(text)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            text = environ.get(ENV_PREFIX + f.name.upper())
+            if text is not None and text != "":
+                values[f.name] = cls.parse(f.name, text)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.base_path = "/" + settings.base_path.strip("/") + "/"
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes `from_env` rebuild these settings (for worker processes)."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                text = "never" if f.name.startswith("expiry") else ""
+            elif isinstance(value, list):
+                text = ",".join(value)
+            else:
+                text = str(value)
+            env[ENV_PREFIX + f.name.upper()] = text
+        return env

@@ -1,0 +1,117 @@
+"""One writer per upload, and a newer request always wins.
+
+A phone that changed networks reconnects while its old request still sits in the
+server waiting for bytes that will never come. The new request must not wait behind
+it: it preempts the holder, whose body copy is cancelled (the bytes it received are
+kept by the core), and takes over. Across worker processes the backend's lock carries
+the same request, which the holder polls for while it copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from storage.base import Storage, UploadLock
+
+from .errors import Superseded, UploadBusy
+
+T = TypeVar("T")
+
+CROSS_PROCESS_POLL_SECONDS = 0.2  #: how often a copy checks whether another process wants its upload
+
+
+class Hold:
+    """An exclusive hold on one upload; `run` makes a long body copy preemptible."""
+
+    def __init__(self, backend_lock: UploadLock) -> None:
+        self._backend_lock = backend_lock
+        self._task: asyncio.Task[object] | None = None
+        self._preempted = False
+
+    def preempt(self) -> None:
+        self._preempted = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def run(self, work: Coroutine[object, object, T]) -> T:
+        """Run `work` until it ends or a newer request preempts it (raises Superseded).
+
+        `work` must itself finish what it started when cancelled; this waits for that.
+        """
+        if self._preempted:
+            work.close()
+            raise Superseded()
+        task = asyncio.ensure_future(work)
+        self._task = task  # type: ignore[assignment]
+        watcher = asyncio.ensure_future(self._watch_other_processes())
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait({task})
+            raise
+        finally:
+            watcher.cancel()
+            self._task = None
+        if task.cancelled():
+            raise Superseded()
+        return task.result()
+
+    async def _watch_other_processes(self) -> None:
+        while not self._backend_lock.preempt_requested():
+            await asyncio.sleep(CROSS_PROCESS_POLL_SECONDS)
+        self.preempt()
+
+
+@dataclass
+class _Slot:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    holder: Hold | None = None
+    users: int = 0
+
+
+class UploadLocks:
+    """Per-upload holds for one process, backed by the storage's cross-process lock."""
+
+    def __init__(self, storage: Storage, *, timeout: float) -> None:
+        self._storage = storage
+        self._timeout = timeout
+        self._slots: dict[str, _Slot] = {}
+
+    @asynccontextmanager
+    async def hold(self, upload_id: str, *, preempt: bool = True) -> AsyncIterator[Hold]:
+        """Hold `upload_id` exclusively; with `preempt`, a current holder is asked to stop.
+
+        Without `preempt` (background expiry) a busy upload raises UploadBusy at once.
+        """
+        slot = self._slots.setdefault(upload_id, _Slot())
+        slot.users += 1
+        try:
+            if slot.holder is not None and preempt:
+                slot.holder.preempt()
+            elif slot.lock.locked() and not preempt:
+                raise UploadBusy()
+            try:
+                await asyncio.wait_for(slot.lock.acquire(), self._timeout)
+            except TimeoutError:
+                raise UploadBusy("another request holds this upload; retry shortly") from None
+            try:
+                async with self._storage.lock(
+                    upload_id, timeout=self._timeout, preempt=preempt
+                ) as backend_lock:
+                    slot.holder = Hold(backend_lock)
+                    try:
+                        yield slot.holder
+                    finally:
+                        slot.holder = None
+            finally:
+                slot.lock.release()
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                with suppress(KeyError):
+                    del self._slots[upload_id]

@@ -1,0 +1,68 @@
+"""The state of one upload, shared by the core, the protocols and the backends."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+from dataclasses import dataclass, field
+
+#: 128 random bits as 32 lowercase hex digits; anything else is not one of ours.
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+
+def new_upload_id() -> str:
+    return secrets.token_hex(16)
+
+
+def is_upload_id(value: str) -> bool:
+    return ID_PATTERN.fullmatch(value) is not None
+
+
+@dataclass
+class UploadInfo:
+    """What is known about an upload.
+
+    `offset` is the number of durable bytes; backends fill it from what they actually
+    store, so it never runs ahead of the data. `updated_at` is the last activity.
+    """
+
+    id: str
+    length: int | None
+    metadata: dict[str, str | None] = field(default_factory=dict)
+    owner: str | None = None
+    protocol: str = "tus"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    offset: int = 0
+    #: A part meant for concatenation (tus `Upload-Concat: partial`).
+    partial: bool = False
+    #: For a concatenation result, the ids of its parts in order.
+    parts: list[str] | None = None
+
+    @property
+    def is_complete(self) -> bool:
+        return self.length is not None and self.offset == self.length
+
+    @property
+    def is_final(self) -> bool:
+        return self.parts is not None
+
+    @property
+    def filename(self) -> str | None:
+        return self.metadata.get("filename") or self.metadata.get("name")
+
+    @property
+    def content_type(self) -> str | None:
+        return self.metadata.get("filetype") or self.metadata.get("type") or self.metadata.get("contentType")
+
+    def to_record(self) -> dict[str, object]:
+        """The persisted form; `offset` is left out because backends derive it from the bytes."""
+        record = dataclasses.asdict(self)
+        del record["offset"]
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, object], offset: int) -> UploadInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names}, offset=offset)  # type: ignore[arg-type]

@@ -1,0 +1,288 @@
+"""The upload service: every protocol's uploads live and die here.
+
+It owns offsets, limits, checksums, per-upload locks, completion and expiry; the
+protocols translate HTTP into these calls and the backend stores the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from storage.base import Concatenating, Storage
+
+from .checksums import ALGORITHMS, Checksum, Digester
+from .errors import (
+    ChecksumMismatch,
+    InvalidRequest,
+    LengthConflict,
+    NotAppendable,
+    NotReady,
+    OffsetMismatch,
+    TooLarge,
+    UploadBusy,
+    UploadComplete,
+    UploadGone,
+    UploadNotFound,
+)
+from .locks import UploadLocks
+from .model import UploadInfo, is_upload_id, new_upload_id
+from .pump import pump
+
+log = logging.getLogger("uploadsrv.core")
+
+#: Called with an event name ("created", "appended", "completed", "terminated",
+#: "expired") and the upload; metrics and progress streams subscribe here.
+Listener = Callable[[str, UploadInfo], None]
+
+
+class UploadService:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        max_size: int,
+        expiry: float | None,
+        lock_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.storage = storage
+        self.max_size = max_size
+        self.expiry = expiry
+        self.can_concatenate = isinstance(storage, Concatenating)
+        self._locks = UploadLocks(storage, timeout=lock_timeout)
+        self._clock = clock
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, info: UploadInfo) -> None:
+        for listener in self._listeners:
+            listener(event, info)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        length: int | None,
+        metadata: dict[str, str | None] | None = None,
+        owner: str | None = None,
+        protocol: str = "tus",
+        partial: bool = False,
+    ) -> UploadInfo:
+        """Register a new, empty upload; `length=None` defers the length."""
+        if length is not None:
+            self._check_length(length)
+        now = self._clock()
+        info = UploadInfo(
+            id=new_upload_id(),
+            length=length,
+            metadata=metadata or {},
+            owner=owner,
+            protocol=protocol,
+            created_at=now,
+            updated_at=now,
+            partial=partial,
+        )
+        await self.storage.create(info)
+        self._emit("created", info)
+        log.info("upload created", extra={"upload_id": info.id, "length": length, "protocol": protocol})
+        if info.is_complete:  # a zero-byte upload is done at once
+            await self._finish(info)
+        return info
+
+    async def concatenate(
+        self,
+        part_ids: Sequence[str],
+        *,
+        metadata: dict[str, str | None] | None = None,
+        owner: str | None = None,
+        protocol: str = "tus",
+    ) -> UploadInfo:
+        """A new, complete upload made of finished partial uploads, joined by the backend."""
+        if not isinstance(self.storage, Concatenating):
+            raise InvalidRequest("this storage cannot concatenate uploads")
+        if not part_ids:
+            raise InvalidRequest("a concatenation needs at least one part")
+        parts = []
+        for part_id in part_ids:
+            try:
+                part = await self._live(part_id)
+            except (UploadNotFound, UploadGone):
+                raise InvalidRequest(f"part {part_id} does not exist") from None
+            if not (part.partial and part.is_complete):
+                raise InvalidRequest(f"part {part_id} is not a finished partial upload")
+            parts.append(part)
+        total = sum(part.offset for part in parts)
+        self._check_length(total)
+        now = self._clock()
+        info = UploadInfo(
+            id=new_upload_id(),
+            length=total,
+            metadata=metadata or {},
+            owner=owner,
+            protocol=protocol,
+            created_at=now,
+            updated_at=now,
+            parts=list(part_ids),
+        )
+        await self.storage.create(info)
+        try:
+            await self.storage.concatenate(info, parts)
+        except BaseException:
+            await self.storage.delete(info.id)
+            raise
+        info.offset = total
+        self._emit("created", info)
+        await self._finish(info)
+        return info
+
+    async def get(self, upload_id: str) -> UploadInfo:
+        """The upload's state; a stale request still holding it is stopped first."""
+        async with self._locks.hold(self._known(upload_id)):
+            return await self._live(upload_id)
+
+    async def peek(self, upload_id: str) -> UploadInfo:
+        """The upload's state without taking its lock (downloads, listings)."""
+        return await self._live(self._known(upload_id))
+
+    async def append(
+        self,
+        upload_id: str,
+        offset: int,
+        body: AsyncIterator[bytes],
+        *,
+        content_length: int | None = None,
+        length: int | None = None,
+        checksum: Checksum | None = None,
+        trailer_checksum: Callable[[], Checksum | None] | None = None,
+    ) -> UploadInfo:
+        """Append `body` at `offset` and return the upload's new state.
+
+        `length` declares a deferred length. With `checksum` (or `trailer_checksum`, read
+        after the body) the body is verified and stored only if it matches; without,
+        every byte that arrived is kept even if the request breaks off, so the client
+        resumes from there.
+        """
+        async with self._locks.hold(self._known(upload_id)) as hold:
+            info = await self._live(upload_id)
+            if info.is_final:
+                raise NotAppendable("a concatenated upload cannot be appended to")
+            if length is not None and length != info.length:
+                await self._declare_length(info, length)
+            if offset != info.offset:
+                raise OffsetMismatch(expected=info.offset, provided=offset)
+            limit = (self.max_size if info.length is None else info.length) - info.offset
+            if info.is_complete and content_length:
+                raise UploadComplete()
+            if content_length is not None and content_length > limit:
+                raise TooLarge(f"body of {content_length} bytes goes past the end of the upload")
+            transactional = checksum is not None or trailer_checksum is not None
+            digester = (
+                Digester({checksum.algorithm} if checksum else set(ALGORITHMS)) if transactional else None
+            )
+            async with self.storage.writer(info, transactional=transactional) as writer:
+                try:
+                    await hold.run(pump(body, writer, limit=limit, digester=digester))
+                except BaseException:
+                    if transactional:
+                        await writer.discard()
+                    else:
+                        info.offset = await writer.commit()
+                        self._after_append(info)
+                    raise
+                if digester is not None:
+                    expected = checksum or (trailer_checksum() if trailer_checksum else None)
+                    if expected is None or not digester.matches(expected):
+                        await writer.discard()
+                        if expected is None:
+                            raise InvalidRequest("the announced checksum trailer did not arrive")
+                        raise ChecksumMismatch()
+                info.offset = await writer.commit()
+            self._after_append(info)
+        if info.is_complete:
+            await self._finish(info)
+        return info
+
+    async def terminate(self, upload_id: str) -> None:
+        """Delete the upload and its bytes; a request writing to it is stopped first."""
+        async with self._locks.hold(self._known(upload_id)):
+            info = await self.storage.get(upload_id)
+            await self.storage.delete(upload_id)
+        self._emit("terminated", info)
+        log.info("upload terminated", extra={"upload_id": upload_id})
+
+    def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
+        """Stream bytes [start, end) of a finished upload."""
+        if not info.is_complete:
+            raise NotReady("the upload is not complete yet")
+        return self.storage.read(info, start, end)
+
+    # -- expiry ------------------------------------------------------------------
+
+    def expires_at(self, info: UploadInfo) -> float | None:
+        """When an unfinished upload expires (it slides with activity); finished ones do not."""
+        if self.expiry is None or info.is_complete:
+            return None
+        return info.updated_at + self.expiry
+
+    def is_expired(self, info: UploadInfo) -> bool:
+        expires = self.expires_at(info)
+        return expires is not None and expires <= self._clock()
+
+    async def expire(self) -> list[str]:
+        """Delete every expired upload not being written right now; returns their ids."""
+        removed = []
+        async for upload_id in self.storage.upload_ids():
+            try:
+                async with self._locks.hold(upload_id, preempt=False):
+                    info = await self.storage.get(upload_id)
+                    if not self.is_expired(info):
+                        continue
+                    await self.storage.delete(upload_id)
+            except (UploadBusy, UploadNotFound):
+                continue
+            removed.append(upload_id)
+            self._emit("expired", info)
+            log.info("upload expired", extra={"upload_id": upload_id})
+        return removed
+
+    # -- internals ---------------------------------------------------------------
+
+    def _known(self, upload_id: str) -> str:
+        if not is_upload_id(upload_id):
+            raise UploadNotFound()
+        return upload_id
+
+    async def _live(self, upload_id: str) -> UploadInfo:
+        info = await self.storage.get(self._known(upload_id))
+        if self.is_expired(info):
+            raise UploadGone()
+        return info
+
+    def _check_length(self, length: int) -> None:
+        if length < 0:
+            raise InvalidRequest("length must not be negative")
+        if length > self.max_size:
+            raise TooLarge(f"{length} bytes is more than the maximum of {self.max_size}")
+
+    async def _declare_length(self, info: UploadInfo, length: int) -> None:
+        if info.length is not None:
+            raise LengthConflict(f"the upload's length is already {info.length}")
+        self._check_length(length)
+        if length < info.offset:
+            raise LengthConflict(f"{info.offset} bytes are already stored, more than {length}")
+        info.length = length
+        await self.storage.update(info)
+
+    def _after_append(self, info: UploadInfo) -> None:
+        info.updated_at = self._clock()
+        self._emit("appended", info)
+
+    async def _finish(self, info: UploadInfo) -> None:
+        await self.storage.finish(info)
+        self._emit("completed", info)
+        log.info("upload completed", extra={"upload_id": info.id, "length": info.length})

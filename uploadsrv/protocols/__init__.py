@@ -1,0 +1,1 @@
+"""Protocol handlers: thin translators between HTTP and the upload core."""

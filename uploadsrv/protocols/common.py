@@ -1,0 +1,67 @@
+"""Pieces every protocol handler needs: problem responses, public URLs, HTTP dates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from uploadsrv.core.errors import InvalidRequest, UploadError
+
+PROBLEM_TYPE = "urn:uploadsrv:problem:"
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    type_: str = "about:blank",
+    headers: Mapping[str, str] | None = None,
+    **extra: object,
+) -> Response:
+    """A short RFC 9457 `application/problem+json` response."""
+    body = {"type": type_, "title": _title(status), "status": status, "detail": detail}
+    body.update({key.replace("_", "-"): value for key, value in extra.items()})
+    return Response(json.dumps(body), status, headers, media_type="application/problem+json")
+
+
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # tus's own 460
+        return "Checksum Mismatch" if status == 460 else "Error"
+
+
+def error_problem(error: UploadError, status: int, headers: Mapping[str, str] | None = None) -> Response:
+    return problem(status, error.detail, type_=PROBLEM_TYPE + error.slug, headers=headers, **error.extra)
+
+
+def public_url(request: Request, path: str, *, trust_proxy: bool) -> str:
+    """The absolute URL clients should use for `path`, as seen from outside a trusted proxy."""
+    scheme = request.url.scheme
+    host = request.headers.get("host") or request.url.netloc
+    if trust_proxy:
+        scheme = _first(request.headers.get("x-forwarded-proto")) or scheme
+        host = _first(request.headers.get("x-forwarded-host")) or host
+    return f"{scheme}://{host}{path}"
+
+
+def _first(value: str | None) -> str | None:
+    return value.split(",")[0].strip() if value else None
+
+
+def http_date(timestamp: float) -> str:
+    return formatdate(timestamp, usegmt=True)
+
+
+def parse_offset(text: str | None, name: str) -> int:
+    """A non-negative decimal header value; anything else is the client's error."""
+    if text is None:
+        raise InvalidRequest(f"{name} is required")
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        raise InvalidRequest(f"{name} must be a non-negative integer, got {text[:40]!r}")
+    return int(text)

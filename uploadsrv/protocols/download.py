@@ -1,0 +1,73 @@
+"""GET of a finished upload: streamed from storage, with single byte ranges.
+
+Shared by every protocol, since a finished upload is the same object whichever
+protocol made it.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from uploadsrv.core import UploadInfo, UploadService
+
+from .common import problem
+
+#: Types a browser may render inline; anything else downloads as an attachment, so a
+#: stored HTML or SVG file can never run script on this origin.
+INLINE_TYPES = re.compile(
+    r"(image/(png|jpeg|gif|webp|heic|avif)|video/.+|audio/.+|application/pdf|text/plain)"
+)
+MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
+RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def download(service: UploadService, info: UploadInfo, request: Request) -> Response:
+    length = info.offset
+    etag = f'"{info.id}"'
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
+        "Content-Type": _content_type(info),
+        "Content-Disposition": _disposition(info),
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
+    start, end, status = 0, length, 200
+    range_header = request.headers.get("range")
+    if range_header and request.headers.get("if-range", etag) == etag:
+        match = RANGE.fullmatch(range_header.strip())
+        if match and (match[1] or match[2]):
+            first, last = match[1], match[2]
+            if first:
+                start, end = int(first), min(int(last) + 1, length) if last else length
+            else:  # a suffix: the last N bytes
+                start, end = max(length - int(last), 0), length
+            if start >= end:
+                return problem(
+                    416,
+                    f"range not satisfiable for {length} bytes",
+                    headers={"Content-Range": f"bytes */{length}"},
+                )
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{length}"
+    headers["Content-Length"] = str(end - start)
+    return StreamingResponse(service.read(info, start, end), status_code=status, headers=headers)
+
+
+def _content_type(info: UploadInfo) -> str:
+    declared = info.content_type
+    if declared and MEDIA_TYPE.fullmatch(declared):
+        return declared
+    return "application/octet-stream"
+
+
+def _disposition(info: UploadInfo) -> str:
+    kind = "inline" if INLINE_TYPES.fullmatch(_content_type(info)) else "attachment"
+    name = info.filename
+    if not name:
+        return kind
+    return f"{kind}; filename*=UTF-8''{quote(name.encode('utf-8', 'surrogateescape'), safe='')}"
