@@ -7,16 +7,20 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import UnsupportedChecksum
+from .errors import InvalidRequest, UnsupportedChecksum
 
 
 class _Hash(Protocol):
+    digest_size: int
+
     def update(self, data: bytes, /) -> None: ...
     def digest(self) -> bytes: ...
 
 
 class _Crc32:
     """zlib.crc32 behind the hashlib interface; the digest is the 4-byte big-endian value."""
+
+    digest_size = 4
 
     def __init__(self) -> None:
         self._value = 0
@@ -45,6 +49,10 @@ class Checksum:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise UnsupportedChecksum(f"unsupported checksum algorithm {self.algorithm!r}")
+        if len(self.digest) != ALGORITHMS[self.algorithm]().digest_size:
+            raise InvalidRequest(
+                f"a {self.algorithm} digest has {ALGORITHMS[self.algorithm]().digest_size} bytes"
+            )
 
 
 class Digester:

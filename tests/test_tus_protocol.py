@@ -1,0 +1,429 @@
+"""tus 1.0.0 and its extensions, end to end against the real server over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import zlib
+
+import httpx
+import pytest
+
+from .conftest import TUS, Server, create, download, patch, sha256, wait_for
+
+OCTETS = "application/offset+octet-stream"
+
+
+async def test_options_advertises_version_extensions_limits_and_algorithms(client, server):
+    response = await client.options(server.files)
+    assert response.status_code == 204
+    assert response.headers["tus-version"] == "1.0.0"
+    extensions = set(response.headers["tus-extension"].split(","))
+    assert extensions == {
+        "creation",
+        "creation-with-upload",
+        "creation-defer-length",
+        "termination",
+        "expiration",
+        "checksum",
+        "checksum-trailer",
+        "concatenation",
+    }
+    assert int(response.headers["tus-max-size"]) > 0
+    assert {"sha1", "md5", "sha256", "crc32"} <= set(response.headers["tus-checksum-algorithm"].split(","))
+
+
+async def test_upload_in_several_patches_is_stored_byte_for_byte(client, server):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    url = await create(client, server, len(data))
+    assert url.startswith(server.files)
+    offset = 0
+    for size in (1_000_000, 2_000_000, len(data)):
+        response = await patch(client, url, offset, data[offset:size])
+        assert response.status_code == 204, response.text
+        offset = size
+        assert response.headers["upload-offset"] == str(offset)
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_head_reports_offset_length_metadata_and_no_store(client, server):
+    url = await create(client, server, 10, **{"Upload-Metadata": "filename cmVwb3J0LnBkZg==,flag"})
+    await patch(client, url, 0, b"1234")
+    response = await client.head(url, headers=TUS)
+    assert response.status_code == 200
+    assert response.headers["upload-offset"] == "4"
+    assert response.headers["upload-length"] == "10"
+    assert response.headers["upload-metadata"] == "filename cmVwb3J0LnBkZg==,flag"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["tus-resumable"] == "1.0.0"
+
+
+async def test_creation_with_upload_stores_the_body_of_the_post(client, server):
+    data = os.urandom(100_000)
+    response = await client.post(
+        server.files,
+        content=data[:60_000],
+        headers={**TUS, "Upload-Length": str(len(data)), "Content-Type": OCTETS},
+    )
+    assert response.status_code == 201
+    assert response.headers["upload-offset"] == "60000"
+    url = response.headers["location"]
+    assert (await patch(client, url, 60_000, data[60_000:])).status_code == 204
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_deferred_length_is_declared_by_a_later_patch(client, server):
+    url = await create(client, server, None)
+    head = await client.head(url, headers=TUS)
+    assert head.headers["upload-defer-length"] == "1"
+    assert "upload-length" not in head.headers
+    assert (await patch(client, url, 0, b"abc")).status_code == 204
+    response = await patch(client, url, 3, b"def", **{"Upload-Length": "6"})
+    assert response.status_code == 204
+    assert await download(client, url) == b"abcdef"
+
+
+async def test_declaring_a_length_below_the_stored_bytes_is_rejected(client, server):
+    url = await create(client, server, None)
+    await patch(client, url, 0, b"abcdef")
+    response = await patch(client, url, 6, b"", **{"Upload-Length": "3"})
+    assert response.status_code == 400
+    assert (await client.head(url, headers=TUS)).headers["upload-defer-length"] == "1"
+
+
+async def test_termination_deletes_the_upload(client, server):
+    url = await create(client, server, 10)
+    await patch(client, url, 0, b"12345")
+    upload_dir = server.upload_dir(url)
+    assert upload_dir.exists()
+    assert (await client.delete(url, headers=TUS)).status_code == 204
+    assert not upload_dir.exists()
+    assert (await client.head(url, headers=TUS)).status_code == 404
+    assert (await patch(client, url, 5, b"67890")).status_code == 404
+
+
+async def test_expiration_header_on_creation_and_patch_of_unfinished_uploads(client, server):
+    response = await client.post(server.files, headers={**TUS, "Upload-Length": "4"})
+    assert "GMT" in response.headers["upload-expires"]
+    url = response.headers["location"]
+    assert "upload-expires" in (await patch(client, url, 0, b"12")).headers
+    assert "upload-expires" not in (await patch(client, url, 2, b"34")).headers
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "digest"),
+    [
+        ("sha1", lambda d: hashlib.sha1(d).digest()),
+        ("md5", lambda d: hashlib.md5(d).digest()),
+        ("sha256", lambda d: hashlib.sha256(d).digest()),
+        ("sha512", lambda d: hashlib.sha512(d).digest()),
+        ("crc32", lambda d: zlib.crc32(d).to_bytes(4, "big")),
+    ],
+)
+async def test_checksum_that_matches_is_accepted_and_one_that_does_not_stores_nothing(
+    client, server, algorithm, digest
+):
+    data = os.urandom(2_500_000)
+    url = await create(client, server, len(data))
+    good = f"{algorithm} {base64.b64encode(digest(data)).decode()}"
+    bad = f"{algorithm} {base64.b64encode(digest(data + b'x')).decode()}"
+    response = await patch(client, url, 0, data, **{"Upload-Checksum": bad})
+    assert response.status_code == 460
+    assert response.headers["content-type"] == "application/problem+json"
+    assert (await client.head(url, headers=TUS)).headers["upload-offset"] == "0"
+    assert server.stored_size(url) == 0
+    response = await patch(client, url, 0, data, **{"Upload-Checksum": good})
+    assert response.status_code == 204
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+@pytest.mark.parametrize("header", ["whirlpool AAAA", "sha1 not*base64", "sha1"])
+async def test_unsupported_or_malformed_checksum_is_a_400(client, server, header):
+    url = await create(client, server, 3)
+    response = await patch(client, url, 0, b"abc", **{"Upload-Checksum": header})
+    assert response.status_code == 400
+    assert server.stored_size(url) == 0
+
+
+async def test_partial_uploads_concatenate_into_a_final_upload(client, server):
+    pieces = [os.urandom(300_000), os.urandom(1), os.urandom(1_234_567)]
+    part_urls = []
+    for piece in pieces:
+        url = await create(client, server, len(piece), **{"Upload-Concat": "partial"})
+        assert (await patch(client, url, 0, piece)).status_code == 204
+        part_urls.append(url)
+    head = await client.head(part_urls[0], headers=TUS)
+    assert head.headers["upload-concat"] == "partial"
+    response = await client.post(
+        server.files,
+        headers={
+            **TUS,
+            "Upload-Concat": "final;" + " ".join(part_urls),
+            "Upload-Metadata": "filename am9pbmVkLmJpbg==",
+        },
+    )
+    assert response.status_code == 201, response.text
+    final = response.headers["location"]
+    head = await client.head(final, headers=TUS)
+    assert head.headers["upload-length"] == head.headers["upload-offset"] == str(sum(map(len, pieces)))
+    assert head.headers["upload-concat"].startswith("final;")
+    assert sha256(await download(client, final)) == sha256(b"".join(pieces))
+    assert (await patch(client, final, int(head.headers["upload-offset"]), b"x")).status_code == 403
+
+
+async def test_concatenating_an_unfinished_or_normal_upload_is_a_400(client, server):
+    unfinished = await create(client, server, 10, **{"Upload-Concat": "partial"})
+    normal = await create(client, server, 0)
+    for parts in ([unfinished], [normal], ["http://elsewhere/files/zz"], []):
+        response = await client.post(
+            server.files, headers={**TUS, "Upload-Concat": "final;" + " ".join(parts)}
+        )
+        assert response.status_code == 400, parts
+
+
+async def test_method_override_turns_post_into_patch_and_delete(client, server):
+    url = await create(client, server, 3)
+    response = await client.post(
+        url,
+        content=b"abc",
+        headers={**TUS, "X-HTTP-Method-Override": "PATCH", "Upload-Offset": "0", "Content-Type": OCTETS},
+    )
+    assert response.status_code == 204
+    assert await download(client, url) == b"abc"
+    response = await client.post(url, headers={**TUS, "X-HTTP-Method-Override": "DELETE"})
+    assert response.status_code == 204
+    assert (await client.head(url, headers=TUS)).status_code == 404
+
+
+async def test_download_serves_ranges_and_the_stored_name_and_type(client, server):
+    data = os.urandom(5000)
+    metadata = f"filename {base64.b64encode('résumé 1.png'.encode()).decode()},filetype aW1hZ2UvcG5n"
+    url = await create(client, server, len(data), **{"Upload-Metadata": metadata})
+    await patch(client, url, 0, data)
+    full = await client.get(url)
+    assert full.headers["content-type"] == "image/png"
+    assert full.headers["content-disposition"] == "inline; filename*=UTF-8''r%C3%A9sum%C3%A9%201.png"
+    assert full.headers["accept-ranges"] == "bytes"
+    assert full.headers["x-content-type-options"] == "nosniff"
+    ranged = await client.get(url, headers={"Range": "bytes=100-199"})
+    assert ranged.status_code == 206
+    assert ranged.headers["content-range"] == "bytes 100-199/5000"
+    assert ranged.content == data[100:200]
+    suffix = await client.get(url, headers={"Range": "bytes=-10"})
+    assert suffix.content == data[-10:]
+    open_ended = await client.get(url, headers={"Range": "bytes=4990-"})
+    assert open_ended.content == data[4990:]
+    unsatisfiable = await client.get(url, headers={"Range": "bytes=6000-"})
+    assert unsatisfiable.status_code == 416
+    assert unsatisfiable.headers["content-range"] == "bytes */5000"
+    stale = await client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'})
+    assert stale.status_code == 200 and stale.content == data
+
+
+async def test_download_of_html_is_an_attachment(client, server):
+    url = await create(client, server, 5, **{"Upload-Metadata": "filetype dGV4dC9odG1s"})
+    await patch(client, url, 0, b"<b>x</b>"[:5])
+    response = await client.get(url)
+    assert response.headers["content-disposition"].startswith("attachment")
+
+
+async def test_download_of_an_unfinished_upload_is_refused(client, server):
+    url = await create(client, server, 10)
+    response = await client.get(url)
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_cors_preflight_allows_tus_headers_and_responses_expose_them(client, server):
+    preflight = await client.options(
+        server.files,
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "PATCH",
+            "Access-Control-Request-Headers": "tus-resumable,upload-offset,upload-checksum,content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert "PATCH" in preflight.headers["access-control-allow-methods"]
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert {"upload-offset", "upload-checksum", "tus-resumable"} <= set(map(str.strip, allowed.split(",")))
+    response = await client.post(
+        server.files, headers={**TUS, "Upload-Length": "1", "Origin": "https://app.example"}
+    )
+    exposed = response.headers["access-control-expose-headers"].lower()
+    for name in ("location", "upload-offset", "upload-expires", "tus-resumable"):
+        assert name in exposed
+
+
+# -- bad input gets a clear error and loses nothing -------------------------------------
+
+
+async def test_wrong_offset_is_a_409_with_the_real_offset(client, server):
+    url = await create(client, server, 10)
+    await patch(client, url, 0, b"12345")
+    response = await patch(client, url, 3, b"45678")
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["expected-offset"] == 5
+    assert server.stored_size(url) == 5
+
+
+async def test_wrong_content_type_is_a_415(client, server):
+    url = await create(client, server, 3)
+    response = await client.patch(
+        url, content=b"abc", headers={**TUS, "Upload-Offset": "0", "Content-Type": "text/plain"}
+    )
+    assert response.status_code == 415
+    assert server.stored_size(url) == 0
+
+
+@pytest.mark.parametrize("version", [None, "0.2.2", "2.0.0"])
+async def test_wrong_tus_version_is_a_412_naming_the_supported_one(client, server, version):
+    headers = {"Upload-Length": "3"} if version is None else {"Tus-Resumable": version, "Upload-Length": "3"}
+    response = await client.post(server.files, headers=headers)
+    assert response.status_code == 412
+    assert response.headers["tus-version"] == "1.0.0"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["ffffffffffffffffffffffffffffffff", "..%2f..%2fetc%2fpasswd", "ABCDEF", "%2e%2e", "0" * 33],
+)
+async def test_ids_that_are_not_ours_are_404_and_touch_nothing(client, server, path):
+    response = await client.head(server.files + path, headers=TUS)
+    assert response.status_code == 404
+    response = await patch(client, server.files + path, 0, b"x")
+    assert response.status_code == 404
+    assert not list(server.data_dir.parent.glob("**/passwd"))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Upload-Length": "-1"},
+        {"Upload-Length": "ten"},
+        {"Upload-Length": "1e3"},
+        {},
+        {"Upload-Defer-Length": "2"},
+        {"Upload-Length": "5", "Upload-Defer-Length": "1"},
+        {"Upload-Length": "5", "Upload-Metadata": "key not-base64!"},
+        {"Upload-Length": "5", "Upload-Metadata": "key a b"},
+        {"Upload-Length": "5", "Upload-Metadata": "key YQ==,key YQ=="},
+        {"Upload-Length": "5", "Upload-Concat": "whole"},
+    ],
+)
+async def test_malformed_creation_headers_are_a_400(client, server, headers):
+    response = await client.post(server.files, headers={**TUS, **headers})
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 400
+
+
+async def test_empty_metadata_header_is_accepted(client, server):
+    response = await client.post(server.files, headers={**TUS, "Upload-Length": "1", "Upload-Metadata": ""})
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize("offset", ["-1", "x", "", "1.0"])
+async def test_malformed_offset_is_a_400(client, server, offset):
+    url = await create(client, server, 3)
+    response = await client.patch(
+        url, content=b"abc", headers={**TUS, "Upload-Offset": offset, "Content-Type": OCTETS}
+    )
+    assert response.status_code == 400
+
+
+async def test_body_longer_than_the_length_is_refused_before_storing(client, server):
+    url = await create(client, server, 4)
+    response = await patch(client, url, 0, b"123456")
+    assert response.status_code == 413
+    assert server.stored_size(url) == 0
+
+
+async def test_chunked_body_longer_than_the_length_stores_nothing_past_it(client, server):
+    url = await create(client, server, 4)
+
+    async def chunks():
+        yield b"12"
+        yield b"3456"
+
+    response = await client.patch(
+        url, content=chunks(), headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS}
+    )
+    assert response.status_code == 413
+    assert server.stored_size(url) == 4
+    assert await download(client, url) == b"1234"
+
+
+async def test_patch_to_a_finished_upload_is_a_409_and_changes_nothing(client, server):
+    url = await create(client, server, 3)
+    await patch(client, url, 0, b"abc")
+    response = await patch(client, url, 3, b"d")
+    assert response.status_code == 409
+    assert await download(client, url) == b"abc"
+
+
+async def test_uploads_over_the_max_size_are_a_413(client, start_server):
+    small: Server = start_server("--max-size", "1M")
+    options = await client.options(small.files)
+    assert options.headers["tus-max-size"] == str(1 << 20)
+    response = await client.post(small.files, headers={**TUS, "Upload-Length": str((1 << 20) + 1)})
+    assert response.status_code == 413
+    url = await create(client, small, None)
+    response = await patch(client, url, 0, os.urandom((1 << 20) + 1))
+    assert response.status_code == 413
+    assert small.stored_size(url) == 0
+
+
+async def test_expired_uploads_answer_410_and_the_server_removes_them(client, start_server):
+    srv: Server = start_server("--expiry", "1h", "--expiry-interval", "0.2s")
+    url = await create(client, srv, 10)
+    await patch(client, url, 0, b"12345")
+    _age(srv, url, seconds=2 * 3600)
+    response = await client.head(url, headers=TUS)
+    assert response.status_code == 410
+    assert response.headers["content-type"] == "application/problem+json"
+    assert (await patch(client, url, 5, b"67890")).status_code == 410
+    wait_for(lambda: not srv.upload_dir(url).exists(), what="the expired upload to be removed")
+    assert (await client.head(url, headers=TUS)).status_code == 404
+
+
+async def test_finished_uploads_do_not_expire(client, start_server):
+    srv: Server = start_server("--expiry", "1h")
+    url = await create(client, srv, 3)
+    await patch(client, url, 0, b"abc")
+    _age(srv, url, seconds=2 * 3600)
+    assert await download(client, url) == b"abc"
+
+
+def _age(srv: Server, url: str, seconds: float) -> None:
+    """Backdate an upload's record and data, as if it had been idle for `seconds`."""
+    import json
+    import time
+
+    upload_dir = srv.upload_dir(url)
+    record = json.loads((upload_dir / "info.json").read_text())
+    past = time.time() - seconds
+    record["created_at"] = record["updated_at"] = past
+    (upload_dir / "info.json").write_text(json.dumps(record))
+    os.utime(upload_dir / "data", (past, past))
+
+
+async def test_unknown_routes_and_methods_get_problem_responses(client, server):
+    for response in (
+        await client.put(server.files + "0" * 32, headers=TUS),
+        await client.request("PATCH", server.files, headers=TUS),
+        await client.get(server.url + "/nowhere"),
+    ):
+        assert response.status_code in (404, 405)
+        assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_problem_bodies_are_short_json(server):
+    response = httpx.head(server.files + "0" * 32, headers=TUS)
+    assert response.status_code == 404
+    body = httpx.patch(
+        server.files + "0" * 32, headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS}
+    ).json()
+    assert body["status"] == 404 and body["type"].endswith("not-found") and len(str(body)) < 300
