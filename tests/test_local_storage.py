@@ -1,0 +1,136 @@
+"""The local-disk backend and the core's locks, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from storage.local import LocalStorage
+from uploadsrv.core import UploadService, errors
+from uploadsrv.core.model import UploadInfo, new_upload_id
+
+HOLDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from storage.local import LocalStorage
+
+    async def main():
+        storage = LocalStorage(sys.argv[1])
+        async with storage.lock(sys.argv[2], timeout=1) as lock:
+            print("held", flush=True)
+            while not lock.preempt_requested():
+                await asyncio.sleep(0.01)
+            print("asked to let go", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.fixture
+async def storage(tmp_path):
+    backend = LocalStorage(tmp_path / "data", io_threads=4)
+    yield backend
+    await backend.close()
+
+
+async def _new_upload(storage: LocalStorage, length: int | None = 10) -> UploadInfo:
+    info = UploadInfo(id=new_upload_id(), length=length)
+    await storage.create(info)
+    return info
+
+
+async def test_a_lock_held_by_another_process_is_handed_over_on_request(storage):
+    info = await _new_upload(storage)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(storage.root), info.id], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(errors.UploadBusy):
+            async with storage.lock(info.id, timeout=5, preempt=False):
+                pass
+        async with storage.lock(info.id, timeout=5):
+            assert holder.stdout.readline().strip() == "asked to let go"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_transactional_writes_are_invisible_until_commit_and_discard_forgets_them(storage):
+    info = await _new_upload(storage)
+    async with storage.writer(info, transactional=True) as writer:
+        await writer.write([b"abc", b"de"])
+        assert (await storage.get(info.id)).offset == 0
+        await writer.discard()
+        await writer.write([b"xy"])
+        assert await writer.commit() == 2
+    assert (await storage.get(info.id)).offset == 2
+    assert not (storage.root / "uploads" / info.id[:2] / info.id / "staging").exists()
+
+
+async def test_writes_go_at_the_offset_and_commit_returns_it(storage):
+    info = await _new_upload(storage)
+    async with storage.writer(info, transactional=False) as writer:
+        await writer.write([b"12", memoryview(b"345")])
+        assert await writer.commit() == 5
+    info.offset = 5
+    async with storage.writer(info, transactional=False) as writer:
+        await writer.write([b"67890"])
+        assert await writer.commit() == 10
+    info.offset = 10
+    assert b"".join([b async for b in storage.read(info, 0, 10)]) == b"1234567890"
+
+
+async def test_unknown_and_malformed_ids_are_not_found(storage):
+    for upload_id in ("0" * 32, "../../etc", ""):
+        with pytest.raises(errors.UploadNotFound):
+            await storage.get(upload_id)
+
+
+async def test_upload_ids_lists_every_upload(storage):
+    made = {(await _new_upload(storage)).id for _ in range(5)}
+    assert {upload_id async for upload_id in storage.upload_ids()} == made
+
+
+async def test_a_newer_append_preempts_a_stalled_one_in_the_same_process(storage):
+    service = UploadService(storage, max_size=1 << 20, expiry=None, lock_timeout=5)
+    info = await service.create(length=10)
+    stalled = asyncio.Event()
+
+    async def stalled_body():
+        yield b"1234"
+        stalled.set()
+        await asyncio.Event().wait()  # a client that never sends the rest
+
+    async def body():
+        yield b"567890"
+
+    first = asyncio.create_task(service.append(info.id, 0, stalled_body()))
+    await stalled.wait()
+    state = await service.append(info.id, 4, body())
+    assert state.offset == 10 and state.is_complete
+    with pytest.raises(errors.Superseded):
+        await first
+    assert b"".join([b async for b in service.read(state, 0, 10)]) == b"1234567890"
+
+
+async def test_expiry_removes_idle_unfinished_uploads_only(storage):
+    now = [time.time()]
+    service = UploadService(storage, max_size=1 << 20, expiry=60, clock=lambda: now[0])
+    idle = await service.create(length=10)
+    done = await service.create(length=0)
+    now[0] += 61
+    with pytest.raises(errors.UploadGone):
+        await service.get(idle.id)
+    assert await service.expire() == [idle.id]
+    assert (await service.get(done.id)).is_complete
+    with pytest.raises(errors.UploadNotFound):
+        await storage.get(idle.id)
+    assert os.listdir(storage.root / "uploads" / done.id[:2]) == [done.id]
