@@ -83,8 +83,19 @@ class Storage(Protocol):
     def upload_ids(self) -> AsyncIterator[str]:
         """Every upload id the backend holds, for expiry and the operator CLI."""
 
+    async def check(self) -> None:
+        """Raise at start-up if the storage cannot be used (missing bucket, bad credentials)."""
+
     async def close(self) -> None:
         """Release resources (threads, clients)."""
+
+
+@runtime_checkable
+class Presigning(Protocol):
+    """A backend whose finished uploads can be fetched from elsewhere by URL."""
+
+    async def download_url(self, info: UploadInfo) -> str | None:
+        """A URL a client can GET the finished upload from, or None to stream it here."""
 
 
 @runtime_checkable

@@ -107,6 +107,10 @@ class LocalStorage:
                 if is_upload_id(name):
                     yield name
 
+    async def check(self) -> None:
+        if not os.access(self._uploads, os.W_OK):
+            raise RuntimeError(f"data directory {self._uploads} is not writable")
+
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 
@@ -38,22 +40,86 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "
         time.sleep(0.01)
 
 
-class Server:
-    """One `uploadsrv serve` process on a loopback port, with its own data directory."""
+class Moto:
+    """A real S3 endpoint: moto's server mode in its own process."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    credentials = {  # noqa: RUF012
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
+        self._buckets = 0
+
+    def start(self) -> Moto:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(self._ready, STARTUP_SECONDS, "moto server")
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(self.endpoint + "/moto-api/", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def new_bucket(self) -> str:
+        self._buckets += 1
+        name = f"uploads-{self._buckets}-{os.getpid()}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+
+class Server:
+    """One `uploadsrv serve` process on a loopback port, on local disk or S3."""
+
+    def __init__(self, data_dir: Path, *args: str, moto: Moto | None = None) -> None:
         self.data_dir = data_dir
-        self.args = args
+        self.moto = moto
+        self.backend = "s3" if moto else "local"
+        self.bucket = moto.new_bucket() if moto else None
+        self.prefix = "uploads/"
+        storage = []
+        if moto:
+            storage = ["--storage", f"s3://{self.bucket}/{self.prefix}", "--s3-endpoint-url", moto.endpoint]
+            storage += ["--s3-part-size", "5M"]
+        self.args = (*storage, *args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.files = self.url + "/files/"
         self.process: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"server-{self.port}.log"
 
+    def __repr__(self) -> str:
+        return f"Server({self.backend}, {self.url})"
+
     def start(self) -> Server:
         command = [sys.executable, "-m", "uploadsrv", "serve", "--port", str(self.port)]
         command += ["--data-dir", str(self.data_dir), *self.args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("UPLOADSRV_")}
+        if self.moto:
+            env.update(Moto.credentials)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_for(self._ready, STARTUP_SECONDS, f"server on port {self.port} (log: {self.log})")
@@ -83,29 +149,99 @@ class Server:
         self.process.kill()
         self.process.wait()
 
+    # -- looking at the storage behind the server's back --------------------------
+
+    @staticmethod
+    def upload_id(upload_url: str) -> str:
+        return upload_url.rstrip("/").rsplit("/", 1)[1]
+
     def upload_dir(self, upload_url: str) -> Path:
-        upload_id = upload_url.rstrip("/").rsplit("/", 1)[1]
+        upload_id = self.upload_id(upload_url)
         return self.data_dir / "uploads" / upload_id[:2] / upload_id
 
+    def _s3_info(self, upload_url: str) -> dict:
+        assert self.moto is not None
+        key = self.prefix + self.upload_id(upload_url) + ".info"
+        return json.loads(self.moto.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
     def stored_size(self, upload_url: str) -> int:
-        return (self.upload_dir(upload_url) / "data").stat().st_size
+        """Bytes the storage itself holds for the upload (not what the server says)."""
+        if self.moto is None:
+            return (self.upload_dir(upload_url) / "data").stat().st_size
+        state = self._s3_info(upload_url)
+        key = self.prefix + self.upload_id(upload_url)
+        if state["completed"]:
+            return self.moto.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        parts = self.moto.client.list_parts(Bucket=self.bucket, Key=key, UploadId=state["multipart_id"])
+        confirmed = {p["PartNumber"]: p["Size"] for p in parts.get("Parts", [])}
+        size = sum(confirmed[p["n"]] for p in state["parts"])
+        if state["tail_key"]:
+            size += self.moto.client.head_object(Bucket=self.bucket, Key=state["tail_key"])["ContentLength"]
+        return size
+
+    def landed(self, upload_url: str) -> int:
+        """Bytes that reached the storage, committed or not (S3: every part uploaded so far)."""
+        if self.moto is None:
+            return self.stored_size(upload_url)
+        state = self._s3_info(upload_url)
+        key = self.prefix + self.upload_id(upload_url)
+        parts = self.moto.client.list_parts(Bucket=self.bucket, Key=key, UploadId=state["multipart_id"])
+        return sum(p["Size"] for p in parts.get("Parts", []))
+
+    def exists(self, upload_url: str) -> bool:
+        """Whether the storage holds anything at all of the upload."""
+        if self.moto is None:
+            return self.upload_dir(upload_url).exists()
+        listing = self.moto.client.list_objects_v2(
+            Bucket=self.bucket, Prefix=self.prefix + self.upload_id(upload_url)
+        )
+        uploads = self.moto.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
+        mine = [u for u in uploads.get("Uploads", []) if u["Key"] == self.prefix + self.upload_id(upload_url)]
+        return bool(listing.get("Contents")) or bool(mine)
+
+    def age(self, upload_url: str, seconds: float) -> None:
+        """Backdate an upload's record (and data) as if it had been idle for `seconds`."""
+        past = time.time() - seconds
+        if self.moto is None:
+            info = self.upload_dir(upload_url) / "info.json"
+            record = json.loads(info.read_text())
+            record["created_at"] = record["updated_at"] = past
+            info.write_text(json.dumps(record))
+            os.utime(self.upload_dir(upload_url) / "data", (past, past))
+            return
+        state = self._s3_info(upload_url)
+        state["record"]["created_at"] = state["record"]["updated_at"] = past
+        key = self.prefix + self.upload_id(upload_url) + ".info"
+        self.moto.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(state).encode())
+
+
+BACKENDS = ["local", "s3"]
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The shared server with default settings."""
-    srv = Server(tmp_path_factory.mktemp("shared") / "data").start()
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+    server = Moto(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The shared server with default settings, once per storage backend."""
+    moto = request.getfixturevalue("moto") if request.param == "s3" else None
+    srv = Server(tmp_path_factory.mktemp(request.param) / "data", moto=moto).start()
     yield srv
     srv.stop()
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start a dedicated server with extra flags (limits, expiry, a disk of its own)."""
+def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Server]]:
+    """Start a dedicated server with extra flags: `start_server(*flags, backend="s3")`."""
     started: list[Server] = []
 
-    def start(*args: str, data_dir: Path | None = None) -> Server:
-        srv = Server(data_dir or tmp_path / f"data{len(started)}", *args).start()
+    def start(*args: str, backend: str = "local", data_dir: Path | None = None) -> Server:
+        moto = request.getfixturevalue("moto") if backend == "s3" else None
+        srv = Server(data_dir or tmp_path / f"data{len(started)}", *args, moto=moto).start()
         started.append(srv)
         return srv
 

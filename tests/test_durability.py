@@ -38,12 +38,12 @@ async def test_a_body_cut_off_midway_keeps_what_arrived_and_resumes(client, serv
 
 async def test_a_new_request_for_a_busy_upload_stops_the_stale_one_and_is_answered(client, server):
     """A phone reconnects after a network change while its old PATCH still holds the upload."""
-    data = os.urandom(4 * 1024 * 1024)
+    data = os.urandom(8 * 1024 * 1024)
     url = await create(client, server, len(data))
-    first = 1024 * 1024 + 7
+    first = 6 * 1024 * 1024 + 7  # past one 5 MiB S3 part and the 1 MiB batch after it
     stale = raw_request(server.port, patch_head(server, url, 0, len(data)), data[:first], close=False)
     try:
-        wait_for(lambda: server.stored_size(url) >= 1024 * 1024, what="the stale request to write")
+        wait_for(lambda: server.landed(url) >= 5 * 1024 * 1024, what="the stale request to write")
         started = time.monotonic()
         head = await client.head(url, headers=TUS)
         waited = time.monotonic() - started

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from storage.base import Storage
 from storage.local import LocalStorage
 
 from .config import Settings
@@ -28,7 +29,7 @@ log = logging.getLogger("uploadsrv")
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    storage = LocalStorage(settings.data_dir, io_threads=settings.io_threads)
+    storage = open_storage(settings)
     service = UploadService(
         storage, max_size=settings.max_size, expiry=settings.expiry, lock_timeout=settings.lock_timeout
     )
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await storage.check()
         reaper = asyncio.create_task(_expire_periodically(service, settings.expiry_interval))
         log.info("serving", extra={"storage": repr(storage), "base_path": settings.base_path})
         try:
@@ -73,6 +75,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.service = service
     return app
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The backend the settings name: local disk by default, S3 for s3:// URLs."""
+    if not settings.storage:
+        return LocalStorage(settings.data_dir, io_threads=settings.io_threads)
+    from storage.s3 import S3Storage
+
+    return S3Storage(
+        settings.storage,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        path_style=settings.s3_path_style,
+        part_size=settings.s3_part_size,
+        concurrency=settings.s3_concurrency,
+        max_size=settings.max_size,
+        presign_downloads=settings.s3_presign_downloads,
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -54,6 +54,18 @@ class Settings:
     expiry: float | None = 7 * 86400.0
     #: How often the server deletes expired uploads itself (None: never).
     expiry_interval: float | None = 3600.0
+    #: Where uploads go: empty for local disk under `data_dir`, or s3://bucket/prefix.
+    storage: str = ""
+    #: For S3-compatible stores (MinIO, R2, ...); credentials come from the AWS chain.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_path_style: bool = False
+    #: Preferred S3 part size; raised for huge uploads so they fit in 10,000 parts.
+    s3_part_size: int = 8 << 20
+    #: Parts of one request uploaded in parallel (memory: about part size x this).
+    s3_concurrency: int = 4
+    #: Answer downloads with a redirect to a presigned S3 URL instead of streaming.
+    s3_presign_downloads: bool = False
     base_path: str = "/files/"
     #: Origins allowed by CORS; '*' lets any browser app upload.
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
@@ -83,6 +95,10 @@ class Settings:
         "io_threads": int,
         "workers": int,
         "access_log": _parse_bool,
+        "s3_path_style": _parse_bool,
+        "s3_part_size": parse_size,
+        "s3_concurrency": int,
+        "s3_presign_downloads": _parse_bool,
     }
 
     @classmethod

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from storage.base import Concatenating, Storage
+from storage.base import Concatenating, Presigning, Storage
 
 from .checksums import ALGORITHMS, Checksum, Digester
 from .errors import (
@@ -220,6 +220,12 @@ class UploadService:
         if not info.is_complete:
             raise NotReady("the upload is not complete yet")
         return self.storage.read(info, start, end)
+
+    async def download_url(self, info: UploadInfo) -> str | None:
+        """Where else the finished upload can be fetched (a presigned URL), if anywhere."""
+        if not info.is_complete or not isinstance(self.storage, Presigning):
+            return None
+        return await self.storage.download_url(info)
 
     # -- expiry ------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import re
 from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 
 from uploadsrv.core import UploadInfo, UploadService
 
@@ -25,7 +25,10 @@ MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def download(service: UploadService, info: UploadInfo, request: Request) -> Response:
+async def download(service: UploadService, info: UploadInfo, request: Request) -> Response:
+    redirect = await service.download_url(info)
+    if redirect is not None:
+        return RedirectResponse(redirect, status_code=302)
     length = info.offset
     etag = f'"{info.id}"'
     headers = {

@@ -211,7 +211,7 @@ class TusProtocol:
 
     async def get(self, request: Request) -> Response:
         info = await self.service.peek(request.path_params["upload_id"])
-        return download(self.service, info, request)
+        return await download(self.service, info, request)
 
     # -- translation -------------------------------------------------------------
 

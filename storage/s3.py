@@ -1,0 +1,591 @@
+"""S3 storage: one multipart upload per upload, state and unfilled bytes kept in S3 too.
+
+Keys under ``s3://bucket/prefix/``:
+
+``<id>``             the finished object (the multipart upload's key)
+``<id>.info``        the record plus S3 state: multipart upload id, part size, parts, tail
+``<id>.tail-<n>``    bytes that do not fill a part yet (S3 parts but the last need 5 MiB)
+``<id>.lock``        a lease, taken with a conditional write, so one instance writes at a time
+``<id>.preempt``     left by an instance that wants the lease; its holder lets go
+
+The info object is the commit point: parts and tail are uploaded first, then the info
+object names them, so the offset a client is told is always bytes S3 has confirmed. A
+tail is written under a new key each time and the old one deleted after the commit, so a
+crash at any point leaves the previous state whole. Any instance can serve any upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from uploadsrv.core.errors import StorageUnavailable, UploadBusy, UploadNotFound
+from uploadsrv.core.model import UploadInfo, is_upload_id
+
+T = TypeVar("T")
+log = logging.getLogger("uploadsrv.s3")
+
+MIN_PART = 5 << 20  #: S3's minimum size of every part but the last
+MAX_PART = 5 << 30
+MAX_PARTS = 10_000
+READ_BLOCK = 1 << 20
+LEASE_SECONDS = 30.0  #: a lock whose holder died frees itself after this long
+LEASE_POLL_SECONDS = 0.1
+NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+
+
+def part_size_for(length: int | None, preferred: int, max_size: int) -> int:
+    """The smallest part size >= `preferred` that fits the upload in 10,000 parts."""
+    needed = math.ceil((length if length is not None else max_size) / MAX_PARTS)
+    size = max(preferred, MIN_PART, needed)
+    return min(MAX_PART, -(-size // (1 << 20)) * (1 << 20))  # whole MiB
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@dataclass
+class S3Location:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        if not url.startswith("s3://"):
+            raise ValueError(f"not an s3:// URL: {url!r}")
+        bucket, _, prefix = url[5:].partition("/")
+        if not bucket:
+            raise ValueError(f"no bucket in {url!r}")
+        prefix = prefix.strip("/")
+        return cls(bucket, prefix + "/" if prefix else "")
+
+
+class S3Storage:
+    """Uploads stored in an S3 bucket (AWS or any S3-compatible store)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        path_style: bool = False,
+        part_size: int = 8 << 20,
+        concurrency: int = 4,
+        max_size: int = 5 << 40,
+        presign_downloads: bool = False,
+        io_threads: int = 32,
+    ) -> None:
+        location = S3Location.parse(url)
+        self.bucket, self.prefix = location.bucket, location.prefix
+        self.part_size = part_size
+        self.concurrency = concurrency
+        self.max_size = max_size
+        self.presign_downloads = presign_downloads
+        config = Config(
+            region_name=region,
+            s3={"addressing_style": "path" if path_style else "auto"},
+            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=3,
+            read_timeout=30,
+            max_pool_connections=io_threads,
+        )
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3")
+
+    def __repr__(self) -> str:
+        return f"S3Storage('s3://{self.bucket}/{self.prefix}')"
+
+    async def _call(self, operation: str, **params: Any) -> Any:
+        """One boto3 call on the bounded pool; outages become StorageUnavailable."""
+        method: Callable[..., Any] = getattr(self.client, operation)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: method(**params))
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND:
+                raise UploadNotFound() from exc
+            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise
+            raise StorageUnavailable(f"S3 {operation} failed: {_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"S3 unreachable: {exc}") from exc
+
+    def _key(self, upload_id: str, suffix: str = "") -> str:
+        return f"{self.prefix}{upload_id}{suffix}"
+
+    async def check(self) -> None:
+        """Fail at start-up, not on the first upload, if the bucket is missing or forbidden."""
+        try:
+            await self._call("head_bucket", Bucket=self.bucket)
+        except (UploadNotFound, StorageUnavailable) as exc:
+            raise RuntimeError(f"S3 bucket {self.bucket!r} is not usable: {exc.__cause__ or exc}") from exc
+
+    # -- records -----------------------------------------------------------------
+
+    async def create(self, info: UploadInfo) -> None:
+        multipart = await self._call(
+            "create_multipart_upload", Bucket=self.bucket, Key=self._key(info.id), **_content_type(info)
+        )
+        state = _State(
+            record=info.to_record(),
+            multipart_id=multipart["UploadId"],
+            part_size=part_size_for(info.length, self.part_size, self.max_size),
+        )
+        await self._save(info.id, state)
+
+    async def _read_object(self, key: str, **params: Any) -> tuple[bytes, str]:
+        """A small object's bytes and ETag (info, tail, lease, or a range of up to one part)."""
+        response = await self._call("get_object", Bucket=self.bucket, Key=key, **params)
+        body = await asyncio.get_running_loop().run_in_executor(self._pool, response["Body"].read)
+        return body, response["ETag"]
+
+    async def _load(self, upload_id: str) -> _State:
+        body, _ = await self._read_object(self._key(upload_id, ".info"))
+        return _State.from_json(body)
+
+    async def _save(self, upload_id: str, state: _State) -> None:
+        await self._call(
+            "put_object", Bucket=self.bucket, Key=self._key(upload_id, ".info"), Body=state.to_json()
+        )
+
+    async def get(self, upload_id: str) -> UploadInfo:
+        return (await self._load(upload_id)).info()
+
+    async def update(self, info: UploadInfo) -> None:
+        state = await self._load(info.id)
+        state.record = info.to_record()
+        await self._save(info.id, state)
+
+    async def finish(self, info: UploadInfo) -> None:
+        state = await self._load(info.id)
+        await self._complete(info.id, state)
+
+    async def _complete(self, upload_id: str, state: _State) -> None:
+        """CompleteMultipartUpload (idempotent): the upload becomes one ordinary object."""
+        if state.completed:
+            return
+        key = self._key(upload_id)
+        if state.parts:
+            parts = [{"PartNumber": p["n"], "ETag": p["etag"]} for p in state.parts]
+            await self._call(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=state.multipart_id,
+                MultipartUpload={"Parts": parts},
+            )
+        else:  # zero bytes: S3 wants at least one part, so store an empty object instead
+            await self._call(
+                "put_object", Bucket=self.bucket, Key=key, Body=b"", **_content_type(state.info())
+            )
+            with suppress(UploadNotFound):
+                await self._call(
+                    "abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=state.multipart_id
+                )
+        state.completed = True
+        await self._save(upload_id, state)
+
+    async def delete(self, upload_id: str) -> None:
+        with suppress(UploadNotFound):
+            state = await self._load(upload_id)
+            if not state.completed:
+                with suppress(UploadNotFound):
+                    await self._call(
+                        "abort_multipart_upload",
+                        Bucket=self.bucket,
+                        Key=self._key(upload_id),
+                        UploadId=state.multipart_id,
+                    )
+        listing = await self._call("list_objects_v2", Bucket=self.bucket, Prefix=self._key(upload_id))
+        keys = [{"Key": obj["Key"]} for obj in listing.get("Contents", [])]
+        if keys:
+            await self._call("delete_objects", Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+
+    async def upload_ids(self) -> AsyncIterator[str]:
+        token: dict[str, str] = {}
+        while True:
+            page = await self._call("list_objects_v2", Bucket=self.bucket, Prefix=self.prefix, **token)
+            for obj in page.get("Contents", []):
+                upload_id, _, suffix = obj["Key"][len(self.prefix) :].partition(".")
+                if suffix == "info" and is_upload_id(upload_id):
+                    yield upload_id
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- bytes -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def writer(self, info: UploadInfo, *, transactional: bool) -> AsyncIterator[_PartWriter]:
+        state = await self._load(info.id)
+        yield _PartWriter(self, info, state)
+
+    async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
+        state = await self._load(info.id)
+        await self._complete(info.id, state)  # a crash may have come between last byte and completion
+        if start >= end:
+            return
+        response = await self._call(
+            "get_object", Bucket=self.bucket, Key=self._key(info.id), Range=f"bytes={start}-{end - 1}"
+        )
+        body = response["Body"]
+        loop = asyncio.get_running_loop()
+        try:
+            while block := await loop.run_in_executor(self._pool, body.read, READ_BLOCK):
+                yield block
+        finally:
+            body.close()
+
+    async def download_url(self, info: UploadInfo) -> str | None:
+        """A presigned GET URL when configured, so downloads bypass this server."""
+        if not self.presign_downloads:
+            return None
+        await self._complete(info.id, await self._load(info.id))
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(info.id)}, ExpiresIn=3600
+        )
+
+    async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
+        """Join finished uploads with UploadPartCopy. Only pieces too small to be an S3 part
+        on their own (under 5 MiB) pass through this server, at most 5 MiB at a time."""
+        state = await self._load(info.id)
+        joiner = _Joiner(self, info.id, state)
+        for index, part in enumerate(parts):
+            await joiner.add(self._key(part.id), part.offset, last=index == len(parts) - 1)
+        await joiner.flush()
+        await self._save(info.id, state)
+        await self._complete(info.id, state)
+
+    async def _upload_part(self, upload_id: str, state: _State, number: int, data: bytes) -> dict[str, Any]:
+        response = await self._call(
+            "upload_part",
+            Bucket=self.bucket,
+            Key=self._key(upload_id),
+            UploadId=state.multipart_id,
+            PartNumber=number,
+            Body=data,
+        )
+        return {"n": number, "etag": response["ETag"], "size": len(data)}
+
+    async def _get_range(self, key: str, start: int, end: int) -> bytes:
+        response = await self._call(
+            "get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+        )
+        return await asyncio.get_running_loop().run_in_executor(self._pool, response["Body"].read)
+
+    # -- locks -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lock(self, upload_id: str, *, timeout: float, preempt: bool = True) -> AsyncIterator[_Lease]:
+        lease = _Lease(self, upload_id)
+        await lease.acquire(timeout, preempt)
+        try:
+            yield lease
+        finally:
+            await lease.release()
+
+
+def _content_type(info: UploadInfo) -> dict[str, str]:
+    return {"ContentType": info.content_type} if info.content_type else {}
+
+
+@dataclass
+class _State:
+    """What the info object holds: the upload record plus where its bytes are in S3."""
+
+    record: dict[str, Any]
+    multipart_id: str
+    part_size: int
+    parts: list[dict[str, Any]] | None = None
+    tail_key: str | None = None
+    tail_size: int = 0
+    completed: bool = False
+
+    def __post_init__(self) -> None:
+        self.parts = self.parts or []
+
+    @property
+    def offset(self) -> int:
+        return sum(p["size"] for p in self.parts or ()) + self.tail_size
+
+    def info(self) -> UploadInfo:
+        return UploadInfo.from_record(self.record, offset=self.offset)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> _State:
+        return cls(**json.loads(data))
+
+
+class _PartWriter:
+    """Collects appended bytes into parts, uploads up to `concurrency` parts at once.
+
+    Memory: the part being filled plus the parts in flight, about part size x
+    (concurrency + 1), whatever the upload's size.
+    """
+
+    def __init__(self, storage: S3Storage, info: UploadInfo, state: _State) -> None:
+        self._s3 = storage
+        self._id = info.id
+        self._length = info.length
+        self._state = state
+        self._committed_parts = list(state.parts or [])
+        self._new_parts: list[dict[str, Any]] = []
+        self._buffer = bytearray()
+        self._tail_loaded = state.tail_size == 0
+        self._in_flight: set[asyncio.Task[dict[str, Any]]] = set()
+        self._failure: Exception | None = None
+
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        if not self._tail_loaded:
+            assert self._state.tail_key is not None
+            self._buffer += await self._s3._get_range(self._state.tail_key, 0, self._state.tail_size)
+            self._tail_loaded = True
+        for block in blocks:
+            self._buffer += block
+        size = self._state.part_size
+        while len(self._buffer) >= size:
+            part = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            await self._start_part(part)
+
+    async def _start_part(self, data: bytes) -> None:
+        while len(self._in_flight) >= self._s3.concurrency:
+            done, self._in_flight = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+            self._collect(done)
+        if self._failure is not None:
+            raise self._failure
+        number = len(self._committed_parts) + len(self._new_parts) + len(self._in_flight) + 1
+        task = asyncio.ensure_future(self._s3._upload_part(self._id, self._state, number, data))
+        self._in_flight.add(task)
+
+    def _collect(self, done: set[asyncio.Task[dict[str, Any]]]) -> None:
+        for task in done:
+            if task.exception() is not None:
+                self._failure = self._failure or task.exception()  # type: ignore[assignment]
+            else:
+                self._new_parts.append(task.result())
+
+    async def _drain(self) -> None:
+        if self._in_flight:
+            done, _ = await asyncio.wait(self._in_flight)
+            self._in_flight = set()
+            self._collect(done)
+
+    async def commit(self) -> int:
+        """Wait for the parts in flight, store the unfilled rest as the tail, then the info object."""
+        await self._drain()
+        parts = sorted(self._new_parts, key=lambda p: p["n"])
+        expected = len(self._committed_parts) + 1
+        confirmed = []
+        for part in parts:  # only an unbroken run of parts counts
+            if part["n"] != expected:
+                break
+            confirmed.append(part)
+            expected += 1
+        state = self._state
+        old_tail = state.tail_key
+        state.record["updated_at"] = time.time()
+        state.parts = self._committed_parts + confirmed
+        if self._failure is None and len(confirmed) == len(parts):
+            offset = sum(p["size"] for p in state.parts)
+            if self._buffer and self._length is not None and offset + len(self._buffer) == self._length:
+                state.parts.append(
+                    await self._s3._upload_part(self._id, state, expected, bytes(self._buffer))
+                )
+                state.tail_key, state.tail_size = None, 0
+            elif self._buffer:
+                state.tail_key = self._s3._key(self._id, f".tail-{secrets.token_hex(4)}")
+                await self._s3._call(
+                    "put_object", Bucket=self._s3.bucket, Key=state.tail_key, Body=bytes(self._buffer)
+                )
+                state.tail_size = len(self._buffer)
+            else:
+                state.tail_key, state.tail_size = None, 0
+        else:  # a part failed: bytes after the gap are not confirmed; the tail bytes went into parts
+            state.tail_key, state.tail_size = None, 0
+        await self._s3._save(self._id, state)
+        self._committed_parts, self._new_parts, self._buffer = list(state.parts), [], bytearray()
+        if old_tail and old_tail != state.tail_key:
+            with suppress(StorageUnavailable, UploadNotFound):
+                await self._s3._call("delete_object", Bucket=self._s3.bucket, Key=old_tail)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        return state.offset
+
+    async def discard(self) -> None:
+        """Forget this request's bytes: parts it uploaded are never named by the info object."""
+        await self._drain()
+        self._new_parts, self._failure = [], None
+        self._buffer = bytearray()
+        self._tail_loaded = self._state.tail_size == 0
+
+
+class _Joiner:
+    """Builds a multipart upload from existing objects, copying inside S3 where it can."""
+
+    def __init__(self, storage: S3Storage, upload_id: str, state: _State) -> None:
+        self._s3, self._id, self._state = storage, upload_id, state
+        self._buffer = bytearray()
+
+    async def add(self, key: str, size: int, *, last: bool) -> None:
+        position = 0
+        if self._buffer:  # top up the pending small piece from this object's start
+            take = min(MIN_PART - len(self._buffer), size)
+            self._buffer += await self._s3._get_range(key, 0, take)
+            position = take
+            if len(self._buffer) >= MIN_PART:
+                await self.flush()
+        remaining = size - position
+        if remaining >= MIN_PART or (last and remaining and not self._buffer):
+            for start, end in _copy_ranges(position, size):
+                await self._copy(key, start, end)
+        elif remaining:
+            self._buffer += await self._s3._get_range(key, position, size)
+
+    async def _copy(self, key: str, start: int, end: int) -> None:
+        number = len(self._state.parts or []) + 1
+        response = await self._s3._call(
+            "upload_part_copy",
+            Bucket=self._s3.bucket,
+            Key=self._s3._key(self._id),
+            UploadId=self._state.multipart_id,
+            PartNumber=number,
+            CopySource={"Bucket": self._s3.bucket, "Key": key},
+            CopySourceRange=f"bytes={start}-{end - 1}",
+        )
+        assert self._state.parts is not None
+        self._state.parts.append(
+            {"n": number, "etag": response["CopyPartResult"]["ETag"], "size": end - start}
+        )
+
+    async def flush(self) -> None:
+        if self._buffer:
+            assert self._state.parts is not None
+            number = len(self._state.parts) + 1
+            self._state.parts.append(
+                await self._s3._upload_part(self._id, self._state, number, bytes(self._buffer))
+            )
+            self._buffer = bytearray()
+
+
+def _copy_ranges(start: int, end: int) -> list[tuple[int, int]]:
+    """Split [start, end) into copy ranges of at most 5 GiB, none (but a lone one) under 5 MiB."""
+    count = max(1, math.ceil((end - start) / MAX_PART))
+    step = math.ceil((end - start) / count)
+    return [(s, min(s + step, end)) for s in range(start, end, step)]
+
+
+class _Lease:
+    """A lock shared by every instance: a lease object created with If-None-Match.
+
+    The holder renews it while it holds it; a holder that died frees it after
+    LEASE_SECONDS. A waiter leaves a preempt marker that the holder polls for.
+    """
+
+    def __init__(self, storage: S3Storage, upload_id: str) -> None:
+        self._s3 = storage
+        self._key = storage._key(upload_id, ".lock")
+        self._marker = storage._key(upload_id, ".preempt")
+        self._etag: str | None = None
+        self._asked = False
+        self._keeper: asyncio.Task[None] | None = None
+
+    def preempt_requested(self) -> bool:
+        return self._asked
+
+    async def acquire(self, timeout: float, preempt: bool) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        asked = False
+        while not await self._try_take():
+            if not preempt:
+                raise UploadBusy()
+            if not asked:
+                await self._s3._call("put_object", Bucket=self._s3.bucket, Key=self._marker, Body=b"")
+                asked = True
+            if loop.time() > deadline:
+                raise UploadBusy("another request holds this upload; retry shortly")
+            await asyncio.sleep(LEASE_POLL_SECONDS)
+        if asked:
+            with suppress(StorageUnavailable, UploadNotFound):
+                await self._s3._call("delete_object", Bucket=self._s3.bucket, Key=self._marker)
+        self._keeper = asyncio.ensure_future(self._keep())
+
+    async def _try_take(self) -> bool:
+        body = json.dumps({"expires": time.time() + LEASE_SECONDS}).encode()
+        try:
+            response = await self._s3._call(
+                "put_object", Bucket=self._s3.bucket, Key=self._key, Body=body, IfNoneMatch="*"
+            )
+        except ClientError:
+            return await self._take_over_expired(body)
+        self._etag = response["ETag"]
+        return True
+
+    async def _take_over_expired(self, body: bytes) -> bool:
+        try:
+            current, etag = await self._s3._read_object(self._key)
+        except UploadNotFound:
+            return False  # released meanwhile; the next attempt takes it
+        if json.loads(current).get("expires", 0) > time.time():
+            return False
+        try:
+            response = await self._s3._call(
+                "put_object", Bucket=self._s3.bucket, Key=self._key, Body=body, IfMatch=etag
+            )
+        except ClientError:
+            return False
+        self._etag = response["ETag"]
+        return True
+
+    async def _keep(self) -> None:
+        """Renew the lease and watch for a preempt marker while held."""
+        renew_at = time.monotonic() + LEASE_SECONDS / 3
+        while True:
+            await asyncio.sleep(0.5)
+            with suppress(StorageUnavailable):
+                try:
+                    await self._s3._call("head_object", Bucket=self._s3.bucket, Key=self._marker)
+                    self._asked = True
+                except UploadNotFound:
+                    pass
+                if time.monotonic() >= renew_at:
+                    body = json.dumps({"expires": time.time() + LEASE_SECONDS}).encode()
+                    try:
+                        response = await self._s3._call(
+                            "put_object", Bucket=self._s3.bucket, Key=self._key, Body=body, IfMatch=self._etag
+                        )
+                    except ClientError:
+                        self._asked = True  # the lease was lost: stop writing
+                        return
+                    self._etag = response["ETag"]
+                    renew_at = time.monotonic() + LEASE_SECONDS / 3
+
+    async def release(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._keeper
+        with suppress(StorageUnavailable, UploadNotFound, ClientError):
+            await self._s3._call("delete_object", Bucket=self._s3.bucket, Key=self._key, IfMatch=self._etag)
