@@ -106,6 +106,8 @@ class S3Storage:
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3")
+        #: Names this process in leases; see `_Lease._take_over_stale`.
+        self.instance = secrets.token_hex(8)
 
     def __repr__(self) -> str:
         return f"S3Storage('s3://{self.bucket}/{self.prefix}')"
@@ -532,23 +534,29 @@ class _Lease:
                 await self._s3._call("delete_object", Bucket=self._s3.bucket, Key=self._marker)
         self._keeper = asyncio.ensure_future(self._keep())
 
+    def _body(self) -> bytes:
+        return json.dumps({"expires": time.time() + LEASE_SECONDS, "owner": self._s3.instance}).encode()
+
     async def _try_take(self) -> bool:
-        body = json.dumps({"expires": time.time() + LEASE_SECONDS}).encode()
         try:
             response = await self._s3._call(
-                "put_object", Bucket=self._s3.bucket, Key=self._key, Body=body, IfNoneMatch="*"
+                "put_object", Bucket=self._s3.bucket, Key=self._key, Body=self._body(), IfNoneMatch="*"
             )
         except ClientError:
-            return await self._take_over_expired(body)
+            return await self._take_over_stale(self._body())
         self._etag = response["ETag"]
         return True
 
-    async def _take_over_expired(self, body: bytes) -> bool:
+    async def _take_over_stale(self, body: bytes) -> bool:
+        """Take a lease whose holder died (expired), or one this process failed to release
+        (an S3 outage during release): this process's own per-upload lock is held here, so
+        a lease it owns cannot belong to a live request."""
         try:
             current, etag = await self._s3._read_object(self._key)
         except UploadNotFound:
             return False  # released meanwhile; the next attempt takes it
-        if json.loads(current).get("expires", 0) > time.time():
+        lease = json.loads(current)
+        if lease.get("owner") != self._s3.instance and lease.get("expires", 0) > time.time():
             return False
         try:
             response = await self._s3._call(
@@ -571,10 +579,13 @@ class _Lease:
                 except UploadNotFound:
                     pass
                 if time.monotonic() >= renew_at:
-                    body = json.dumps({"expires": time.time() + LEASE_SECONDS}).encode()
                     try:
                         response = await self._s3._call(
-                            "put_object", Bucket=self._s3.bucket, Key=self._key, Body=body, IfMatch=self._etag
+                            "put_object",
+                            Bucket=self._s3.bucket,
+                            Key=self._key,
+                            Body=self._body(),
+                            IfMatch=self._etag,
                         )
                     except ClientError:
                         self._asked = True  # the lease was lost: stop writing

@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TUS, Server, create, download, patch, raw_request, read_response, sha256, wait_for
+from .conftest import (
+    TUS,
+    Server,
+    create,
+    download,
+    patch,
+    raw_request,
+    read_response,
+    sha256,
+    wait_for,
+)
 
 
 def patch_head(server: Server, url: str, offset: int, length: int, extra: str = "") -> str:

@@ -376,18 +376,28 @@ async def test_uploads_over_the_max_size_are_a_413(client, start_server, backend
     assert small.stored_size(url) == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-async def test_expired_uploads_answer_410_and_the_server_removes_them(client, start_server, backend):
-    srv: Server = start_server("--expiry", "1h", "--expiry-interval", "0.2s", backend=backend)
-    url = await create(client, srv, 10)
+async def test_expired_uploads_answer_410_everywhere(client, server):
+    url = await create(client, server, 10)
     await patch(client, url, 0, b"12345")
-    srv.age(url, seconds=2 * 3600)
+    server.age(url, seconds=30 * 86400)
     response = await client.head(url, headers=TUS)
     assert response.status_code == 410
     assert response.headers["content-type"] == "application/problem+json"
     assert (await patch(client, url, 5, b"67890")).status_code == 410
-    wait_for(lambda: not srv.exists(url), what="the expired upload to be removed")
-    assert (await client.head(url, headers=TUS)).status_code == 404
+    assert (await client.get(url)).status_code == 410
+    assert server.stored_size(url) == 5  # gone for clients, bytes still there until removal
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_server_removes_expired_uploads_by_itself(client, start_server, backend):
+    srv: Server = start_server("--expiry", "1h", "--expiry-interval", "0.2s", backend=backend)
+    stale = await create(client, srv, 10)
+    await patch(client, stale, 0, b"12345")
+    fresh = await create(client, srv, 10)
+    srv.age(stale, seconds=2 * 3600)
+    wait_for(lambda: not srv.exists(stale), what="the expired upload to be removed")
+    assert (await client.head(stale, headers=TUS)).status_code == 404
+    assert (await client.head(fresh, headers=TUS)).status_code == 200
 
 
 async def test_finished_uploads_do_not_expire(client, server):

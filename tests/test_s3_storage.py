@@ -1,0 +1,211 @@
+"""What only S3 has: parts, tails, several instances, outages, server-side joins, orphans."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from storage.s3 import MAX_PARTS, MIN_PART, part_size_for
+
+from .conftest import TUS, Moto, Server, create, download, free_port, patch, sha256
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def s3_server(start_server):
+    return start_server(backend="s3")
+
+
+async def test_patches_crossing_part_boundaries_at_odd_offsets(client, s3_server):
+    data = os.urandom(17 * MiB + 12345)
+    url = await create(client, s3_server, len(data))
+    cuts = [0, 3 * MiB + 1, 5 * MiB - 1, 5 * MiB + 2, 11 * MiB - 7, 16 * MiB, len(data)]
+    for start, end in itertools.pairwise(cuts):
+        response = await patch(client, url, start, data[start:end])
+        assert response.status_code == 204, response.text
+        assert int(response.headers["upload-offset"]) == end == s3_server.stored_size(url)
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_many_tiny_patches_add_up_to_several_parts(client, s3_server):
+    data = os.urandom(16 * MiB + 99)
+    url = await create(client, s3_server, len(data))
+    step = 700 * 1024
+    for start in range(0, len(data), step):
+        assert (await patch(client, url, start, data[start : start + step])).status_code == 204
+    state = s3_server._s3_info(url)
+    assert state["completed"] and len(state["parts"]) == 4  # three of 5 MiB and the rest
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_an_upload_resumes_through_a_second_server_instance(client, s3_server, start_server):
+    other = Server(s3_server.data_dir.parent / "other", *s3_server.args, moto=s3_server.moto)
+    other.bucket = s3_server.bucket
+    other.args = tuple(a.replace(f"s3://{other.bucket}", f"s3://{s3_server.bucket}") for a in other.args)
+    other.start()
+    try:
+        data = os.urandom(7 * MiB + 5)
+        url = await create(client, s3_server, len(data))
+        assert (await patch(client, url, 0, data[: 6 * MiB])).status_code == 204
+        there = url.replace(s3_server.url, other.url)
+        head = await client.head(there, headers=TUS)
+        assert head.headers["upload-offset"] == str(6 * MiB)
+        assert (await patch(client, there, 6 * MiB, data[6 * MiB :])).status_code == 204
+        assert sha256(await download(client, url)) == sha256(data)
+    finally:
+        other.stop()
+
+
+async def test_concatenation_copies_large_parts_inside_s3(client, s3_server):
+    pieces = [os.urandom(6 * MiB), os.urandom(MiB + 3), os.urandom(7 * MiB + 1), os.urandom(10)]
+    urls = []
+    for piece in pieces:
+        url = await create(client, s3_server, len(piece), **{"Upload-Concat": "partial"})
+        assert (await patch(client, url, 0, piece)).status_code == 204
+        urls.append(url)
+    response = await client.post(s3_server.files, headers={**TUS, "Upload-Concat": "final;" + " ".join(urls)})
+    assert response.status_code == 201, response.text
+    final = response.headers["location"]
+    assert sha256(await download(client, final)) == sha256(b"".join(pieces))
+    parts = s3_server._s3_info(final)["parts"]
+    assert all(p["size"] >= MIN_PART for p in parts[:-1])
+
+
+async def test_termination_leaves_no_object_and_no_multipart_upload(client, s3_server):
+    url = await create(client, s3_server, 20 * MiB)
+    await patch(client, url, 0, os.urandom(6 * MiB + 1))
+    assert s3_server.exists(url)
+    assert (await client.delete(url, headers=TUS)).status_code == 204
+    assert not s3_server.exists(url)
+    uploads = s3_server.moto.client.list_multipart_uploads(Bucket=s3_server.bucket)
+    assert not uploads.get("Uploads")
+
+
+def test_part_size_fits_any_upload_in_ten_thousand_parts():
+    assert part_size_for(100 * MiB, 8 * MiB, 16 << 30) == 8 * MiB
+    assert part_size_for(None, 8 * MiB, 16 << 30) == 8 * MiB
+    assert part_size_for(1, 1, 16 << 30) == MIN_PART
+    five_tib = 5 << 40
+    size = part_size_for(five_tib, 8 * MiB, five_tib)
+    assert size * MAX_PARTS >= five_tib and size % MiB == 0
+
+
+async def test_presigned_downloads_redirect_to_s3(client, start_server):
+    srv: Server = start_server("--s3-presign-downloads", "true", backend="s3")
+    url = await create(client, srv, 5)
+    await patch(client, url, 0, b"hello")
+    response = await client.get(url)
+    assert response.status_code == 302
+    assert response.headers["location"].startswith(srv.moto.endpoint)
+    assert httpx.get(response.headers["location"]).content == b"hello"
+
+
+def test_a_missing_bucket_is_a_clear_error_at_startup(moto, tmp_path):
+    env = {**os.environ, **Moto.credentials}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uploadsrv",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--storage",
+            "s3://no-such-bucket/x",
+            "--s3-endpoint-url",
+            moto.endpoint,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "no-such-bucket" in result.stderr and "not usable" in result.stderr
+
+
+class Outage:
+    """A TCP proxy in front of moto that can drop every connection and refuse new ones."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def down(self) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+async def test_an_s3_outage_is_a_503_and_the_upload_resumes_when_s3_is_back(client, moto, tmp_path):
+    proxy = Outage(moto.port)
+    proxy.up()
+    srv = Server(tmp_path / "data", moto=moto)
+    srv.args = tuple(a.replace(moto.endpoint, f"http://127.0.0.1:{proxy.port}") for a in srv.args)
+    srv.start()
+    try:
+        data = os.urandom(12 * MiB)
+        url = await create(client, srv, len(data))
+        assert (await patch(client, url, 0, data[: 6 * MiB])).status_code == 204
+        proxy.down()
+        response = await patch(client, url, 6 * MiB, data[6 * MiB :])
+        assert response.status_code == 503
+        assert response.headers["retry-after"]
+        assert response.headers["content-type"] == "application/problem+json"
+        assert (await client.head(url, headers=TUS)).status_code == 503
+        proxy.up()
+        head = await client.head(url, headers=TUS)
+        assert head.status_code == 200, head.headers
+        offset = int(head.headers["upload-offset"])
+        assert offset == 6 * MiB == srv.stored_size(url)
+        assert (await patch(client, url, offset, data[offset:])).status_code == 204
+        assert sha256(await download(client, url)) == sha256(data)
+    finally:
+        srv.stop()
+        proxy.down()
