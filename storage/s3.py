@@ -20,13 +20,16 @@ import asyncio
 import json
 import logging
 import math
+import os
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -89,6 +92,7 @@ class S3Storage:
         max_size: int = 5 << 40,
         presign_downloads: bool = False,
         io_threads: int = 32,
+        spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         location = S3Location.parse(url)
         self.bucket, self.prefix = location.bucket, location.prefix
@@ -96,6 +100,9 @@ class S3Storage:
         self.concurrency = concurrency
         self.max_size = max_size
         self.presign_downloads = presign_downloads
+        #: Scratch space for parts on their way to S3 (never state: that lives in S3).
+        self.spool_dir = Path(spool_dir or tempfile.gettempdir())
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
         config = Config(
             region_name=region,
             s3={"addressing_style": "path" if path_style else "auto"},
@@ -275,16 +282,32 @@ class S3Storage:
         await self._save(info.id, state)
         await self._complete(info.id, state)
 
-    async def _upload_part(self, upload_id: str, state: _State, number: int, data: bytes) -> dict[str, Any]:
+    async def _upload_part(
+        self, upload_id: str, state: _State, number: int, body: bytes | BinaryIO, size: int
+    ) -> dict[str, Any]:
         response = await self._call(
             "upload_part",
             Bucket=self.bucket,
             Key=self._key(upload_id),
             UploadId=state.multipart_id,
             PartNumber=number,
-            Body=data,
+            Body=body,
+            ContentLength=size,
         )
-        return {"n": number, "etag": response["ETag"], "size": len(data)}
+        return {"n": number, "etag": response["ETag"], "size": size}
+
+    async def _copy_object_into(self, key: str, spool: _Spool) -> None:
+        """Stream a (tail) object into a spool file, a block at a time."""
+        response = await self._call("get_object", Bucket=self.bucket, Key=key)
+        body = response["Body"]
+        try:
+            while block := await self._run(body.read, READ_BLOCK):
+                await self._run(spool.write, [block])
+        finally:
+            body.close()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _get_range(self, key: str, start: int, end: int) -> bytes:
         response = await self._call(
@@ -338,11 +361,50 @@ class _State:
         return cls(**json.loads(data))
 
 
-class _PartWriter:
-    """Collects appended bytes into parts, uploads up to `concurrency` parts at once.
+class _Spool:
+    """One part's bytes on local scratch disk until S3 has them.
 
-    Memory: the part being filled plus the parts in flight, about part size x
-    (concurrency + 1), whatever the upload's size.
+    Parts are several MiB and many uploads run at once; spooling keeps the server's
+    memory flat (only the page cache grows) and gives boto3 a seekable body to retry.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115  (closed by close())
+        self.size = 0
+
+    def write(self, blocks: Sequence[bytes]) -> None:
+        for block in blocks:
+            self.size += os.write(self.file.fileno(), block)
+
+    def body(self) -> BinaryIO:
+        self.file.seek(0)
+        return self.file
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _split(blocks: Sequence[bytes], count: int) -> tuple[list[bytes], list[bytes]]:
+    """The first `count` bytes of `blocks`, and the rest."""
+    head: list[bytes] = []
+    rest = list(blocks)
+    while rest and count > 0:
+        block = rest.pop(0)
+        if len(block) > count:
+            view = memoryview(block)
+            head.append(view[:count])  # type: ignore[arg-type]
+            rest.insert(0, view[count:])  # type: ignore[arg-type]
+            break
+        head.append(block)
+        count -= len(block)
+    return head, rest
+
+
+class _PartWriter:
+    """Collects appended bytes into parts and uploads up to `concurrency` of them at once.
+
+    The part being filled and the parts in flight live in spool files, so memory per
+    upload stays at the core's batch size however large the parts are.
     """
 
     def __init__(self, storage: S3Storage, info: UploadInfo, state: _State) -> None:
@@ -352,33 +414,45 @@ class _PartWriter:
         self._state = state
         self._committed_parts = list(state.parts or [])
         self._new_parts: list[dict[str, Any]] = []
-        self._buffer = bytearray()
-        self._tail_loaded = state.tail_size == 0
+        self._spool: _Spool | None = None
+        self._tail_pending = state.tail_size > 0  # the tail moves into the spool on first write
         self._in_flight: set[asyncio.Task[dict[str, Any]]] = set()
         self._failure: Exception | None = None
 
-    async def write(self, blocks: Sequence[bytes]) -> None:
-        if not self._tail_loaded:
-            assert self._state.tail_key is not None
-            self._buffer += await self._s3._get_range(self._state.tail_key, 0, self._state.tail_size)
-            self._tail_loaded = True
-        for block in blocks:
-            self._buffer += block
-        size = self._state.part_size
-        while len(self._buffer) >= size:
-            part = bytes(self._buffer[:size])
-            del self._buffer[:size]
-            await self._start_part(part)
+    async def _filling(self) -> _Spool:
+        if self._spool is None:
+            self._spool = await self._s3._run(_Spool, self._s3.spool_dir)
+            if self._tail_pending:
+                assert self._state.tail_key is not None
+                await self._s3._copy_object_into(self._state.tail_key, self._spool)
+                self._tail_pending = False
+        return self._spool
 
-    async def _start_part(self, data: bytes) -> None:
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        rest = list(blocks)
+        while rest:
+            spool = await self._filling()
+            head, rest = _split(rest, self._state.part_size - spool.size)
+            await self._s3._run(spool.write, head)
+            if spool.size == self._state.part_size:
+                self._spool = None
+                await self._start_part(spool)
+
+    async def _start_part(self, spool: _Spool) -> None:
         while len(self._in_flight) >= self._s3.concurrency:
             done, self._in_flight = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
             self._collect(done)
         if self._failure is not None:
+            spool.close()
             raise self._failure
         number = len(self._committed_parts) + len(self._new_parts) + len(self._in_flight) + 1
-        task = asyncio.ensure_future(self._s3._upload_part(self._id, self._state, number, data))
-        self._in_flight.add(task)
+        self._in_flight.add(asyncio.ensure_future(self._upload(number, spool)))
+
+    async def _upload(self, number: int, spool: _Spool) -> dict[str, Any]:
+        try:
+            return await self._s3._upload_part(self._id, self._state, number, spool.body(), spool.size)
+        finally:
+            spool.close()
 
     def _collect(self, done: set[asyncio.Task[dict[str, Any]]]) -> None:
         for task in done:
@@ -408,25 +482,31 @@ class _PartWriter:
         old_tail = state.tail_key
         state.record["updated_at"] = time.time()
         state.parts = self._committed_parts + confirmed
-        if self._failure is None and len(confirmed) == len(parts):
+        spool, self._spool = self._spool, None
+        if self._tail_pending:
+            pass  # nothing was written: the tail stays as it is
+        elif self._failure is not None or len(confirmed) < len(parts):
+            state.tail_key, state.tail_size = None, 0  # bytes after a failed part are not confirmed
+        elif spool is not None and spool.size:
             offset = sum(p["size"] for p in state.parts)
-            if self._buffer and self._length is not None and offset + len(self._buffer) == self._length:
+            if self._length is not None and offset + spool.size == self._length:  # the last part
                 state.parts.append(
-                    await self._s3._upload_part(self._id, state, expected, bytes(self._buffer))
+                    await self._s3._upload_part(self._id, state, expected, spool.body(), spool.size)
                 )
                 state.tail_key, state.tail_size = None, 0
-            elif self._buffer:
+            else:
                 state.tail_key = self._s3._key(self._id, f".tail-{secrets.token_hex(4)}")
                 await self._s3._call(
-                    "put_object", Bucket=self._s3.bucket, Key=state.tail_key, Body=bytes(self._buffer)
+                    "put_object", Bucket=self._s3.bucket, Key=state.tail_key, Body=spool.body()
                 )
-                state.tail_size = len(self._buffer)
-            else:
-                state.tail_key, state.tail_size = None, 0
-        else:  # a part failed: bytes after the gap are not confirmed; the tail bytes went into parts
+                state.tail_size = spool.size
+        else:
             state.tail_key, state.tail_size = None, 0
+        if spool is not None:
+            spool.close()
         await self._s3._save(self._id, state)
-        self._committed_parts, self._new_parts, self._buffer = list(state.parts), [], bytearray()
+        self._committed_parts, self._new_parts = list(state.parts), []
+        self._tail_pending = state.tail_size > 0
         if old_tail and old_tail != state.tail_key:
             with suppress(StorageUnavailable, UploadNotFound):
                 await self._s3._call("delete_object", Bucket=self._s3.bucket, Key=old_tail)
@@ -438,9 +518,11 @@ class _PartWriter:
     async def discard(self) -> None:
         """Forget this request's bytes: parts it uploaded are never named by the info object."""
         await self._drain()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         self._new_parts, self._failure = [], None
-        self._buffer = bytearray()
-        self._tail_loaded = self._state.tail_size == 0
+        self._tail_pending = self._state.tail_size > 0
 
 
 class _Joiner:
@@ -485,8 +567,9 @@ class _Joiner:
         if self._buffer:
             assert self._state.parts is not None
             number = len(self._state.parts) + 1
+            data = bytes(self._buffer)
             self._state.parts.append(
-                await self._s3._upload_part(self._id, self._state, number, bytes(self._buffer))
+                await self._s3._upload_part(self._id, self._state, number, data, len(data))
             )
             self._buffer = bytearray()
 

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks for uploadsrv; they drive a server over HTTP like real clients."""

@@ -1,0 +1,135 @@
+"""S3 benchmark: the same file to the same moto endpoint, directly with boto3 and through uploadsrv.
+
+    python -m loadtest.bench_s3 [--size 256M] [--concurrency 16]
+
+Prints aggregate MB/s of (a) boto3's managed multipart upload and (b) tus uploads
+through uploadsrv's S3 backend (one PATCH per file, as background clients send it),
+the ratio b/a, and the server's peak RSS. Both use 8 MiB parts, 4 in parallel per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import httpx
+from boto3.s3.transfer import TransferConfig
+
+from uploadsrv.config import parse_size
+
+from .procs import S3_CREDENTIALS, peak_rss_mb, start_moto, start_uploadsrv, timed
+
+PART = 8 << 20
+PARALLEL_PARTS = 4
+
+
+def upload_with_boto3(client, bucket: str, path: Path, count: int) -> None:
+    config = TransferConfig(
+        multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=PARALLEL_PARTS
+    )
+    with ThreadPoolExecutor(count) as pool:
+        list(
+            pool.map(
+                lambda i: client.upload_file(str(path), bucket, f"direct/{i}", Config=config), range(count)
+            )
+        )
+
+
+def upload_with_tus(url: str, path: Path, count: int) -> None:
+    size = path.stat().st_size
+
+    def one(_: int) -> None:
+        with httpx.Client(timeout=600) as http, open(path, "rb") as body:
+            created = http.post(
+                url + "/files/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": str(size)}
+            )
+            created.raise_for_status()
+            response = http.patch(
+                created.headers["location"],
+                content=body,
+                headers={
+                    "Tus-Resumable": "1.0.0",
+                    "Upload-Offset": "0",
+                    "Content-Type": "application/offset+octet-stream",
+                    "Content-Length": str(size),
+                },
+            )
+            if response.status_code != 204 or response.headers["upload-offset"] != str(size):
+                raise RuntimeError(f"upload failed: {response.status_code} {response.text}")
+
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(one, range(count)))
+
+
+def empty_bucket(client, bucket: str) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=parse_size, default=parse_size("256M"), help="bytes per file")
+    parser.add_argument("--concurrency", type=int, default=16, help="files uploaded at once")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
+        work = Path(tmp)
+        source = work / "source.bin"
+        with open(source, "wb") as f:
+            for _ in range(0, args.size, 1 << 20):
+                f.write(os.urandom(min(1 << 20, args.size)))
+            f.truncate(args.size)
+        moto, endpoint = start_moto(work / "moto.log")
+        server = None
+        try:
+            client = boto3.client("s3", endpoint_url=endpoint, **_credentials())
+            client.create_bucket(Bucket="bench")
+            total_mb = args.size * args.concurrency / 1e6
+            direct = timed(lambda: upload_with_boto3(client, "bench", source, args.concurrency))
+            empty_bucket(client, "bench")
+            server, url = start_uploadsrv(
+                work / "uploadsrv.log",
+                "--storage",
+                "s3://bench/uploads",
+                "--s3-endpoint-url",
+                endpoint,
+                "--s3-part-size",
+                str(PART),
+                "--s3-concurrency",
+                str(PARALLEL_PARTS),
+                "--data-dir",
+                str(work / "data"),
+            )
+            through = timed(lambda: upload_with_tus(url, source, args.concurrency))
+            rss = peak_rss_mb(server.pid)
+        finally:
+            for process in (server, moto):
+                if process is not None:
+                    process.kill()
+                    process.wait()
+
+    print(f"{args.concurrency} concurrent uploads of {args.size / (1 << 20):.0f} MiB to one moto endpoint")
+    print(f"  (a) boto3 multipart, direct : {total_mb / direct:8.1f} MB/s")
+    print(f"  (b) tus through uploadsrv   : {total_mb / through:8.1f} MB/s")
+    print(f"  ratio b/a                   : {direct / through:8.2f}   (target >= 0.8)")
+    print(f"  uploadsrv peak RSS          : {rss:8.1f} MB  (target < 200 MB)")
+
+
+def _credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+    }
+
+
+if __name__ == "__main__":
+    main()
