@@ -10,8 +10,8 @@ import sys
 from .config import ENV_PREFIX, Settings
 
 PROTOCOL_CLASSES = {
-    "httptools": "uploadsrv.uvicorn_protocols:HttpToolsTrailersProtocol",
-    "h11": "uploadsrv.uvicorn_protocols:H11TrailersProtocol",
+    "httptools": "uploadsrv.uvicorn_protocols:HttpToolsUploadProtocol",
+    "h11": "uploadsrv.uvicorn_protocols:H11UploadProtocol",
 }
 
 SERVE_FLAGS = {

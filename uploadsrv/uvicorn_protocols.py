@@ -1,13 +1,21 @@
-"""uvicorn HTTP/1.1 protocols with an ASGI extension for request trailers.
+"""uvicorn HTTP/1.1 protocols with two ASGI extensions uploadsrv needs.
 
-ASGI has no way to hand a request's trailers to the app, and tus `checksum-trailer`
-sends the checksum there. These subclasses collect trailer fields into
-``scope["extensions"]["uploadsrv.trailers"]`` (a list of ``(name, value)`` byte pairs,
-filled by the time the last body message is received). `uploadsrv serve` selects them.
+- ``http.response.informational``: the app may send
+  ``{"type": "http.response.informational", "status": 104, "headers": [...]}`` any number
+  of times before ``http.response.start``; each goes out at once as an interim response.
+  ASGI has no such message (only 103 early hints), and the IETF resumable-upload draft
+  needs 104s: one with the upload's URL before the body is read, more as progress. Never
+  sent to HTTP/1.0 clients, which do not understand 1xx; the extension is then absent.
+- ``uploadsrv.trailers``: trailer fields of a chunked request body (tus
+  ``checksum-trailer``), a list of ``(name, value)`` pairs filled by the time the last
+  body message is received.
+
+`uploadsrv serve` selects these classes for both of uvicorn's parsers (httptools, h11).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
@@ -15,6 +23,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 TRAILERS = "uploadsrv.trailers"
+INFORMATIONAL = "http.response.informational"
+REASONS = {100: b"Continue", 102: b"Processing", 103: b"Early Hints", 104: b"Upload Resumption Supported"}
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def _start_trailers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -23,7 +35,38 @@ def _start_trailers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     return trailers
 
 
-class HttpToolsTrailersProtocol(HttpToolsProtocol):
+def _with_informational(cycle: Any, encode: Callable[[int, list[tuple[bytes, bytes]]], bytes]) -> None:
+    """Teach one request's `send` the informational message; HTTP/1.1 only."""
+    if cycle.scope.get("http_version") != "1.1":
+        return
+    cycle.scope.setdefault("extensions", {})[INFORMATIONAL] = {}
+    send: Send = cycle.send
+
+    async def send_with_informational(message: dict[str, Any]) -> None:
+        if message["type"] != INFORMATIONAL:
+            await send(message)
+            return
+        status = int(message["status"])
+        if not 100 <= status < 200 or status == 101:
+            raise RuntimeError(f"not an informational status: {status}")
+        if cycle.response_started or cycle.disconnected or cycle.transport.is_closing():
+            return  # too late for an interim response, or nobody to send it to
+        cycle.transport.write(encode(status, list(message.get("headers", []))))
+
+    cycle.send = send_with_informational
+
+
+def _reason(status: int) -> bytes:
+    return REASONS.get(status, b"")
+
+
+def _encode_raw(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+    lines += [name + b": " + value + b"\r\n" for name, value in headers]
+    return b"".join(lines) + b"\r\n"
+
+
+class HttpToolsUploadProtocol(HttpToolsProtocol):
     """llhttp reports trailer fields through `on_header` after the headers are complete."""
 
     _trailers: list[tuple[bytes, bytes]] | None = None
@@ -35,6 +78,8 @@ class HttpToolsTrailersProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self._trailers = _start_trailers(self.scope)  # type: ignore[arg-type]
+        if self.cycle is not None and self.cycle.scope is self.scope:
+            _with_informational(self.cycle, _encode_raw)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._trailers is None:
@@ -43,18 +88,31 @@ class HttpToolsTrailersProtocol(HttpToolsProtocol):
             self._trailers.append((name.lower(), value))
 
 
-class H11TrailersProtocol(H11Protocol):
-    """h11 reports trailers on `EndOfMessage`; catch them as events are pulled."""
+class H11UploadProtocol(H11Protocol):
+    """h11 reports trailers on `EndOfMessage` and encodes interim responses itself."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         next_event = self.conn.next_event
 
-        def next_event_with_trailers() -> Any:
+        def next_event_with_extensions() -> Any:
             event = next_event()
             if isinstance(event, h11.EndOfMessage) and event.headers and self.cycle is not None:
                 trailers = _start_trailers(self.scope)  # type: ignore[arg-type]
                 trailers.extend((name.lower(), value) for name, value in event.headers)
             return event
 
-        self.conn.next_event = next_event_with_trailers  # type: ignore[method-assign]
+        self.conn.next_event = next_event_with_extensions  # type: ignore[method-assign]
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not None and self.cycle is not cycle:  # a new request began
+            _with_informational(self.cycle, self._encode_h11)
+
+    def _encode_h11(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        reason = b"Upload Resumption Supported" if status == 104 else b""
+        return (
+            self.conn.send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason))
+            or b""
+        )
