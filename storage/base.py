@@ -29,6 +29,13 @@ class Writer(Protocol):
     async def commit(self) -> int:
         """Make everything written durable and return the upload's new offset."""
 
+    async def checkpoint(self) -> int:
+        """Make durable what can be made durable cheaply, mid-request; return that offset.
+
+        For progress reports: never more than was written, never less than last time.
+        Not called on transactional writers.
+        """
+
     async def discard(self) -> None:
         """Forget everything written since the writer opened (a failed checksum)."""
 

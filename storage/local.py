@@ -180,6 +180,9 @@ class _Writer:
     async def commit(self) -> int:
         return await self._run(self._file.commit)
 
+    async def checkpoint(self) -> int:
+        return await self._run(self._file.commit)
+
     async def discard(self) -> None:
         await self._run(self._file.discard)
 

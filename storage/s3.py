@@ -416,6 +416,7 @@ class _PartWriter:
         self._new_parts: list[dict[str, Any]] = []
         self._spool: _Spool | None = None
         self._tail_pending = state.tail_size > 0  # the tail moves into the spool on first write
+        self._original_tail = state.tail_key  # deleted by commit once no longer named
         self._in_flight: set[asyncio.Task[dict[str, Any]]] = set()
         self._failure: Exception | None = None
 
@@ -479,7 +480,6 @@ class _PartWriter:
             confirmed.append(part)
             expected += 1
         state = self._state
-        old_tail = state.tail_key
         state.record["updated_at"] = time.time()
         state.parts = self._committed_parts + confirmed
         spool, self._spool = self._spool, None
@@ -507,13 +507,34 @@ class _PartWriter:
         await self._s3._save(self._id, state)
         self._committed_parts, self._new_parts = list(state.parts), []
         self._tail_pending = state.tail_size > 0
-        if old_tail and old_tail != state.tail_key:
+        if self._original_tail and self._original_tail != state.tail_key:
             with suppress(StorageUnavailable, UploadNotFound):
-                await self._s3._call("delete_object", Bucket=self._s3.bucket, Key=old_tail)
+                await self._s3._call("delete_object", Bucket=self._s3.bucket, Key=self._original_tail)
+        self._original_tail = state.tail_key
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
         return state.offset
+
+    async def checkpoint(self) -> int:
+        """Name the parts S3 has confirmed so far in the info object, without waiting."""
+        done = {task for task in self._in_flight if task.done()}
+        self._in_flight -= done
+        self._collect(done)
+        self._new_parts.sort(key=lambda p: p["n"])
+        run = 0
+        while (
+            run < len(self._new_parts) and self._new_parts[run]["n"] == len(self._committed_parts) + run + 1
+        ):
+            run += 1
+        if run:
+            state = self._state
+            state.parts = self._committed_parts + self._new_parts[:run]
+            state.tail_key, state.tail_size = None, 0  # its bytes are in the first new part
+            state.record["updated_at"] = time.time()
+            await self._s3._save(self._id, state)
+            self._committed_parts, self._new_parts = list(state.parts), self._new_parts[run:]
+        return self._state.offset
 
     async def discard(self) -> None:
         """Forget this request's bytes: parts it uploaded are never named by the info object."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from storage.base import Writer
 
@@ -15,12 +15,20 @@ from .errors import TooLarge
 BATCH_BYTES = 1 << 20
 
 
-async def pump(body: AsyncIterator[bytes], writer: Writer, *, limit: int, digester: Digester | None) -> int:
+async def pump(
+    body: AsyncIterator[bytes],
+    writer: Writer,
+    *,
+    limit: int,
+    digester: Digester | None,
+    after_write: Callable[[int], Awaitable[None]] | None = None,
+) -> int:
     """Copy `body` into `writer` and return the number of bytes copied.
 
     However the copy ends (end of body, a disconnect, cancellation by a newer request,
     a body longer than `limit`), every byte that arrived up to `limit` has been handed
     to the writer before this returns or raises, so the caller can commit it.
+    `after_write` runs with the batch's size after each batch is written (progress).
     """
     copied = 0
     batch: list[bytes] = []
@@ -31,6 +39,8 @@ async def pump(body: AsyncIterator[bytes], writer: Writer, *, limit: int, digest
         if digester is not None:
             await asyncio.to_thread(digester.update, blocks)
         await writer.write(blocks)
+        if after_write is not None:
+            await after_write(sum(map(len, blocks)))
 
     try:
         async for chunk in body:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from storage.base import Concatenating, Presigning, Storage
+from storage.base import Concatenating, Presigning, Storage, Writer
 
 from .checksums import ALGORITHMS, Checksum, Digester
 from .errors import (
@@ -31,6 +31,9 @@ from .model import UploadInfo, is_upload_id, new_upload_id
 from .pump import pump
 
 log = logging.getLogger("uploadsrv.core")
+
+PROGRESS_BYTES = 4 << 20  #: report durable progress at least every this many bytes...
+PROGRESS_SECONDS = 1.0  #: ...or this often, whichever comes first
 
 #: Called with an event name ("created", "appended", "completed", "terminated",
 #: "expired") and the upload; metrics and progress streams subscribe here.
@@ -159,13 +162,15 @@ class UploadService:
         length: int | None = None,
         checksum: Checksum | None = None,
         trailer_checksum: Callable[[], Checksum | None] | None = None,
+        progress: Callable[[int], Awaitable[None]] | None = None,
     ) -> UploadInfo:
         """Append `body` at `offset` and return the upload's new state.
 
         `length` declares a deferred length. With `checksum` (or `trailer_checksum`, read
         after the body) the body is verified and stored only if it matches; without,
         every byte that arrived is kept even if the request breaks off, so the client
-        resumes from there.
+        resumes from there, and `progress` is called with the durable offset every few
+        MiB or second while the body streams in.
         """
         async with self._locks.hold(self._known(upload_id)) as hold:
             info = await self._live(upload_id)
@@ -185,8 +190,9 @@ class UploadService:
                 Digester({checksum.algorithm} if checksum else set(ALGORITHMS)) if transactional else None
             )
             async with self.storage.writer(info, transactional=transactional) as writer:
+                reporter = None if transactional or progress is None else _ProgressReporter(writer, progress)
                 try:
-                    await hold.run(pump(body, writer, limit=limit, digester=digester))
+                    await hold.run(pump(body, writer, limit=limit, digester=digester, after_write=reporter))
                 except BaseException:
                     if transactional:
                         await writer.discard()
@@ -292,3 +298,24 @@ class UploadService:
         await self.storage.finish(info)
         self._emit("completed", info)
         log.info("upload completed", extra={"upload_id": info.id, "length": info.length})
+
+
+class _ProgressReporter:
+    """Reports the durable offset while a body streams in, never twice the same, never less."""
+
+    def __init__(self, writer: Writer, report: Callable[[int], Awaitable[None]]) -> None:
+        self._writer = writer
+        self._report = report
+        self._reported = -1
+        self._since = 0
+        self._at = time.monotonic()
+
+    async def __call__(self, written: int) -> None:
+        self._since += written
+        if self._since < PROGRESS_BYTES and time.monotonic() - self._at < PROGRESS_SECONDS:
+            return
+        self._since, self._at = 0, time.monotonic()
+        offset = await self._writer.checkpoint()
+        if offset > self._reported:
+            self._reported = offset
+            await self._report(offset)
