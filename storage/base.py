@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the core imports this module; at runtime only the shapes matter
@@ -95,6 +96,31 @@ class Storage(Protocol):
 
     async def close(self) -> None:
         """Release resources (threads, clients)."""
+
+
+@dataclass
+class Orphan:
+    """Something in storage that no upload owns (a crash mid-create, an aborted request)."""
+
+    kind: str  #: "multipart-upload", "object", "directory" or "file"
+    name: str  #: key, path or multipart upload id
+    size: int  #: bytes it occupies, where known
+    age: float  #: seconds since it was last written
+    detail: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Housekeeping(Protocol):
+    """What the operator CLI needs beyond the core contract."""
+
+    async def describe(self, upload_id: str) -> dict[str, object]:
+        """Backend details of one upload (paths; S3 multipart id, parts, tail)."""
+
+    def orphans(self, older_than: float) -> AsyncIterator[Orphan]:
+        """Leftovers no upload owns, untouched for `older_than` seconds."""
+
+    async def remove_orphan(self, orphan: Orphan) -> None:
+        """Delete (or abort) one leftover."""
 
 
 @runtime_checkable

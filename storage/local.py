@@ -17,12 +17,14 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
+from storage.base import Orphan
 from uploadsrv.core.errors import StorageFull, StorageUnavailable, UploadBusy, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
 
@@ -146,6 +148,50 @@ class LocalStorage:
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
         sources = [self._dir(part.id) / "data" for part in parts]
         await self._run(_concatenate, self._dir(info.id) / "data", sources)
+
+    # -- housekeeping ------------------------------------------------------------
+
+    async def describe(self, upload_id: str) -> dict[str, object]:
+        path = self._dir(upload_id)
+        files = await self._run(_list_dir, path)
+        if not files:
+            raise UploadNotFound()
+        return {"path": str(path), "files": files}
+
+    async def orphans(self, older_than: float) -> AsyncIterator[Orphan]:
+        for found in await self._run(self._find_orphans, older_than):
+            yield found
+
+    def _find_orphans(self, older_than: float) -> list[Orphan]:
+        """Upload directories without a record (a crash mid-create) and stale staging files."""
+        now = time.time()
+        found = []
+        for shard in _list_dir(self._uploads):
+            for name in _list_dir(self._uploads / shard):
+                path = self._uploads / shard / name
+                with suppress(FileNotFoundError):
+                    age = now - path.stat().st_mtime
+                    if age < older_than:
+                        continue
+                    if not (path / "info.json").exists():
+                        size = sum(f.stat().st_size for f in path.iterdir())
+                        found.append(Orphan("directory", str(path), size, age))
+                    elif (path / "staging").exists():
+                        staging = (path / "staging").stat()
+                        if now - staging.st_mtime >= older_than:
+                            found.append(
+                                Orphan("file", str(path / "staging"), staging.st_size, now - staging.st_mtime)
+                            )
+        return found
+
+    async def remove_orphan(self, orphan: Orphan) -> None:
+        path = Path(orphan.name)
+        if not path.is_relative_to(self._uploads):
+            raise ValueError(f"{path} is not under {self._uploads}")
+        if orphan.kind == "directory":
+            await self._run(shutil.rmtree, path, True)
+        else:
+            await self._run(path.unlink, True)
 
     # -- locks -------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from storage.base import Orphan
 from uploadsrv.core.errors import StorageUnavailable, UploadBusy, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
 
@@ -314,6 +315,92 @@ class S3Storage:
             "get_object", Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
         )
         return await asyncio.get_running_loop().run_in_executor(self._pool, response["Body"].read)
+
+    # -- housekeeping ------------------------------------------------------------
+
+    async def describe(self, upload_id: str) -> dict[str, object]:
+        state = await self._load(upload_id)
+        listing = await self._call("list_objects_v2", Bucket=self.bucket, Prefix=self._key(upload_id))
+        details: dict[str, object] = {
+            "bucket": self.bucket,
+            "key": self._key(upload_id),
+            "multipart_upload_id": state.multipart_id,
+            "part_size": state.part_size,
+            "tail": {"key": state.tail_key, "size": state.tail_size} if state.tail_key else None,
+            "completed": state.completed,
+            "objects": {o["Key"]: o["Size"] for o in listing.get("Contents", [])},
+        }
+        if not state.completed:
+            with suppress(UploadNotFound):
+                parts = await self._call(
+                    "list_parts", Bucket=self.bucket, Key=self._key(upload_id), UploadId=state.multipart_id
+                )
+                details["parts"] = [
+                    {"number": p["PartNumber"], "size": p["Size"], "etag": p["ETag"]}
+                    for p in parts.get("Parts", [])
+                ]
+        return details
+
+    async def orphans(self, older_than: float) -> AsyncIterator[Orphan]:
+        """Multipart uploads and objects under the prefix that no upload's info object names.
+
+        An abandoned multipart upload is billed storage that no object listing shows.
+        """
+        now = time.time()
+        objects: dict[str, list[dict[str, Any]]] = {}
+        token: dict[str, str] = {}
+        while True:
+            page = await self._call("list_objects_v2", Bucket=self.bucket, Prefix=self.prefix, **token)
+            for obj in page.get("Contents", []):
+                upload_id = obj["Key"][len(self.prefix) :].partition(".")[0]
+                objects.setdefault(upload_id, []).append(obj)
+            if not page.get("IsTruncated"):
+                break
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+        states: dict[str, _State | None] = {}
+        for upload_id in objects:
+            try:
+                states[upload_id] = await self._load(upload_id) if is_upload_id(upload_id) else None
+            except UploadNotFound:
+                states[upload_id] = None
+        for upload_id, found in objects.items():
+            state = states[upload_id]
+            owned = (
+                set()
+                if state is None
+                else {self._key(upload_id, ".info"), self._key(upload_id), state.tail_key}
+            )
+            owned |= {self._key(upload_id, ".lock"), self._key(upload_id, ".preempt")} if state else set()
+            for obj in found:
+                age = now - obj["LastModified"].timestamp()
+                if obj["Key"] not in owned and age >= older_than:
+                    yield Orphan("object", obj["Key"], obj["Size"], age)
+        markers: dict[str, str] = {}
+        while True:
+            page = await self._call(
+                "list_multipart_uploads", Bucket=self.bucket, Prefix=self.prefix, **markers
+            )
+            for upload in page.get("Uploads", []):
+                upload_id = upload["Key"][len(self.prefix) :]
+                state = states.get(upload_id)
+                age = now - upload["Initiated"].timestamp()
+                if (state is None or state.multipart_id != upload["UploadId"]) and age >= older_than:
+                    yield Orphan("multipart-upload", upload["UploadId"], 0, age, {"key": upload["Key"]})
+            if not page.get("IsTruncated"):
+                break
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    async def remove_orphan(self, orphan: Orphan) -> None:
+        if orphan.kind == "multipart-upload":
+            with suppress(UploadNotFound):
+                await self._call(
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=orphan.detail["key"],
+                    UploadId=orphan.name,
+                )
+        else:
+            await self._call("delete_object", Bucket=self.bucket, Key=orphan.name)
 
     # -- locks -------------------------------------------------------------------
 

@@ -114,6 +114,22 @@ class Server:
     def __repr__(self) -> str:
         return f"Server({self.backend}, {self.url})"
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run an operator command (`uploadsrv list`, ...) against this server's storage."""
+        storage = ["--data-dir", str(self.data_dir)]
+        if self.moto:
+            storage += [
+                "--storage",
+                f"s3://{self.bucket}/{self.prefix}",
+                "--s3-endpoint-url",
+                self.moto.endpoint,
+            ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UPLOADSRV_")}
+        if self.moto:
+            env.update(Moto.credentials)
+        command = [sys.executable, "-m", "uploadsrv", args[0], *storage, *args[1:]]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
     def start(self) -> Server:
         command = [sys.executable, "-m", "uploadsrv", "serve", "--port", str(self.port)]
         command += ["--data-dir", str(self.data_dir), *self.args]

@@ -15,9 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from storage.base import Storage
-from storage.local import LocalStorage
-
+from .backend import open_storage
 from .config import Settings
 from .core import UploadService
 from .metrics import Metrics
@@ -75,25 +73,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.service = service
     return app
-
-
-def open_storage(settings: Settings) -> Storage:
-    """The backend the settings name: local disk by default, S3 for s3:// URLs."""
-    if not settings.storage:
-        return LocalStorage(settings.data_dir, io_threads=settings.io_threads)
-    from storage.s3 import S3Storage
-
-    return S3Storage(
-        settings.storage,
-        endpoint_url=settings.s3_endpoint_url,
-        region=settings.s3_region,
-        path_style=settings.s3_path_style,
-        part_size=settings.s3_part_size,
-        concurrency=settings.s3_concurrency,
-        max_size=settings.max_size,
-        presign_downloads=settings.s3_presign_downloads,
-        spool_dir=settings.data_dir / "spool",
-    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

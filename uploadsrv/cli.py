@@ -1,30 +1,46 @@
-"""The `uploadsrv` console script."""
+"""The `uploadsrv` console script: `serve`, and the operator commands `list`, `inspect`,
+`prune` and `stats`, which take the same storage flags and environment as the server.
+
+Exit codes: 0 success, 1 a command failed (the message names the upload and the cause),
+2 bad usage.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from .config import ENV_PREFIX, Settings
+from .config import ENV_PREFIX, Settings, parse_duration
+
+if TYPE_CHECKING:  # the operator commands import these lazily, to keep `serve` start-up lean
+    from rich.console import Console
+
+    from .core import UploadService
 
 PROTOCOL_CLASSES = {
     "httptools": "uploadsrv.uvicorn_protocols:HttpToolsUploadProtocol",
     "h11": "uploadsrv.uvicorn_protocols:H11UploadProtocol",
 }
 
-SERVE_FLAGS = {
-    "host": "address to listen on (0.0.0.0 for every interface)",
-    "port": "TCP port",
-    "data_dir": "where uploads are stored",
-    "max_size": "largest upload accepted, e.g. 512M or 16G",
-    "expiry": "unfinished uploads idle this long expire, e.g. 12h or 7d; 'never' keeps them",
-    "expiry_interval": "how often the server removes expired uploads; 'never' leaves it to cron",
+STORAGE_FLAGS = {
+    "data_dir": "where uploads are stored (with S3: scratch space)",
     "storage": "empty for local disk, or s3://bucket/prefix",
     "s3_endpoint_url": "endpoint of an S3-compatible store",
     "s3_region": "S3 region",
     "s3_path_style": "path-style S3 addressing (true/false), for MinIO and the like",
+    "expiry": "unfinished uploads idle this long expire, e.g. 12h or 7d; 'never' keeps them",
+    "lock_timeout": "seconds a request waits for a busy upload",
+}
+SERVE_FLAGS = {
+    "host": "address to listen on (0.0.0.0 for every interface)",
+    "port": "TCP port",
+    "max_size": "largest upload accepted, e.g. 512M or 16G",
+    "expiry_interval": "how often the server removes expired uploads; 'never' leaves it to cron",
     "s3_part_size": "preferred S3 part size, at least 5M",
     "s3_concurrency": "S3 parts of one request uploaded in parallel",
     "s3_presign_downloads": "redirect downloads to presigned S3 URLs (true/false)",
@@ -32,7 +48,6 @@ SERVE_FLAGS = {
     "cors_origins": "comma-separated origins allowed by CORS, or *",
     "trust_proxy": "trust X-Forwarded-Proto/Host from a reverse proxy (true/false)",
     "owner_header": "request header whose value is recorded as the upload's owner",
-    "lock_timeout": "seconds a request waits for a busy upload",
     "io_threads": "threads for blocking disk calls",
     "workers": "worker processes",
     "http": "HTTP implementation: httptools or h11",
@@ -41,18 +56,20 @@ SERVE_FLAGS = {
 }
 
 
-def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser("serve", help="run the upload server")
+def _add_settings(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
     defaults = Settings()
-    for name, help_text in SERVE_FLAGS.items():
-        default = getattr(defaults, name)
-        serve.add_argument(
+    for name, help_text in flags.items():
+        parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             type=lambda text, name=name: Settings.parse(name, text),
-            help=f"{help_text} [env {ENV_PREFIX}{name.upper()}; default {default}]",
+            help=f"{help_text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
         )
-    serve.set_defaults(run=serve_command)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
+    return Settings.from_env(**overrides)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -60,8 +77,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from .logs import configure
 
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
-    settings = Settings.from_env(**overrides)
+    settings = _settings(args)
     if settings.http not in PROTOCOL_CLASSES:
         sys.exit(f"uploadsrv: --http must be one of {', '.join(PROTOCOL_CLASSES)}")
     settings.data_dir = settings.data_dir.resolve()
@@ -84,11 +100,167 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespace], int]:
+    """Run an operator command against the configured storage, through the core."""
+
+    def command(args: argparse.Namespace) -> int:
+        from . import operator
+        from .backend import open_storage
+        from .core import UploadService
+        from .core.errors import UploadError
+
+        settings = _settings(args)
+
+        async def main() -> int:
+            storage = open_storage(settings)
+            try:
+                await storage.check()
+                service = UploadService(
+                    storage,
+                    max_size=settings.max_size,
+                    expiry=settings.expiry,
+                    lock_timeout=settings.lock_timeout,
+                )
+                return await run(service, settings, args, operator.console())
+            finally:
+                await storage.close()
+
+        try:
+            return asyncio.run(main())
+        except (UploadError, RuntimeError) as error:
+            detail = error.detail if isinstance(error, UploadError) else str(error)
+            print(f"uploadsrv {args.command}: {detail}", file=sys.stderr)
+            return 1
+
+    return command
+
+
+async def list_command(
+    service: UploadService, settings: Settings, args: argparse.Namespace, console: Console
+) -> int:
+    from . import operator
+
+    rows = await operator.list_uploads(
+        service, state=args.state, older_than=args.older_than, owner=args.owner, sort=args.sort
+    )
+    if args.json:
+        operator.emit_json(rows)
+    else:
+        operator.print_uploads(rows, console)
+    return 0
+
+
+async def inspect_command(
+    service: UploadService, settings: Settings, args: argparse.Namespace, console: Console
+) -> int:
+    from . import operator
+    from .core.errors import UploadNotFound
+
+    try:
+        details = await operator.inspect(service, args.upload_id)
+    except UploadNotFound:
+        print(f"uploadsrv inspect: upload {args.upload_id}: not found", file=sys.stderr)
+        return 1
+    if args.json:
+        operator.emit_json(details)
+    else:
+        console.print_json(data=details)
+    return 0
+
+
+async def prune_command(
+    service: UploadService, settings: Settings, args: argparse.Namespace, console: Console
+) -> int:
+    from rich.console import Console
+
+    from . import operator
+
+    idle_for = args.older_than if args.older_than is not None else settings.expiry
+    if idle_for is None:
+        print("uploadsrv prune: no --older-than given and expiry is 'never'", file=sys.stderr)
+        return 2
+    with operator.progress_bar(Console(stderr=True)) as bar:
+        task = bar.add_task("pruning", total=None)
+        report = await operator.prune(
+            service,
+            idle_for=idle_for,
+            include_complete=args.include_complete,
+            orphan_age=args.orphan_age,
+            dry_run=args.dry_run,
+            progress=lambda name: bar.update(task, description=f"pruning {name}"),
+        )
+    if args.json:
+        operator.emit_json(report.to_json())
+    else:
+        operator.print_prune(report, console)
+    return 1 if report.errors else 0
+
+
+async def stats_command(
+    service: UploadService, settings: Settings, args: argparse.Namespace, console: Console
+) -> int:
+    from . import operator
+
+    totals = await operator.stats(service)
+    if args.json:
+        operator.emit_json(totals)
+    else:
+        for state, entry in totals.items():
+            console.print(f"{state:<11} {entry['count']:>8} uploads {entry['bytes']:>18,} bytes")
+    return 0
+
+
+def _duration(text: str) -> float:
+    value = parse_duration(text)
+    if value is None:
+        raise argparse.ArgumentTypeError("a duration such as 90s, 30m, 12h or 7d")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uploadsrv", description="Resumable upload server.")
-    subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
-    _serve_parser(subparsers)
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
+
+    serve = commands.add_parser("serve", help="run the upload server")
+    _add_settings(serve, {**STORAGE_FLAGS, **SERVE_FLAGS})
+    serve.set_defaults(run=serve_command)
+
+    listing = commands.add_parser("list", help="list upload sessions")
+    listing.add_argument("--state", choices=("incomplete", "complete", "expired"))
+    listing.add_argument("--older-than", type=_duration, help="no activity for this long, e.g. 2d")
+    listing.add_argument("--owner")
+    listing.add_argument(
+        "--sort", default="last_activity", choices=("last_activity", "created", "offset", "id")
+    )
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_operator(list_command))
+
+    inspect = commands.add_parser("inspect", help="everything about one upload")
+    inspect.add_argument("upload_id")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=_operator(inspect_command))
+
+    prune = commands.add_parser("prune", help="remove stale uploads and orphaned storage")
+    prune.add_argument("--older-than", type=_duration, help="idle for this long (default: the expiry)")
+    prune.add_argument("--include-complete", action="store_true", help="also remove finished uploads")
+    prune.add_argument(
+        "--orphan-age", type=_duration, default=86400.0, help="leave orphans younger than this (default 1d)"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="show what would go, change nothing")
+    prune.add_argument("--json", action="store_true")
+    prune.set_defaults(run=_operator(prune_command))
+
+    stats = commands.add_parser("stats", help="counts and bytes by state")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=_operator(stats_command))
+
+    for sub in (listing, inspect, prune, stats):
+        _add_settings(sub, STORAGE_FLAGS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.run(args)
 
 

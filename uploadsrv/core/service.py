@@ -148,6 +148,10 @@ class UploadService:
         async with self._locks.hold(self._known(upload_id)):
             return await self._live(upload_id)
 
+    async def peek_any(self, upload_id: str) -> UploadInfo:
+        """The upload's state, expired or not (for operators)."""
+        return await self.storage.get(self._known(upload_id))
+
     async def peek(self, upload_id: str) -> UploadInfo:
         """The upload's state without taking its lock (downloads, listings)."""
         return await self._live(self._known(upload_id))
@@ -245,21 +249,56 @@ class UploadService:
         expires = self.expires_at(info)
         return expires is not None and expires <= self._clock()
 
-    async def expire(self) -> list[str]:
-        """Delete every expired upload not being written right now; returns their ids."""
-        removed = []
+    def state_of(self, info: UploadInfo) -> str:
+        """'complete', 'expired' or 'incomplete'."""
+        if info.is_complete:
+            return "complete"
+        return "expired" if self.is_expired(info) else "incomplete"
+
+    async def uploads(self) -> AsyncIterator[UploadInfo]:
+        """Every upload the storage holds, for listings."""
+        async for upload_id in self.storage.upload_ids():
+            try:
+                yield await self.storage.get(upload_id)
+            except UploadNotFound:
+                continue  # removed while listing
+
+    async def prune(
+        self, idle_for: float, *, include_complete: bool = False, dry_run: bool = False
+    ) -> AsyncIterator[tuple[UploadInfo | str, bool]]:
+        """Remove uploads with no activity for `idle_for` seconds, unfinished ones only
+        unless `include_complete`. Yields `(upload, removed)`; an upload being written
+        right now is never touched and is yielded as `(id, False)`.
+
+        Each upload is checked and removed under its lock, so an interrupted prune leaves
+        every remaining upload intact and can simply run again.
+        """
+        cutoff = self._clock() - idle_for
         async for upload_id in self.storage.upload_ids():
             try:
                 async with self._locks.hold(upload_id, preempt=False):
                     info = await self.storage.get(upload_id)
-                    if not self.is_expired(info):
+                    if info.updated_at > cutoff or (info.is_complete and not include_complete):
                         continue
-                    await self.storage.delete(upload_id)
-            except (UploadBusy, UploadNotFound):
+                    if not dry_run:
+                        await self.storage.delete(upload_id)
+            except UploadBusy:
+                yield upload_id, False
                 continue
-            removed.append(upload_id)
-            self._emit("expired", info)
-            log.info("upload expired", extra={"upload_id": upload_id})
+            except UploadNotFound:
+                continue
+            yield info, not dry_run
+
+    async def expire(self) -> list[str]:
+        """Delete every expired upload not being written right now; returns their ids."""
+        if self.expiry is None:
+            return []
+        removed = []
+        async for info, deleted in self.prune(self.expiry):
+            if deleted and isinstance(info, UploadInfo):
+                removed.append(info.id)
+                self._emit("expired", info)
+                log.info("upload expired", extra={"upload_id": info.id})
         return removed
 
     # -- internals ---------------------------------------------------------------

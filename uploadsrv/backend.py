@@ -1,0 +1,27 @@
+"""Opening the storage backend the settings name; shared by the server and the CLI."""
+
+from __future__ import annotations
+
+from storage.base import Storage
+from storage.local import LocalStorage
+
+from .config import Settings
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The backend the settings name: local disk by default, S3 for s3:// URLs."""
+    if not settings.storage:
+        return LocalStorage(settings.data_dir, io_threads=settings.io_threads)
+    from storage.s3 import S3Storage
+
+    return S3Storage(
+        settings.storage,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        path_style=settings.s3_path_style,
+        part_size=settings.s3_part_size,
+        concurrency=settings.s3_concurrency,
+        max_size=settings.max_size,
+        presign_downloads=settings.s3_presign_downloads,
+        spool_dir=settings.data_dir / "spool",
+    )
