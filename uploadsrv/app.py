@@ -19,8 +19,9 @@ from .backend import open_storage
 from .config import Settings
 from .core import UploadService
 from .metrics import Metrics
-from .protocols import tus
+from .protocols import ietf, tus
 from .protocols.common import problem
+from .protocols.routes import upload_routes
 
 log = logging.getLogger("uploadsrv")
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     metrics = Metrics()
     service.subscribe(metrics.on_event)
     tus_protocol = tus.TusProtocol(service, settings)
+    ietf_protocol = ietf.IetfProtocol(service, settings)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -53,7 +55,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            *tus_protocol.routes(),
+            *upload_routes(settings.base_path, tus_protocol, ietf_protocol),
             Route("/healthz", health),
             Route("/metrics", metrics.endpoint),
         ],
@@ -63,8 +65,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"],
-                allow_headers=tus.REQUEST_HEADERS,
-                expose_headers=tus.RESPONSE_HEADERS,
+                allow_headers=tus.REQUEST_HEADERS + ietf.REQUEST_HEADERS,
+                expose_headers=tus.RESPONSE_HEADERS + ietf.RESPONSE_HEADERS,
                 max_age=86400,
             ),
         ],

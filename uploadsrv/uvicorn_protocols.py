@@ -6,6 +6,9 @@
   ASGI has no such message (only 103 early hints), and the IETF resumable-upload draft
   needs 104s: one with the upload's URL before the body is read, more as progress. Never
   sent to HTTP/1.0 clients, which do not understand 1xx; the extension is then absent.
+- ``uploadsrv.abort``: ``{"type": "uploadsrv.abort"}`` drops the connection without a
+  final response. After a 104 has told an iOS client where its upload lives, a transient
+  storage failure must look like a network failure (which it resumes from), not a 5xx.
 - ``uploadsrv.trailers``: trailer fields of a chunked request body (tus
   ``checksum-trailer``), a list of ``(name, value)`` pairs filled by the time the last
   body message is received.
@@ -24,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 TRAILERS = "uploadsrv.trailers"
 INFORMATIONAL = "http.response.informational"
+ABORT = "uploadsrv.abort"
 REASONS = {100: b"Continue", 102: b"Processing", 103: b"Early Hints", 104: b"Upload Resumption Supported"}
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -39,10 +43,15 @@ def _with_informational(cycle: Any, encode: Callable[[int, list[tuple[bytes, byt
     """Teach one request's `send` the informational message; HTTP/1.1 only."""
     if cycle.scope.get("http_version") != "1.1":
         return
-    cycle.scope.setdefault("extensions", {})[INFORMATIONAL] = {}
+    extensions = cycle.scope.setdefault("extensions", {})
+    extensions[INFORMATIONAL] = extensions[ABORT] = {}
     send: Send = cycle.send
 
     async def send_with_informational(message: dict[str, Any]) -> None:
+        if message["type"] == ABORT:
+            cycle.disconnected = True  # uvicorn then sends no 500 of its own
+            cycle.transport.close()
+            return
         if message["type"] != INFORMATIONAL:
             await send(message)
             return

@@ -167,6 +167,7 @@ class UploadService:
         checksum: Checksum | None = None,
         trailer_checksum: Callable[[], Checksum | None] | None = None,
         progress: Callable[[int], Awaitable[None]] | None = None,
+        complete: bool = False,
     ) -> UploadInfo:
         """Append `body` at `offset` and return the upload's new state.
 
@@ -174,7 +175,10 @@ class UploadService:
         after the body) the body is verified and stored only if it matches; without,
         every byte that arrived is kept even if the request breaks off, so the client
         resumes from there, and `progress` is called with the durable offset every few
-        MiB or second while the body streams in.
+        MiB or second while the body streams in. `complete` says this body ends the
+        upload: a deferred length becomes the final offset, and a known one must match.
+        An upload already complete at `offset` takes an empty or repeated final request
+        as a replay and answers its final state.
         """
         async with self._locks.hold(self._known(upload_id)) as hold:
             info = await self._live(upload_id)
@@ -182,8 +186,12 @@ class UploadService:
                 raise NotAppendable("a concatenated upload cannot be appended to")
             if length is not None and length != info.length:
                 await self._declare_length(info, length)
+            if info.is_complete and offset == info.offset and complete:
+                return info  # a repeated final request: replay, nothing to store
             if offset != info.offset:
                 raise OffsetMismatch(expected=info.offset, provided=offset)
+            if complete and content_length is not None:
+                await self._declare_length(info, offset + content_length, exact=True)
             limit = (self.max_size if info.length is None else info.length) - info.offset
             if info.is_complete and content_length:
                 raise UploadComplete()
@@ -213,6 +221,8 @@ class UploadService:
                         raise ChecksumMismatch()
                 info.offset = await writer.commit()
             self._after_append(info)
+            if complete and info.length is None:  # a chunked body ended the upload
+                await self._declare_length(info, info.offset)
         if info.is_complete:
             await self._finish(info)
         return info
@@ -320,9 +330,12 @@ class UploadService:
         if length > self.max_size:
             raise TooLarge(f"{length} bytes is more than the maximum of {self.max_size}")
 
-    async def _declare_length(self, info: UploadInfo, length: int) -> None:
+    async def _declare_length(self, info: UploadInfo, length: int, *, exact: bool = False) -> None:
+        """Set a deferred length; with `exact`, a known length must equal `length` instead."""
         if info.length is not None:
-            raise LengthConflict(f"the upload's length is already {info.length}")
+            if exact and info.length == length:
+                return
+            raise LengthConflict(f"the upload's length is already {info.length}, not {length}")
         self._check_length(length)
         if length < info.offset:
             raise LengthConflict(f"{info.offset} bytes are already stored, more than {length}")

@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from uploadsrv.body import RequestBody
 from uploadsrv.config import Settings
@@ -97,19 +96,10 @@ class TusProtocol:
             extensions.append("concatenation")
         self.extensions = ",".join(extensions)
 
-    def routes(self) -> list[Route]:
-        return [
-            Route(self.base_path, self._dispatch, methods=["POST", "OPTIONS"]),
-            Route(
-                self.base_path + "{upload_id}",
-                self._dispatch,
-                methods=["HEAD", "GET", "PATCH", "DELETE", "POST", "OPTIONS"],
-            ),
-        ]
-
     # -- dispatch ----------------------------------------------------------------
 
-    async def _dispatch(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
+        """Entry point from the router for any method on the collection or an upload."""
         method = request.method
         if method == "POST" and "x-http-method-override" in request.headers:
             method = request.headers["x-http-method-override"].upper()

@@ -1,0 +1,364 @@
+"""The IETF "Resumable Uploads for HTTP" draft, interop versions 3 to 9.
+
+iOS 17+ URLSession speaks it natively: it POSTs a whole file with
+`Upload-Draft-Interop-Version`, and if a 104 carrying the upload's URL reached it before
+the connection broke, it later asks HEAD for the offset and PATCHes the rest, by itself.
+One implementation on the upload core; what differs between versions is the small table
+`VERSIONS`. Structured fields are parsed and written with `http_sf`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import http_sf
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Send
+
+from uploadsrv.body import RequestBody
+from uploadsrv.config import Settings
+from uploadsrv.core import Checksum, UploadInfo, UploadService
+from uploadsrv.core import errors as e
+from uploadsrv.uvicorn_protocols import ABORT, INFORMATIONAL
+
+from .common import PROBLEM_TYPE, parse_offset, problem, public_url
+from .download import download
+
+HEADER = "Upload-Draft-Interop-Version"
+PARTIAL_UPLOAD = "application/partial-upload"
+IANA = "https://iana.org/assignments/http-problem-types#"
+
+
+@dataclass(frozen=True)
+class Interop:
+    """What one interop version changes. Versions are echoed in every response."""
+
+    version: int
+    #: 3 (draft -01) says `Upload-Incomplete: ?1` where later versions say `Upload-Complete: ?0`.
+    incomplete_header: bool = False
+    #: 5+: more 104s while the body streams in, carrying the durable `Upload-Offset`.
+    progress: bool = True
+    #: 6+: appends must be `application/partial-upload`.
+    partial_upload_type: bool = True
+    #: 6+: the `Upload-Limit` dictionary; 6 names the expiry `expires`, 7+ `max-age`.
+    limit_age_key: str | None = "max-age"
+    #: 6+: IANA problem types (mismatching-upload-offset, completed-upload, ...).
+    problem_types: bool = True
+    #: 7+: every append carries `Upload-Complete`.
+    complete_required: bool = True
+    #: 8+: `Upload-Limit` also in the creation 104 and in HEAD responses.
+    limit_everywhere: bool = True
+    #: 9: offset retrieval by GET too.
+    get_offset: bool = False
+
+
+VERSIONS = {
+    3: Interop(
+        3,
+        incomplete_header=True,
+        progress=False,
+        partial_upload_type=False,
+        limit_age_key=None,
+        problem_types=False,
+        complete_required=False,
+        limit_everywhere=False,
+    ),
+    4: Interop(
+        4,
+        progress=False,
+        partial_upload_type=False,
+        limit_age_key=None,
+        problem_types=False,
+        complete_required=False,
+        limit_everywhere=False,
+    ),
+    5: Interop(
+        5,
+        partial_upload_type=False,
+        limit_age_key=None,
+        problem_types=False,
+        complete_required=False,
+        limit_everywhere=False,
+    ),
+    6: Interop(6, limit_age_key="expires", complete_required=False, limit_everywhere=False),
+    7: Interop(7, limit_everywhere=False),
+    8: Interop(8),
+    9: Interop(9, get_offset=True),
+}
+
+STATUS: dict[type[e.UploadError], int] = {
+    e.InvalidRequest: 400,
+    e.UnsupportedChecksum: 400,
+    e.LengthConflict: 400,
+    e.UploadNotFound: 404,
+    e.UploadGone: 410,
+    e.OffsetMismatch: 409,
+    e.UploadComplete: 409,
+    e.NotReady: 409,
+    e.Superseded: 409,
+    e.NotAppendable: 403,
+    e.TooLarge: 413,
+    e.UploadBusy: 423,
+    e.ClientDisconnected: 400,
+    e.ChecksumMismatch: 400,
+    e.StorageFull: 507,
+    e.StorageUnavailable: 503,
+}
+IANA_TYPES = {
+    e.OffsetMismatch: "mismatching-upload-offset",
+    e.UploadComplete: "completed-upload",
+    e.LengthConflict: "inconsistent-upload-length",
+}
+#: Request headers a browser must be allowed to send, and response headers it must see.
+REQUEST_HEADERS = [
+    HEADER,
+    "Upload-Complete",
+    "Upload-Incomplete",
+    "Upload-Length",
+    "Content-Digest",
+    "Repr-Digest",
+]
+RESPONSE_HEADERS = [HEADER, "Upload-Complete", "Upload-Incomplete", "Upload-Limit"]
+
+DIGESTS = {"sha-256": "sha256", "sha-512": "sha512", "md5": "md5", "sha": "sha1", "crc32": "crc32"}
+
+
+def is_draft_request(request: Request) -> bool:
+    """A request for this handler: it names an interop version and is not tus."""
+    return HEADER.lower() in request.headers and "tus-resumable" not in request.headers
+
+
+class IetfProtocol:
+    def __init__(self, service: UploadService, settings: Settings) -> None:
+        self.service = service
+        self.base_path = settings.base_path
+        self.trust_proxy = settings.trust_proxy
+        self.owner_header = settings.owner_header
+
+    async def handle(self, request: Request, send: Send) -> Response:
+        """Entry point from the router for any method on the collection or an upload."""
+        raw = request.headers[HEADER]
+        interop = VERSIONS.get(int(raw)) if raw.isdigit() else None
+        if interop is None:
+            return problem(
+                400, f"unsupported {HEADER} {raw[:10]!r}; supported: {', '.join(map(str, VERSIONS))}"
+            )
+        upload_id = request.path_params.get("upload_id")
+        handler = self._handler(request.method, upload_id is not None, interop)
+        if handler is None:
+            response = problem(405, f"{request.method} is not part of the resumable upload draft here")
+        else:
+            exchange = _Exchange(request, send, interop)
+            try:
+                response = await handler(exchange)
+            except e.UploadError as error:
+                response = await self._error(exchange, error)
+        response.headers[HEADER] = str(interop.version)
+        return response
+
+    def _handler(
+        self, method: str, on_upload: bool, interop: Interop
+    ) -> Callable[[_Exchange], Awaitable[Response]] | None:
+        if not on_upload:
+            return {"POST": self.create, "PUT": self.create, "OPTIONS": self.options}.get(method)
+        handlers = {"HEAD": self.offset, "PATCH": self.append, "DELETE": self.cancel, "OPTIONS": self.options}
+        handlers["GET"] = self.offset if interop.get_offset else self.download
+        return handlers.get(method)
+
+    # -- handlers ----------------------------------------------------------------
+
+    async def options(self, x: _Exchange) -> Response:
+        headers = {"Accept-Patch": PARTIAL_UPLOAD} if x.interop.partial_upload_type else {}
+        limit = self._limit(x.interop, None)
+        if limit:
+            headers["Upload-Limit"] = limit
+        return Response(status_code=204, headers=headers)
+
+    async def create(self, x: _Exchange) -> Response:
+        complete = x.upload_complete(required=True)
+        length = x.declared_length(complete)
+        owner = x.request.headers.get(self.owner_header) if self.owner_header else None
+        info = await self.service.create(length=length, owner=owner, protocol="ietf")
+        x.location = public_url(x.request, self.base_path + info.id, trust_proxy=self.trust_proxy)
+        first = {"Location": x.location}
+        limit = self._limit(x.interop, info) if x.interop.limit_everywhere else None
+        if limit:
+            first["Upload-Limit"] = limit
+        await x.informational(first)  # the upload exists: tell the client where, before the body
+        info = await self._append(x, info.id, 0, complete)
+        return Response(status_code=201, headers={"Location": x.location, **self._state(x.interop, info)})
+
+    async def offset(self, x: _Exchange) -> Response:
+        info = await self.service.get(x.request.path_params["upload_id"])
+        headers = self._state(x.interop, info, describe=True)
+        return Response(status_code=204, headers={**headers, "Cache-Control": "no-store"})
+
+    async def append(self, x: _Exchange) -> Response:
+        if x.interop.partial_upload_type and x.content_type != PARTIAL_UPLOAD:
+            return problem(415, f"Content-Type must be {PARTIAL_UPLOAD}")
+        complete = x.upload_complete(required=x.interop.complete_required)
+        offset = parse_offset(x.request.headers.get("upload-offset"), "Upload-Offset")
+        info = await self._append(x, x.request.path_params["upload_id"], offset, complete)
+        return Response(status_code=204, headers=self._state(x.interop, info))
+
+    async def download(self, x: _Exchange) -> Response:
+        info = await self.service.peek(x.request.path_params["upload_id"])
+        return await download(self.service, info, x.request)
+
+    async def cancel(self, x: _Exchange) -> Response:
+        await self.service.terminate(x.request.path_params["upload_id"])
+        return Response(status_code=204)
+
+    # -- translation -------------------------------------------------------------
+
+    async def _append(self, x: _Exchange, upload_id: str, offset: int, complete: bool) -> UploadInfo:
+        headers = x.request.headers
+        progress = None
+        if x.interop.progress:
+
+            async def progress(durable: int) -> None:
+                await x.informational({"Upload-Offset": str(durable)})
+
+        return await self.service.append(
+            upload_id,
+            offset,
+            RequestBody(x.request.scope, x.request.receive),
+            content_length=_content_length(headers.get("content-length")),
+            length=x.declared_length(complete) if offset else None,
+            checksum=_content_digest(
+                headers.get("content-digest") or _whole_in_one(headers, offset, complete)
+            ),
+            progress=progress,
+            complete=complete,
+        )
+
+    def _state(self, interop: Interop, info: UploadInfo, *, describe: bool = False) -> dict[str, str]:
+        headers = {"Upload-Offset": str(info.offset)}
+        if interop.incomplete_header:
+            headers["Upload-Incomplete"] = http_sf.ser(not info.is_complete)
+        else:
+            headers["Upload-Complete"] = http_sf.ser(info.is_complete)
+        if describe and interop.limit_age_key and info.length is not None:
+            headers["Upload-Length"] = str(info.length)
+        if describe and interop.limit_everywhere:
+            limit = self._limit(interop, info)
+            if limit:
+                headers["Upload-Limit"] = limit
+        return headers
+
+    def _limit(self, interop: Interop, info: UploadInfo | None) -> str | None:
+        """`Upload-Limit`, a structured dictionary (6+); the age is what is left for `info`."""
+        if interop.limit_age_key is None:
+            return None
+        limit: dict[str, int] = {"max-size": self.service.max_size}
+        if self.service.expiry is not None:
+            expires = self.service.expires_at(info) if info is not None else None
+            age = (
+                self.service.expiry
+                if info is None
+                else None
+                if expires is None
+                else expires - info.updated_at
+            )
+            if age is not None:
+                limit[interop.limit_age_key] = int(age)
+        return http_sf.ser(limit)
+
+    async def _error(self, x: _Exchange, error: e.UploadError) -> Response:
+        if x.informed and isinstance(error, (e.StorageUnavailable, e.Superseded, e.ClientDisconnected)):
+            await x.abort()  # the client knows where its upload is: let it resume, not give up
+            return Response(status_code=503)  # never sent: the connection is gone
+        if isinstance(error, (e.OffsetMismatch, e.UploadComplete)) and x.request.path_params.get("upload_id"):
+            finished = await self.service.peek(x.request.path_params["upload_id"])
+            if finished.is_complete:  # a repeated final request: replay the final state
+                return Response(status_code=204, headers=self._state(x.interop, finished))
+        status = STATUS.get(type(error), 500)
+        headers = {"Retry-After": "1"} if isinstance(error, (e.UploadBusy, e.StorageUnavailable)) else {}
+        if isinstance(error, e.OffsetMismatch):
+            headers["Upload-Offset"] = str(error.expected)
+            headers["Upload-Complete"] = "?0"
+        kind = IANA_TYPES.get(type(error))
+        type_ = IANA + kind if kind and x.interop.problem_types else PROBLEM_TYPE + error.slug
+        if x.location:
+            headers["Location"] = x.location
+        return problem(status, error.detail, type_=type_, headers=headers, **error.extra)
+
+
+class _Exchange:
+    """One request of the draft, and what this server already told its client."""
+
+    def __init__(self, request: Request, send: Send, interop: Interop) -> None:
+        self.request = request
+        self._send = send
+        self.interop = interop
+        self.location: str | None = None
+        self.informed = False
+        extensions = request.scope.get("extensions", {})
+        self._can_inform = INFORMATIONAL in extensions
+        self._can_abort = ABORT in extensions
+
+    @property
+    def content_type(self) -> str:
+        return self.request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    def upload_complete(self, *, required: bool) -> bool:
+        """`Upload-Complete` (or version 3's inverted `Upload-Incomplete`), a structured boolean."""
+        name = "upload-incomplete" if self.interop.incomplete_header else "upload-complete"
+        raw = self.request.headers.get(name)
+        if raw is None:
+            if required:
+                raise e.InvalidRequest(f"{name.title()} is required")
+            return False
+        try:
+            value, _ = http_sf.parse(raw.encode(), tltype="item")
+        except (http_sf.StructuredFieldError, ValueError):
+            value = None
+        if not isinstance(value, bool):
+            raise e.InvalidRequest(f"{name.title()} must be ?0 or ?1")
+        return not value if self.interop.incomplete_header else value
+
+    def declared_length(self, complete: bool) -> int | None:
+        """The upload's total length, from `Upload-Length` or a final request's body."""
+        headers = self.request.headers
+        if "upload-length" in headers:
+            return parse_offset(headers["upload-length"], "Upload-Length")
+        if complete and "upload-offset" not in headers:  # creation with all the data
+            return _content_length(headers.get("content-length"))
+        return None
+
+    async def informational(self, headers: dict[str, str]) -> None:
+        if not self._can_inform:
+            return
+        fields = [(HEADER.lower().encode(), str(self.interop.version).encode())]
+        fields += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        await self._send({"type": INFORMATIONAL, "status": 104, "headers": fields})
+        self.informed = True
+
+    async def abort(self) -> None:
+        if self._can_abort:
+            await self._send({"type": ABORT})
+
+
+def _content_length(value: str | None) -> int | None:
+    return None if value is None else parse_offset(value, "Content-Length")
+
+
+def _whole_in_one(headers: object, offset: int, complete: bool) -> str | None:
+    """`Repr-Digest` covers the whole upload; it can be checked when one request carries it all."""
+    return headers.get("repr-digest") if offset == 0 and complete else None  # type: ignore[attr-defined]
+
+
+def _content_digest(header: str | None) -> Checksum | None:
+    """RFC 9530 `Content-Digest`: the strongest algorithm we support of those sent."""
+    if header is None:
+        return None
+    try:
+        digests = http_sf.parse(header.encode(), tltype="dictionary")
+    except (http_sf.StructuredFieldError, ValueError):
+        raise e.InvalidRequest("Content-Digest is not a structured dictionary") from None
+    for name in ("sha-512", "sha-256", "sha", "md5", "crc32"):
+        if name in digests and isinstance(digests[name][0], bytes):
+            return Checksum(DIGESTS[name], digests[name][0])
+    raise e.UnsupportedChecksum("no supported algorithm in Content-Digest (use sha-256)")
