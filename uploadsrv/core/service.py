@@ -202,7 +202,11 @@ class UploadService:
                 Digester({checksum.algorithm} if checksum else set(ALGORITHMS)) if transactional else None
             )
             async with self.storage.writer(info, transactional=transactional) as writer:
-                reporter = None if transactional or progress is None else _ProgressReporter(writer, progress)
+                reporter = (
+                    None
+                    if transactional or progress is None
+                    else _ProgressReporter(writer, progress, info.offset)
+                )
                 try:
                     await hold.run(pump(body, writer, limit=limit, digester=digester, after_write=reporter))
                 except BaseException:
@@ -355,10 +359,10 @@ class UploadService:
 class _ProgressReporter:
     """Reports the durable offset while a body streams in, never twice the same, never less."""
 
-    def __init__(self, writer: Writer, report: Callable[[int], Awaitable[None]]) -> None:
+    def __init__(self, writer: Writer, report: Callable[[int], Awaitable[None]], start: int) -> None:
         self._writer = writer
         self._report = report
-        self._reported = -1
+        self._reported = start
         self._since = 0
         self._at = time.monotonic()
 
