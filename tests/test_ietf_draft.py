@@ -384,3 +384,19 @@ async def test_a_new_head_stops_a_stalled_append_and_keeps_its_bytes(client, ser
         assert int(head.headers["upload-offset"]) == server.stored_size(url) > 0
     finally:
         wire.close()
+
+
+def test_locations_honour_forwarded_headers_only_from_a_trusted_proxy(start_server):
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "uploads.example"}
+    for trust, expected in (("true", "https://uploads.example/files/"), ("false", "http://127.0.0.1/files/")):
+        srv = start_server("--trust-proxy", trust)
+        wire = Wire(srv.port)
+        wire.send_head(
+            "POST", "/files/", {HEADER: "8", "Upload-Complete": "?1", "Content-Length": "2", **forwarded}
+        )
+        status, headers, _ = wire.response()
+        assert status == 104 and headers["location"].startswith(expected)
+        wire.sock.sendall(b"ok")
+        status, headers, _, _ = wire.final()
+        wire.close()
+        assert status == 201 and headers["location"].startswith(expected)

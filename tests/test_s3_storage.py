@@ -209,3 +209,38 @@ async def test_an_s3_outage_is_a_503_and_the_upload_resumes_when_s3_is_back(clie
     finally:
         srv.stop()
         proxy.down()
+
+
+async def test_an_s3_failure_after_the_104_drops_the_connection_so_ios_resumes(client, moto, tmp_path):
+    from .test_ietf_draft import HEADER, Wire, append_headers
+
+    proxy = Outage(moto.port)
+    proxy.up()
+    srv = Server(tmp_path / "data", moto=moto)
+    srv.args = tuple(a.replace(moto.endpoint, f"http://127.0.0.1:{proxy.port}") for a in srv.args)
+    srv.start()
+    try:
+        data = os.urandom(16 * MiB)
+        wire = Wire(srv.port)
+        wire.send_head(
+            "POST", "/files/", {HEADER: "8", "Upload-Complete": "?1", "Content-Length": str(len(data))}
+        )
+        status, headers, _ = wire.response()
+        assert status == 104
+        upload = srv.files + headers["location"].rsplit("/", 1)[1]
+        proxy.down()
+        with pytest.raises(OSError):  # closed (or reset) without a final response
+            wire.sock.sendall(data)
+            while True:
+                status, _, _ = wire.response()
+                assert status < 200, f"got a final {status} instead of a dropped connection"
+        wire.close()
+        proxy.up()
+        head = await client.head(upload, headers={HEADER: "8"})
+        offset = int(head.headers["upload-offset"])
+        response = await client.patch(upload, content=data[offset:], headers=append_headers(8, offset, True))
+        assert response.status_code == 204
+        assert sha256(await download(client, upload)) == sha256(data)
+    finally:
+        srv.stop()
+        proxy.down()
