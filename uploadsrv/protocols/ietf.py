@@ -25,6 +25,7 @@ from uploadsrv.uvicorn_protocols import ABORT, INFORMATIONAL
 
 from .common import PROBLEM_TYPE, parse_offset, problem, public_url
 from .download import download
+from .tus import parse_metadata
 
 HEADER = "Upload-Draft-Interop-Version"
 PARTIAL_UPLOAD = "application/partial-upload"
@@ -180,7 +181,8 @@ class IetfProtocol:
         complete = x.upload_complete(required=True)
         length = x.declared_length(complete)
         owner = x.request.headers.get(self.owner_header) if self.owner_header else None
-        info = await self.service.create(length=length, owner=owner, protocol="ietf")
+        metadata = parse_metadata(x.request.headers.get("upload-metadata", ""))  # tus-js-client sends it
+        info = await self.service.create(length=length, metadata=metadata, owner=owner, protocol="ietf")
         x.location = public_url(x.request, self.base_path + info.id, trust_proxy=self.trust_proxy)
         first = {"Location": x.location}
         limit = self._limit(x.interop, info) if x.interop.limit_everywhere else None
