@@ -40,6 +40,25 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "
         time.sleep(0.01)
 
 
+def spawn(
+    command: list[str], log: Path, ready_url: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a process with its output in `log`, and wait until `ready_url` answers 200."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"{command[2]} exited with {process.returncode}: {log.read_text()[-3000:]}")
+        try:
+            return httpx.get(ready_url, timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(ready, STARTUP_SECONDS, f"{ready_url} (log: {log})")
+    return process
+
+
 class Moto:
     """A real S3 endpoint: moto's server mode in its own process."""
 
@@ -64,20 +83,9 @@ class Moto:
         self._buckets = 0
 
     def start(self) -> Moto:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for(self._ready, STARTUP_SECONDS, "moto server")
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = spawn(command, self.log, self.endpoint + "/moto-api/")
         return self
-
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(self.endpoint + "/moto-api/", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -136,19 +144,8 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("UPLOADSRV_")}
         if self.moto:
             env.update(Moto.credentials)
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        wait_for(self._ready, STARTUP_SECONDS, f"server on port {self.port} (log: {self.log})")
+        self.process = spawn(command, self.log, self.url + "/healthz", env)
         return self
-
-    def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"server exited with {self.process.returncode}: {self.log.read_text()}")
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -183,64 +183,61 @@ class Outage:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
-async def test_an_s3_outage_is_a_503_and_the_upload_resumes_when_s3_is_back(client, moto, tmp_path):
+@pytest.fixture
+def behind_outage(moto, tmp_path):
+    """A server whose S3 traffic goes through an `Outage` proxy the test can take down."""
     proxy = Outage(moto.port)
     proxy.up()
     srv = Server(tmp_path / "data", moto=moto)
     srv.args = tuple(a.replace(moto.endpoint, f"http://127.0.0.1:{proxy.port}") for a in srv.args)
     srv.start()
-    try:
-        data = os.urandom(12 * MiB)
-        url = await create(client, srv, len(data))
-        assert (await patch(client, url, 0, data[: 6 * MiB])).status_code == 204
-        proxy.down()
-        response = await patch(client, url, 6 * MiB, data[6 * MiB :])
-        assert response.status_code == 503
-        assert response.headers["retry-after"]
-        assert response.headers["content-type"] == "application/problem+json"
-        assert (await client.head(url, headers=TUS)).status_code == 503
-        proxy.up()
-        head = await client.head(url, headers=TUS)
-        assert head.status_code == 200, head.headers
-        offset = int(head.headers["upload-offset"])
-        assert offset == 6 * MiB == srv.stored_size(url)
-        assert (await patch(client, url, offset, data[offset:])).status_code == 204
-        assert sha256(await download(client, url)) == sha256(data)
-    finally:
-        srv.stop()
-        proxy.down()
+    yield srv, proxy
+    srv.stop()
+    proxy.down()
 
 
-async def test_an_s3_failure_after_the_104_drops_the_connection_so_ios_resumes(client, moto, tmp_path):
+async def test_an_s3_outage_is_a_503_and_the_upload_resumes_when_s3_is_back(client, behind_outage):
+    srv, proxy = behind_outage
+    data = os.urandom(12 * MiB)
+    url = await create(client, srv, len(data))
+    assert (await patch(client, url, 0, data[: 6 * MiB])).status_code == 204
+    proxy.down()
+    response = await patch(client, url, 6 * MiB, data[6 * MiB :])
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert response.headers["content-type"] == "application/problem+json"
+    assert (await client.head(url, headers=TUS)).status_code == 503
+    proxy.up()
+    head = await client.head(url, headers=TUS)
+    assert head.status_code == 200, head.headers
+    offset = int(head.headers["upload-offset"])
+    assert offset == 6 * MiB == srv.stored_size(url)
+    assert (await patch(client, url, offset, data[offset:])).status_code == 204
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_an_s3_failure_after_the_104_drops_the_connection_so_ios_resumes(client, behind_outage):
     from .test_ietf_draft import HEADER, Wire, append_headers
 
-    proxy = Outage(moto.port)
+    srv, proxy = behind_outage
+    data = os.urandom(16 * MiB)
+    wire = Wire(srv.port)
+    wire.send_head(
+        "POST", "/files/", {HEADER: "8", "Upload-Complete": "?1", "Content-Length": str(len(data))}
+    )
+    status, headers, _ = wire.response()
+    assert status == 104
+    upload = srv.files + headers["location"].rsplit("/", 1)[1]
+    proxy.down()
+    with pytest.raises(OSError):  # closed (or reset) without a final response
+        wire.sock.sendall(data)
+        while True:
+            status, _, _ = wire.response()
+            assert status < 200, f"got a final {status} instead of a dropped connection"
+    wire.close()
     proxy.up()
-    srv = Server(tmp_path / "data", moto=moto)
-    srv.args = tuple(a.replace(moto.endpoint, f"http://127.0.0.1:{proxy.port}") for a in srv.args)
-    srv.start()
-    try:
-        data = os.urandom(16 * MiB)
-        wire = Wire(srv.port)
-        wire.send_head(
-            "POST", "/files/", {HEADER: "8", "Upload-Complete": "?1", "Content-Length": str(len(data))}
-        )
-        status, headers, _ = wire.response()
-        assert status == 104
-        upload = srv.files + headers["location"].rsplit("/", 1)[1]
-        proxy.down()
-        with pytest.raises(OSError):  # closed (or reset) without a final response
-            wire.sock.sendall(data)
-            while True:
-                status, _, _ = wire.response()
-                assert status < 200, f"got a final {status} instead of a dropped connection"
-        wire.close()
-        proxy.up()
-        head = await client.head(upload, headers={HEADER: "8"})
-        offset = int(head.headers["upload-offset"])
-        response = await client.patch(upload, content=data[offset:], headers=append_headers(8, offset, True))
-        assert response.status_code == 204
-        assert sha256(await download(client, upload)) == sha256(data)
-    finally:
-        srv.stop()
-        proxy.down()
+    head = await client.head(upload, headers={HEADER: "8"})
+    offset = int(head.headers["upload-offset"])
+    response = await client.patch(upload, content=data[offset:], headers=append_headers(8, offset, True))
+    assert response.status_code == 204
+    assert sha256(await download(client, upload)) == sha256(data)

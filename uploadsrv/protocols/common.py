@@ -10,9 +10,39 @@ from http import HTTPStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
+from uploadsrv.core import errors as e
 from uploadsrv.core.errors import InvalidRequest, UploadError
 
 PROBLEM_TYPE = "urn:uploadsrv:problem:"
+
+#: Status codes for the core's errors; each protocol overrides what its spec says otherwise.
+ERROR_STATUS: dict[type[e.UploadError], int] = {
+    e.InvalidRequest: 400,
+    e.UnsupportedChecksum: 400,
+    e.LengthConflict: 400,
+    e.ClientDisconnected: 400,
+    e.NotAppendable: 403,
+    e.UploadNotFound: 404,
+    e.UploadGone: 410,
+    e.OffsetMismatch: 409,
+    e.UploadComplete: 409,
+    e.NotReady: 409,
+    e.Superseded: 409,
+    e.TooLarge: 413,
+    e.UploadBusy: 423,
+    e.StorageFull: 507,
+    e.StorageUnavailable: 503,
+}
+
+
+def error_headers(error: e.UploadError) -> dict[str, str]:
+    """Headers every protocol adds for an error: when to retry, where the upload really is."""
+    headers = {}
+    if isinstance(error, (e.UploadBusy, e.StorageUnavailable)):
+        headers["Retry-After"] = "1"
+    if isinstance(error, e.OffsetMismatch):
+        headers["Upload-Offset"] = str(error.expected)
+    return headers
 
 
 def problem(

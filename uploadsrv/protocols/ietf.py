@@ -10,7 +10,7 @@ One implementation on the upload core; what differs between versions is the smal
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import http_sf
 from starlette.requests import Request
@@ -23,7 +23,7 @@ from uploadsrv.core import Checksum, UploadInfo, UploadService
 from uploadsrv.core import errors as e
 from uploadsrv.uvicorn_protocols import ABORT, INFORMATIONAL
 
-from .common import PROBLEM_TYPE, parse_offset, problem, public_url
+from .common import ERROR_STATUS, PROBLEM_TYPE, error_headers, parse_offset, problem, public_url
 from .download import download
 from .tus import parse_metadata
 
@@ -34,79 +34,43 @@ IANA = "https://iana.org/assignments/http-problem-types#"
 
 @dataclass(frozen=True)
 class Interop:
-    """What one interop version changes. Versions are echoed in every response."""
+    """What one interop version does. Versions are echoed in every response."""
 
     version: int
     #: 3 (draft -01) says `Upload-Incomplete: ?1` where later versions say `Upload-Complete: ?0`.
-    incomplete_header: bool = False
+    incomplete_header: bool
     #: 5+: more 104s while the body streams in, carrying the durable `Upload-Offset`.
-    progress: bool = True
+    progress: bool
     #: 6+: appends must be `application/partial-upload`.
-    partial_upload_type: bool = True
+    partial_upload_type: bool
     #: 6+: the `Upload-Limit` dictionary; 6 names the expiry `expires`, 7+ `max-age`.
-    limit_age_key: str | None = "max-age"
+    limit_age_key: str | None
     #: 6+: IANA problem types (mismatching-upload-offset, completed-upload, ...).
-    problem_types: bool = True
+    problem_types: bool
     #: 7+: every append carries `Upload-Complete`.
-    complete_required: bool = True
+    complete_required: bool
     #: 8+: `Upload-Limit` also in the creation 104 and in HEAD responses.
-    limit_everywhere: bool = True
+    limit_everywhere: bool
     #: 9: offset retrieval by GET too.
-    get_offset: bool = False
+    get_offset: bool
 
 
-VERSIONS = {
-    3: Interop(
-        3,
-        incomplete_header=True,
-        progress=False,
-        partial_upload_type=False,
-        limit_age_key=None,
-        problem_types=False,
-        complete_required=False,
-        limit_everywhere=False,
-    ),
-    4: Interop(
-        4,
-        progress=False,
-        partial_upload_type=False,
-        limit_age_key=None,
-        problem_types=False,
-        complete_required=False,
-        limit_everywhere=False,
-    ),
-    5: Interop(
-        5,
-        partial_upload_type=False,
-        limit_age_key=None,
-        problem_types=False,
-        complete_required=False,
-        limit_everywhere=False,
-    ),
-    6: Interop(6, limit_age_key="expires", complete_required=False, limit_everywhere=False),
-    7: Interop(7, limit_everywhere=False),
-    8: Interop(8),
-    9: Interop(9, get_offset=True),
-}
+def _versions() -> dict[int, Interop]:
+    """Each version as what changed since the one before, like the drafts' change logs."""
+    v3 = Interop(3, True, False, False, None, False, False, False, False)
+    v4 = replace(v3, version=4, incomplete_header=False)
+    v5 = replace(v4, version=5, progress=True)
+    v6 = replace(v5, version=6, partial_upload_type=True, limit_age_key="expires", problem_types=True)
+    v7 = replace(v6, version=7, limit_age_key="max-age", complete_required=True)
+    v8 = replace(v7, version=8, limit_everywhere=True)
+    v9 = replace(v8, version=9, get_offset=True)
+    return {v.version: v for v in (v3, v4, v5, v6, v7, v8, v9)}
 
-STATUS: dict[type[e.UploadError], int] = {
-    e.InvalidRequest: 400,
-    e.UnsupportedChecksum: 400,
-    e.LengthConflict: 400,
-    e.UploadNotFound: 404,
-    e.UploadGone: 410,
-    e.OffsetMismatch: 409,
-    e.UploadComplete: 409,
-    e.NotReady: 409,
-    e.Superseded: 409,
-    e.NotAppendable: 403,
-    e.TooLarge: 413,
-    e.UploadBusy: 423,
-    e.ClientDisconnected: 400,
-    e.ChecksumMismatch: 400,
-    e.StorageFull: 507,
-    e.StorageUnavailable: 503,
-}
+
+VERSIONS = _versions()
+
+#: The draft has no status of its own for a failed digest; 400 says the request was bad.
+STATUS = {**ERROR_STATUS, e.ChecksumMismatch: 400}
 IANA_TYPES = {
     e.OffsetMismatch: "mismatching-upload-offset",
     e.UploadComplete: "completed-upload",
@@ -277,9 +241,8 @@ class IetfProtocol:
             if finished.is_complete:  # a repeated final request: replay the final state
                 return Response(status_code=204, headers=self._state(x.interop, finished))
         status = STATUS.get(type(error), 500)
-        headers = {"Retry-After": "1"} if isinstance(error, (e.UploadBusy, e.StorageUnavailable)) else {}
+        headers = error_headers(error)
         if isinstance(error, e.OffsetMismatch):
-            headers["Upload-Offset"] = str(error.expected)
             headers["Upload-Complete"] = "?0"
         kind = IANA_TYPES.get(type(error))
         type_ = IANA + kind if kind and x.interop.problem_types else PROBLEM_TYPE + error.slug

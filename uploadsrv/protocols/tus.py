@@ -20,31 +20,14 @@ from uploadsrv.config import Settings
 from uploadsrv.core import ALGORITHMS, Checksum, UploadInfo, UploadService, is_upload_id
 from uploadsrv.core import errors as e
 
-from .common import error_problem, http_date, parse_offset, problem, public_url
+from .common import ERROR_STATUS, error_headers, error_problem, http_date, parse_offset, problem, public_url
 from .download import download
 
 VERSION = "1.0.0"
 OFFSET_STREAM = "application/offset+octet-stream"
 
-STATUS: dict[type[e.UploadError], int] = {
-    e.InvalidRequest: 400,
-    e.UnsupportedChecksum: 400,
-    e.LengthConflict: 400,
-    e.UploadNotFound: 404,
-    e.UploadGone: 410,
-    e.OffsetMismatch: 409,
-    e.UploadComplete: 409,
-    e.NotReady: 409,
-    e.Superseded: 409,
-    e.NotAppendable: 403,
-    e.TooLarge: 413,
-    e.UploadBusy: 423,
-    e.ClientDisconnected: 400,
-    e.ChecksumMismatch: 460,
-    e.StorageFull: 507,
-    e.StorageUnavailable: 503,
-}
-RETRY_LATER = (e.UploadBusy, e.StorageUnavailable)
+#: tus answers a failed checksum with its own 460.
+STATUS = {**ERROR_STATUS, e.ChecksumMismatch: 460}
 
 #: Request headers a browser must be allowed to send, and response headers it must see.
 REQUEST_HEADERS = [
@@ -128,12 +111,7 @@ class TusProtocol:
         return {"HEAD": self.head, "GET": self.get, "PATCH": self.patch, "DELETE": self.delete}.get(method)
 
     def _error(self, error: e.UploadError, headers: dict[str, str] | None = None) -> Response:
-        headers = dict(headers or {})
-        if isinstance(error, RETRY_LATER):
-            headers["Retry-After"] = "1"
-        if isinstance(error, e.OffsetMismatch):
-            headers["Upload-Offset"] = str(error.expected)
-        return error_problem(error, STATUS.get(type(error), 500), headers)
+        return error_problem(error, STATUS.get(type(error), 500), {**(headers or {}), **error_headers(error)})
 
     def _tus_headers(self) -> dict[str, str]:
         return {"Tus-Resumable": VERSION, "Cache-Control": "no-store"}
