@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig
 
 from uploadsrv.config import parse_size
 
-from .procs import S3_CREDENTIALS, peak_rss_mb, start_moto, start_uploadsrv, timed
+from .procs import boto3_credentials, peak_rss_mb, start_moto, start_uploadsrv, timed
 
 PART = 8 << 20
 PARALLEL_PARTS = 4
@@ -90,7 +90,7 @@ def main() -> None:
         moto, endpoint = start_moto(work / "moto.log")
         server = None
         try:
-            client = boto3.client("s3", endpoint_url=endpoint, **_credentials())
+            client = boto3.client("s3", endpoint_url=endpoint, **boto3_credentials())
             client.create_bucket(Bucket="bench")
             total_mb = args.size * args.concurrency / 1e6
             direct = timed(lambda: upload_with_boto3(client, "bench", source, args.concurrency))
@@ -121,14 +121,6 @@ def main() -> None:
     print(f"  (b) tus through uploadsrv   : {total_mb / through:8.1f} MB/s")
     print(f"  ratio b/a                   : {direct / through:8.2f}   (target >= 0.8)")
     print(f"  uploadsrv peak RSS          : {rss:8.1f} MB  (target < 200 MB)")
-
-
-def _credentials() -> dict[str, str]:
-    return {
-        "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"],
-    }
 
 
 if __name__ == "__main__":

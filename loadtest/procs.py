@@ -7,9 +7,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import boto3
 import httpx
 
 S3_CREDENTIALS = {
@@ -62,6 +64,37 @@ def start_uploadsrv(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str
     url = f"http://127.0.0.1:{port}"
     wait_until_up(url + "/healthz", process)
     return process, url
+
+
+@contextmanager
+def spawned_server(backend: str, work: Path, *flags: str) -> Iterator[tuple[str, int]]:
+    """uploadsrv on local disk or on a fresh moto endpoint; yields its URL and PID."""
+    processes: list[subprocess.Popen[bytes]] = []
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        storage: list[str] = []
+        if backend == "s3":
+            moto, endpoint = start_moto(work / "moto.log")
+            processes.append(moto)
+            boto3.client("s3", endpoint_url=endpoint, **boto3_credentials()).create_bucket(Bucket="loadtest")
+            storage = ["--storage", "s3://loadtest/uploads", "--s3-endpoint-url", endpoint]
+        server, url = start_uploadsrv(
+            work / "uploadsrv.log", "--data-dir", str(work / "data"), *storage, *flags
+        )
+        processes.append(server)
+        yield url, server.pid
+    finally:
+        for process in reversed(processes):
+            process.kill()
+            process.wait()
+
+
+def boto3_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+    }
 
 
 def peak_rss_mb(pid: int) -> float:

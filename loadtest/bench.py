@@ -1,0 +1,266 @@
+"""Benchmark: uploadsrv against the limits of this machine, as ratios to a bare sink.
+
+    python -m loadtest.bench [--single 1G] [--streams 64] [--stream-size 16M] [--small 400] [--no-s3]
+
+In one run, on one machine: (1) one upload in a single request, (2) many concurrent uploads,
+(3) create + 1 KiB append pairs per second, each against a bare sink (loadtest/sink.py:
+reads the body, writes and fsyncs it, on the same uvicorn stack and disk); (4) S3 against
+boto3 directly on the same moto endpoint. Every upload through uploadsrv is verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from uploadsrv.config import parse_size
+
+from .bench_s3 import PARALLEL_PARTS, PART, upload_with_boto3, upload_with_tus
+from .procs import (
+    boto3_credentials,
+    free_port,
+    peak_rss_mb,
+    spawned_server,
+    start_moto,
+    start_uploadsrv,
+    wait_until_up,
+)
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def start_sink(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "loadtest.sink:app",
+        "--port",
+        str(port),
+        "--http",
+        "httptools",
+    ]
+    command += ["--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+    process = subprocess.Popen(command, env={**os.environ, "SINK_DIR": str(directory)})
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url + "/", process)
+    return process, url
+
+
+async def file_body(path: Path) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while block := await asyncio.to_thread(f.read, 1 << 20):
+            yield block
+
+
+async def sink_upload(http: httpx.AsyncClient, url: str, body: object) -> None:
+    response = await http.put(url + "/", content=body)  # type: ignore[arg-type]
+    response.raise_for_status()
+
+
+async def tus_upload(http: httpx.AsyncClient, url: str, length: int, body: object, done: list[str]) -> None:
+    """Create + one PATCH with the whole body; the upload's URL goes to `done` for verification."""
+    created = await http.post(url + "/files/", headers={**TUS, "Upload-Length": str(length)})
+    created.raise_for_status()
+    location = created.headers["location"]
+    headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    response = await http.patch(location, content=body, headers=headers)  # type: ignore[arg-type]
+    if response.status_code != 204:
+        raise RuntimeError(f"PATCH {response.status_code}: {response.text}")
+    done.append(location)
+
+
+async def verify(http: httpx.AsyncClient, locations: list[str], expect: str) -> None:
+    """Outside the timed part: every stored upload must have the sha256 of what was sent."""
+    for location in locations:
+        digest = hashlib.sha256()
+        async with http.stream("GET", location) as download:
+            async for block in download.aiter_bytes(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != expect:
+            raise RuntimeError(f"{location} is corrupted")
+    locations.clear()
+
+
+async def timed(coroutine_factory, count: int, concurrency: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds to run `count` operations with at most `concurrency` at a time."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            await coroutine_factory(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return time.perf_counter() - started
+
+
+async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
+    big = work / "single.bin"
+    with open(big, "wb") as f:
+        for _ in range(0, args.single, 1 << 20):
+            f.write(os.urandom(1 << 20))
+        f.truncate(args.single)
+    big_sha = hashlib.sha256(big.read_bytes()).hexdigest()
+    stream = os.urandom(args.stream_size)
+    stream_sha = hashlib.sha256(stream).hexdigest()
+    sink, sink_url = start_sink(work / "sink")
+    rows = []
+    try:
+        with spawned_server("local", work / "srv") as (url, pid):
+            async with httpx.AsyncClient(
+                timeout=600, limits=httpx.Limits(max_connections=args.streams + 4)
+            ) as http:
+                done: list[str] = []
+                sink_s = await timed(lambda i: sink_upload(http, sink_url, file_body(big)), 1, 1)
+                ours_s = await timed(lambda i: tus_upload(http, url, args.single, file_body(big), done), 1, 1)
+                await verify(http, done, big_sha)
+                rows.append(_row("single stream", args.single / sink_s, args.single / ours_s, 0.9, "MB/s"))
+                _clear(work / "sink")
+
+                total = args.streams * args.stream_size
+                sink_s = await timed(
+                    lambda i: sink_upload(http, sink_url, stream), args.streams, args.streams
+                )
+                rss_before = peak_rss_mb(pid)
+                ours_s = await timed(
+                    lambda i: tus_upload(http, url, args.stream_size, stream, done),
+                    args.streams,
+                    args.streams,
+                )
+                await verify(http, done, stream_sha)
+                rows.append(_row(f"{args.streams} streams", total / sink_s, total / ours_s, 0.8, "MB/s"))
+                rows.append(
+                    ("  server peak RSS", f"{max(rss_before, peak_rss_mb(pid)):.0f} MB", "", "< 100 MB")
+                )
+                _clear(work / "sink")
+
+                small = os.urandom(1024)
+                small_sha = hashlib.sha256(small).hexdigest()
+                sink_s = await timed(lambda i: sink_upload(http, sink_url, small), args.small, 8)
+                ours_s = await timed(lambda i: tus_upload(http, url, 1024, small, done), args.small, 8)
+                await verify(http, done, small_sha)
+                rows.append(
+                    _row("small uploads", args.small / sink_s, args.small / ours_s, 0.5, "/s", scale=1)
+                )
+    finally:
+        sink.kill()
+        sink.wait()
+    return rows
+
+
+def s3_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
+    import boto3
+
+    source = work / "s3.bin"
+    source.write_bytes(os.urandom(args.s3_size))
+    moto, endpoint = start_moto(work / "moto.log")
+    server = None
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, **boto3_credentials())
+        client.create_bucket(Bucket="bench")
+        started = time.perf_counter()
+        upload_with_boto3(client, "bench", source, args.s3_uploads)
+        direct_s = time.perf_counter() - started
+        flags = [
+            "--storage",
+            "s3://bench/uploads",
+            "--s3-endpoint-url",
+            endpoint,
+            "--data-dir",
+            str(work / "s3data"),
+        ]
+        flags += ["--s3-part-size", str(PART), "--s3-concurrency", str(PARALLEL_PARTS)]
+        server, url = start_uploadsrv(work / "s3srv.log", *flags)
+        started = time.perf_counter()
+        upload_with_tus(url, source, args.s3_uploads)
+        ours_s = time.perf_counter() - started
+        total = args.s3_size * args.s3_uploads
+        return [
+            _row(
+                f"S3 ({args.s3_uploads} uploads)", total / direct_s, total / ours_s, 0.8, "MB/s", base="boto3"
+            )
+        ]
+    finally:
+        for process in (server, moto):
+            if process is not None:
+                process.kill()
+                process.wait()
+
+
+def _row(
+    name: str,
+    baseline: float,
+    ours: float,
+    target: float,
+    unit: str,
+    scale: float = 1e6,
+    against: str = "sink",
+) -> tuple[str, str, str, str]:
+    ratio = ours / baseline
+    mark = "ok" if ratio >= target else "below"
+    return (
+        name,
+        f"{ours / scale:,.1f} {unit}",
+        f"{baseline / scale:,.1f} {unit} ({against})",
+        f"{ratio:.2f} (>= {target}, {mark})",
+    )
+
+
+def _clear(directory: Path) -> None:
+    for path in directory.iterdir():
+        path.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--single", type=parse_size, default=parse_size("1G"), help="size of the single-stream upload"
+    )
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--stream-size", type=parse_size, default=parse_size("16M"))
+    parser.add_argument("--small", type=int, default=400, help="how many 1 KiB uploads")
+    parser.add_argument("--s3-uploads", type=int, default=16)
+    parser.add_argument("--s3-size", type=parse_size, default=parse_size("64M"))
+    parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        work = Path(tmp)
+        rows = asyncio.run(local_figures(args, work))
+        if not args.no_s3:
+            rows += s3_figures(args, work)
+    table = Table(title=f"uploadsrv benchmark ({os.cpu_count()} cores)", box=None)
+    for column in ("measure", "uploadsrv", "baseline", "ratio (target)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [dict(zip(("measure", "uploadsrv", "baseline", "ratio"), r, strict=True)) for r in rows],
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Simulated clients, one per protocol, that resume the way each protocol's real clients do."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from .report import Report
+
+PIECE = 256 * 1024  #: bytes per body piece a client hands to httpx
+
+
+class CutOff(Exception):
+    """The simulated network dropped the connection mid-body."""
+
+
+@dataclass
+class Trouble:
+    """What the network does to a request body: cut it off, or stall it for a while."""
+
+    interrupt: float = 0.0  #: fraction of bodies cut off at a random point
+    pause: float = 0.0  #: fraction of bodies stalled midway
+    pause_seconds: float = 0.5
+
+    def body(self, data: memoryview, rng: random.Random) -> tuple[AsyncIterator[bytes], bool]:
+        cut = rng.randrange(1, len(data)) if len(data) > 1 and rng.random() < self.interrupt else None
+        stall = rng.randrange(0, len(data)) if cut is None and rng.random() < self.pause else None
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(data), PIECE):
+                end = min(start + PIECE, len(data))
+                if cut is not None and end >= cut:
+                    if cut > start:
+                        yield bytes(data[start:cut])
+                    raise CutOff()
+                if stall is not None and start <= stall < end:
+                    await asyncio.sleep(self.pause_seconds)
+                yield bytes(data[start:end])
+
+        return pieces(), cut is not None
+
+
+class Client:
+    """Uploads one file in chunks with PATCH, resuming from HEAD after every cut."""
+
+    name = "base"
+    max_attempts = 50
+
+    def __init__(self, http: httpx.AsyncClient, endpoint: str, report: Report, trouble: Trouble) -> None:
+        self.http = http
+        self.endpoint = endpoint
+        self.report = report
+        self.trouble = trouble
+
+    async def timed(self, kind: str, method: str, url: str, **kwargs: object) -> httpx.Response:
+        started = time.perf_counter()
+        try:
+            response = await self.http.request(method, url, **kwargs)  # type: ignore[arg-type]
+        finally:
+            self.report.record(kind, time.perf_counter() - started)
+        if response.status_code >= 400:
+            self.report.errors[f"{kind} {response.status_code}"] += 1
+        return response
+
+    async def upload(self, data: bytes, chunk_size: int, rng: random.Random) -> str:
+        url = await self.create(len(data))
+        view = memoryview(data)
+        offset = 0
+        for _ in range(self.max_attempts):
+            if offset >= len(data):
+                return url
+            end = min(offset + chunk_size, len(data))
+            body, _ = self.trouble.body(view[offset:end], rng)
+            try:
+                response = await self.timed(
+                    "append", "PATCH", url, content=body, headers=self.append_headers(offset, end, len(data))
+                )
+            except (CutOff, httpx.TransportError) as error:
+                if isinstance(error, httpx.TransportError):  # a real failure, not a simulated cut
+                    self.report.errors[f"append {type(error).__name__}"] += 1
+                self.report.resumes += 1
+                offset = await self.offset(url)
+                continue
+            if response.status_code >= 300:
+                offset = await self.offset(url)
+                continue
+            offset = int(response.headers["upload-offset"])
+        raise RuntimeError(f"gave up on {url} at offset {offset}")
+
+    async def offset(self, url: str) -> int:
+        response = await self.timed("head", "HEAD", url, headers=self.base_headers())
+        if response.status_code >= 300:
+            raise RuntimeError(f"HEAD {url}: {response.status_code}")
+        return int(response.headers["upload-offset"])
+
+    async def create(self, length: int) -> str:
+        raise NotImplementedError
+
+    def base_headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def append_headers(self, offset: int, end: int, length: int) -> dict[str, str]:
+        raise NotImplementedError
+
+
+class TusClient(Client):
+    name = "tus"
+
+    def base_headers(self) -> dict[str, str]:
+        return {"Tus-Resumable": "1.0.0"}
+
+    async def create(self, length: int) -> str:
+        response = await self.timed(
+            "create", "POST", self.endpoint, headers={**self.base_headers(), "Upload-Length": str(length)}
+        )
+        response.raise_for_status()
+        return response.headers["location"]
+
+    def append_headers(self, offset: int, end: int, length: int) -> dict[str, str]:
+        return {
+            **self.base_headers(),
+            "Upload-Offset": str(offset),
+            "Content-Type": "application/offset+octet-stream",
+        }
+
+
+class IetfClient(Client):
+    """The IETF draft (interop 8, as iOS 26 sends it), appending with PATCH.
+
+    httpx does not surface 104s, so this client creates with an empty POST (it gets the
+    URL in the 201) instead of sending the whole file in the POST as URLSession does.
+    """
+
+    name = "ietf"
+
+    def base_headers(self) -> dict[str, str]:
+        return {"Upload-Draft-Interop-Version": "8"}
+
+    async def create(self, length: int) -> str:
+        headers = {**self.base_headers(), "Upload-Complete": "?0", "Upload-Length": str(length)}
+        response = await self.timed("create", "POST", self.endpoint, headers=headers)
+        response.raise_for_status()
+        return response.headers["location"]
+
+    def append_headers(self, offset: int, end: int, length: int) -> dict[str, str]:
+        return {
+            **self.base_headers(),
+            "Upload-Offset": str(offset),
+            "Upload-Complete": "?1" if end == length else "?0",
+            "Content-Type": "application/partial-upload",
+        }
+
+
+PROTOCOLS: dict[str, type[Client]] = {client.name: client for client in (TusClient, IetfClient)}
