@@ -1,0 +1,93 @@
+"""The load test: its report maths, a small real run, and a server that corrupts bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from loadtest.report import Report, percentile
+
+from .conftest import Server, free_port, spawn
+
+
+def test_percentiles_use_the_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.50) == 50
+    assert percentile(values, 0.95) == 95
+    assert percentile(values, 0.99) == 99
+    assert percentile([7.0], 0.99) == 7
+    assert percentile([], 0.5) == 0
+    assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2
+
+
+def test_the_report_fails_on_a_single_corrupted_or_lost_upload():
+    report = Report(started=10.0, finished=12.0, uploads=3, verified=3, bytes_sent=4_000_000)
+    assert report.ok
+    figures = report.to_json()
+    assert figures["mb_per_s"] == 2.0 and figures["uploads_per_s"] == 1.5
+    assert not Report(uploads=3, verified=2, corrupted=1).ok
+    assert not Report(uploads=3, verified=2, failed=1).ok
+    assert not Report(uploads=3, verified=2).ok  # one upload unaccounted for
+
+
+def test_latencies_are_reported_per_request_type():
+    report = Report(started=0, finished=1)
+    for ms in (10, 20, 30, 40):
+        report.record("append", ms / 1000)
+    report.record("head", 0.005)
+    latency = report.to_json()["latency_ms"]
+    assert latency["append"] == {"count": 4, "p50": 20.0, "p95": 40.0, "p99": 40.0}
+    assert latency["head"]["count"] == 1
+
+
+def run_loadtest(url: str, tmp_path: Path, *extra: str) -> tuple[int, dict]:
+    out = tmp_path / "report.json"
+    command = [sys.executable, "-m", "loadtest", "--url", url, "--json", str(out), *extra]
+    command += ["--clients", "3", "--uploads", "2", "--min-size", "100K", "--max-size", "1500K"]
+    command += ["--chunk-size", "512K", "--pause-seconds", "0.05"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return result.returncode, json.loads(out.read_text())
+
+
+def test_a_small_interrupted_load_test_verifies_every_upload(server: Server, tmp_path):
+    code, report = run_loadtest(
+        server.files,
+        tmp_path,
+        "--interrupt",
+        "0.5",
+        "--pause",
+        "0.3",
+        "--server-pid",
+        str(server.process.pid),
+    )
+    assert code == 0, report
+    assert report["ok"] and report["uploads"] == report["verified"] == 6
+    assert report["corrupted"] == report["failed"] == 0
+    assert report["resumes"] > 0
+    assert set(report["latency_ms"]) == {"create", "append", "head", "download"}
+    assert report["mb_per_s"] > 0 and report["server_peak_rss_mb"] > 0
+
+
+def test_a_server_that_corrupts_bytes_fails_the_load_test(tmp_path):
+    port = free_port()
+    env = {**os.environ, "UPLOADSRV_DATA_DIR": str(tmp_path / "data")}
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.corrupting_app:create",
+        "--factory",
+        "--port",
+        str(port),
+    ]
+    process = spawn(command, tmp_path / "corrupting.log", f"http://127.0.0.1:{port}/healthz", env)
+    try:
+        code, report = run_loadtest(f"http://127.0.0.1:{port}/files/", tmp_path, "--interrupt", "0")
+    finally:
+        process.kill()
+        process.wait()
+    assert code == 1
+    assert not report["ok"] and report["corrupted"] == 6
