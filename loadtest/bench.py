@@ -193,7 +193,12 @@ def s3_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str
         total = args.s3_size * args.s3_uploads
         return [
             _row(
-                f"S3 ({args.s3_uploads} uploads)", total / direct_s, total / ours_s, 0.8, "MB/s", base="boto3"
+                f"S3 ({args.s3_uploads} uploads)",
+                total / direct_s,
+                total / ours_s,
+                0.8,
+                "MB/s",
+                against="boto3",
             )
         ]
     finally:

@@ -148,7 +148,7 @@ class S3Storage:
 
     async def create(self, info: UploadInfo) -> None:
         multipart = await self._call(
-            "create_multipart_upload", Bucket=self.bucket, Key=self._key(info.id), **_content_type(info)
+            "create_multipart_upload", Bucket=self.bucket, Key=self._key(info.id), **_object_headers(info)
         )
         state = _State(
             record=info.to_record(),
@@ -200,7 +200,7 @@ class S3Storage:
             )
         else:  # zero bytes: S3 wants at least one part, so store an empty object instead
             await self._call(
-                "put_object", Bucket=self.bucket, Key=key, Body=b"", **_content_type(state.info())
+                "put_object", Bucket=self.bucket, Key=key, Body=b"", **_object_headers(state.info())
             )
             with suppress(UploadNotFound):
                 await self._call(
@@ -414,8 +414,12 @@ class S3Storage:
             await lease.release()
 
 
-def _content_type(info: UploadInfo) -> dict[str, str]:
-    return {"ContentType": info.content_type} if info.content_type else {}
+def _object_headers(info: UploadInfo) -> dict[str, str]:
+    """Content type and file name from metadata, stored on the finished object."""
+    headers = {"ContentType": info.content_type} if info.content_type else {}
+    if info.filename:
+        headers["ContentDisposition"] = f"attachment; filename*=UTF-8''{info.quoted_filename}"
+    return headers
 
 
 @dataclass

@@ -400,3 +400,29 @@ def test_locations_honour_forwarded_headers_only_from_a_trusted_proxy(start_serv
         status, headers, _, _ = wire.final()
         wire.close()
         assert status == 201 and headers["location"].startswith(expected)
+
+
+async def test_creation_by_put_works_like_post(client, server):
+    response = await client.put(
+        server.files, content=b"hello", headers={HEADER: "8", "Upload-Complete": "?1"}
+    )
+    assert response.status_code == 201
+    assert response.headers["upload-complete"] == "?1"
+    assert await download(client, response.headers["location"]) == b"hello"
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_both_http_parsers_send_104s(start_server, http):
+    srv = start_server("--http", http)
+    data = os.urandom(12 * MiB)
+    wire = Wire(srv.port)
+    wire.send_head(
+        "POST", "/files/", {HEADER: "8", "Upload-Complete": "?1", "Content-Length": str(len(data))}
+    )
+    status, headers, _ = wire.response()
+    assert status == 104 and headers["location"].startswith("http://127.0.0.1")
+    wire.sock.sendall(data)
+    status, headers, _, interim = wire.final()
+    wire.close()
+    assert status == 201 and headers["upload-offset"] == str(len(data))
+    assert interim and all(int(h["upload-offset"]) <= len(data) for h in interim)

@@ -29,6 +29,9 @@ async def _sessions(client, srv: Server) -> dict[str, str]:
     urls["expired"] = await create(client, srv, 1000)
     await patch(client, urls["expired"], 0, b"z" * 700)
     srv.age(urls["expired"], 30 * 86400)
+    draft = {"Upload-Draft-Interop-Version": "8", "Upload-Complete": "?0", "Upload-Length": "50"}
+    response = await client.post(srv.files, content=b"d" * 20, headers=draft)  # an iOS upload
+    urls["ietf"] = response.headers["location"]
     return {name: Server.upload_id(url) for name, url in urls.items()}
 
 
@@ -45,6 +48,8 @@ async def test_list_shows_every_session_with_its_state(client, srv):
     assert rows[ids["complete"]]["filename"] == "done.txt"
     assert rows[ids["fresh"]]["state"] == "incomplete" and rows[ids["fresh"]]["offset"] == 40
     assert rows[ids["expired"]]["state"] == "expired"
+    assert rows[ids["ietf"]]["protocol"] == "ietf" and rows[ids["ietf"]]["offset"] == 20
+    assert rows[ids["fresh"]]["protocol"] == "tus"
     old = {row["id"] for row in _json(srv.cli("list", "--json", "--older-than", "2d"))}
     assert old == {ids["stale"], ids["expired"]}
     expired = {row["id"] for row in _json(srv.cli("list", "--json", "--state", "expired"))}
@@ -58,12 +63,12 @@ async def test_prune_dry_run_changes_nothing_and_prune_removes_exactly_the_stale
     dry = _json(srv.cli("prune", "--older-than", "2d", "--dry-run", "--json"))
     assert {row["id"] for row in dry["removed"]} == {ids["stale"], ids["expired"]}
     assert dry["bytes_reclaimed"] == 730
-    assert len(_json(srv.cli("list", "--json"))) == 4
+    assert len(_json(srv.cli("list", "--json"))) == 5
     done = _json(srv.cli("prune", "--older-than", "2d", "--json"))
     assert {row["id"] for row in done["removed"]} == {ids["stale"], ids["expired"]}
     assert done["sessions_removed"] == 2 and done["bytes_reclaimed"] == 730
     left = {row["id"] for row in _json(srv.cli("list", "--json"))}
-    assert left == {ids["complete"], ids["fresh"]}
+    assert left == {ids["complete"], ids["fresh"], ids["ietf"]}
     assert (await client.head(srv.files + ids["stale"], headers=TUS)).status_code == 404
     assert (await client.head(srv.files + ids["fresh"], headers=TUS)).status_code == 200
 
@@ -97,7 +102,7 @@ async def test_stats_counts_bytes_by_state(client, srv):
     await _sessions(client, srv)
     totals = _json(srv.cli("stats", "--json"))
     assert totals["complete"] == {"count": 1, "bytes": 5}
-    assert totals["incomplete"] == {"count": 2, "bytes": 70}
+    assert totals["incomplete"] == {"count": 3, "bytes": 90}
     assert totals["expired"] == {"count": 1, "bytes": 700}
 
 

@@ -241,3 +241,15 @@ async def test_an_s3_failure_after_the_104_drops_the_connection_so_ios_resumes(c
     response = await client.patch(upload, content=data[offset:], headers=append_headers(8, offset, True))
     assert response.status_code == 204
     assert sha256(await download(client, upload)) == sha256(data)
+
+
+async def test_the_finished_object_has_the_type_and_name_from_metadata(client, s3_server):
+    url = await create(
+        client, s3_server, 5, **{"Upload-Metadata": "filename cmVwb3J0LnBkZg==,filetype YXBwbGljYXRpb24vcGRm"}
+    )
+    await patch(client, url, 0, b"%PDF-")
+    key = s3_server.prefix + Server.upload_id(url)
+    head = s3_server.moto.client.head_object(Bucket=s3_server.bucket, Key=key)
+    assert head["ContentType"] == "application/pdf"
+    assert head["ContentDisposition"] == "attachment; filename*=UTF-8''report.pdf"
+    assert head["ContentLength"] == 5

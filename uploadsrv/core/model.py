@@ -6,9 +6,11 @@ import dataclasses
 import re
 import secrets
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 #: 128 random bits as 32 lowercase hex digits; anything else is not one of ours.
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 
 
 def new_upload_id() -> str:
@@ -54,7 +56,17 @@ class UploadInfo:
 
     @property
     def content_type(self) -> str | None:
-        return self.metadata.get("filetype") or self.metadata.get("type") or self.metadata.get("contentType")
+        """The media type clients declared in metadata, if it is a well-formed one."""
+        declared = (
+            self.metadata.get("filetype") or self.metadata.get("type") or self.metadata.get("contentType")
+        )
+        return declared if declared and MEDIA_TYPE.fullmatch(declared) else None
+
+    @property
+    def quoted_filename(self) -> str | None:
+        """The file name for `filename*=UTF-8''...` (RFC 8187), if metadata has one."""
+        name = self.filename
+        return quote(name.encode("utf-8", "surrogateescape"), safe="") if name else None
 
     def to_record(self) -> dict[str, object]:
         """The persisted form; `offset` is left out because backends derive it from the bytes."""

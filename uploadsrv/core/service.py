@@ -77,19 +77,7 @@ class UploadService:
         partial: bool = False,
     ) -> UploadInfo:
         """Register a new, empty upload; `length=None` defers the length."""
-        if length is not None:
-            self._check_length(length)
-        now = self._clock()
-        info = UploadInfo(
-            id=new_upload_id(),
-            length=length,
-            metadata=metadata or {},
-            owner=owner,
-            protocol=protocol,
-            created_at=now,
-            updated_at=now,
-            partial=partial,
-        )
+        info = self._new(length, metadata, owner, protocol, partial=partial)
         await self.storage.create(info)
         self._emit("created", info)
         log.info("upload created", extra={"upload_id": info.id, "length": length, "protocol": protocol})
@@ -120,18 +108,7 @@ class UploadService:
                 raise InvalidRequest(f"part {part_id} is not a finished partial upload")
             parts.append(part)
         total = sum(part.offset for part in parts)
-        self._check_length(total)
-        now = self._clock()
-        info = UploadInfo(
-            id=new_upload_id(),
-            length=total,
-            metadata=metadata or {},
-            owner=owner,
-            protocol=protocol,
-            created_at=now,
-            updated_at=now,
-            parts=list(part_ids),
-        )
+        info = self._new(total, metadata, owner, protocol, parts=list(part_ids))
         await self.storage.create(info)
         try:
             await self.storage.concatenate(info, parts)
@@ -316,6 +293,29 @@ class UploadService:
         return removed
 
     # -- internals ---------------------------------------------------------------
+
+    def _new(
+        self,
+        length: int | None,
+        metadata: dict[str, str | None] | None,
+        owner: str | None,
+        protocol: str,
+        **kind: object,
+    ) -> UploadInfo:
+        """A new upload's record, its length checked against the limits."""
+        if length is not None:
+            self._check_length(length)
+        now = self._clock()
+        return UploadInfo(
+            id=new_upload_id(),
+            length=length,
+            metadata=metadata or {},
+            owner=owner,
+            protocol=protocol,
+            created_at=now,
+            updated_at=now,
+            **kind,  # type: ignore[arg-type]
+        )
 
     def _known(self, upload_id: str) -> str:
         if not is_upload_id(upload_id):

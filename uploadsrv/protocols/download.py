@@ -7,7 +7,6 @@ protocol made it.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
@@ -21,7 +20,6 @@ from .common import problem
 INLINE_TYPES = re.compile(
     r"(image/(png|jpeg|gif|webp|heic|avif)|video/.+|audio/.+|application/pdf|text/plain)"
 )
-MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -62,15 +60,9 @@ async def download(service: UploadService, info: UploadInfo, request: Request) -
 
 
 def _content_type(info: UploadInfo) -> str:
-    declared = info.content_type
-    if declared and MEDIA_TYPE.fullmatch(declared):
-        return declared
-    return "application/octet-stream"
+    return info.content_type or "application/octet-stream"
 
 
 def _disposition(info: UploadInfo) -> str:
     kind = "inline" if INLINE_TYPES.fullmatch(_content_type(info)) else "attachment"
-    name = info.filename
-    if not name:
-        return kind
-    return f"{kind}; filename*=UTF-8''{quote(name.encode('utf-8', 'surrogateescape'), safe='')}"
+    return f"{kind}; filename*=UTF-8''{info.quoted_filename}" if info.filename else kind
