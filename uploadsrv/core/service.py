@@ -80,7 +80,7 @@ class UploadService:
         info = self._new(length, metadata, owner, protocol, partial=partial)
         await self.storage.create(info)
         self._emit("created", info)
-        log.info("upload created", extra={"upload_id": info.id, "length": length, "protocol": protocol})
+        log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": protocol})
         if info.is_complete:  # a zero-byte upload is done at once
             await self._finish(info)
         return info
