@@ -123,6 +123,8 @@ def test_a_missing_bucket_is_a_clear_error_at_startup(moto, tmp_path):
             "s3://no-such-bucket/x",
             "--s3-endpoint-url",
             moto.endpoint,
+            "--data-dir",
+            str(tmp_path / "data"),
         ],
         env=env,
         capture_output=True,
