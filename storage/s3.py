@@ -48,6 +48,7 @@ MAX_PARTS = 10_000
 READ_BLOCK = 1 << 20
 LEASE_SECONDS = 30.0  #: a lock whose holder died frees itself after this long
 LEASE_POLL_SECONDS = 0.1
+PREEMPT_POLL_SECONDS = 1.0  #: how often a lease holder looks for a waiter's marker
 NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 
 
@@ -116,6 +117,7 @@ class S3Storage:
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3")
         #: Names this process in leases; see `_Lease._take_over_stale`.
         self.instance = secrets.token_hex(8)
+        self._fresh: dict[str, _State] = {}
 
     def __repr__(self) -> str:
         return f"S3Storage('s3://{self.bucket}/{self.prefix}')"
@@ -173,16 +175,33 @@ class S3Storage:
         )
 
     async def get(self, upload_id: str) -> UploadInfo:
-        return (await self._load(upload_id)).info()
+        state = await self._load(upload_id)
+        self._remember(upload_id, state)
+        return state.info()
+
+    def _remember(self, upload_id: str, state: _State) -> None:
+        """Hand the state just read or written to the next step of the same request.
+
+        The core reads an upload (`get`) and then opens a writer under one lock, and
+        finishes right after the writer's commit; each would otherwise GET the info
+        object again. Taken at most once (`_recall`), so it is never older than the lock.
+        """
+        if len(self._fresh) > 10_000:  # entries left by reads no writer followed
+            self._fresh.clear()
+        self._fresh[upload_id] = state
+
+    async def _recall(self, upload_id: str) -> _State:
+        state = self._fresh.pop(upload_id, None)
+        return state if state is not None else await self._load(upload_id)
 
     async def update(self, info: UploadInfo) -> None:
-        state = await self._load(info.id)
+        state = await self._recall(info.id)
         state.record = info.to_record()
         await self._save(info.id, state)
+        self._remember(info.id, state)
 
     async def finish(self, info: UploadInfo) -> None:
-        state = await self._load(info.id)
-        await self._complete(info.id, state)
+        await self._complete(info.id, await self._recall(info.id))
 
     async def _complete(self, upload_id: str, state: _State) -> None:
         """CompleteMultipartUpload (idempotent): the upload becomes one ordinary object."""
@@ -244,8 +263,7 @@ class S3Storage:
 
     @asynccontextmanager
     async def writer(self, info: UploadInfo, *, transactional: bool) -> AsyncIterator[_PartWriter]:
-        state = await self._load(info.id)
-        yield _PartWriter(self, info, state)
+        yield _PartWriter(self, info, await self._recall(info.id))
 
     async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
         state = await self._load(info.id)
@@ -596,6 +614,7 @@ class _PartWriter:
         if spool is not None:
             spool.close()
         await self._s3._save(self._id, state)
+        self._s3._remember(self._id, state)  # for `finish`, right after
         self._committed_parts, self._new_parts = list(state.parts), []
         self._tail_pending = state.tail_size > 0
         if self._original_tail and self._original_tail != state.tail_key:
@@ -766,7 +785,7 @@ class _Lease:
         """Renew the lease and watch for a preempt marker while held."""
         renew_at = time.monotonic() + LEASE_SECONDS / 3
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(PREEMPT_POLL_SECONDS)
             with suppress(StorageUnavailable):
                 try:
                     await self._s3._call("head_object", Bucket=self._s3.bucket, Key=self._marker)
