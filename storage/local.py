@@ -85,6 +85,8 @@ class LocalStorage:
             return await self._run(self._get, upload_id)
         except FileNotFoundError:
             raise UploadNotFound() from None
+        except ValueError:  # a record cut short by a power loss before its first bytes were synced
+            raise UploadNotFound("the upload's record is unreadable; create it again") from None
 
     def _get(self, upload_id: str) -> UploadInfo:
         path = self._dir(upload_id)
@@ -178,7 +180,7 @@ class LocalStorage:
                     age = now - path.stat().st_mtime
                     if age < older_than:
                         continue
-                    if not (path / "info.json").exists():
+                    if not _readable_record(path / "info.json"):
                         size = sum(f.stat().st_size for f in path.iterdir())
                         found.append(Orphan("directory", str(path), size, age))
                     elif (path / "staging").exists():
@@ -356,6 +358,14 @@ def _write_atomically(path: Path, content: bytes, *, sync: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _readable_record(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _sync(path: Path) -> None:

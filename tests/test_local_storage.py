@@ -134,3 +134,12 @@ async def test_expiry_removes_idle_unfinished_uploads_only(storage):
     with pytest.raises(errors.UploadNotFound):
         await storage.get(idle.id)
     assert os.listdir(storage.root / "uploads" / done.id[:2]) == [done.id]
+
+
+async def test_an_unreadable_record_is_an_unknown_upload_not_a_crash(storage):
+    info = await _new_upload(storage)
+    (storage.root / "uploads" / info.id[:2] / info.id / "info.json").write_bytes(b"")
+    with pytest.raises(errors.UploadNotFound):
+        await storage.get(info.id)
+    orphans = [orphan.name async for orphan in storage.orphans(0)]
+    assert orphans == [str(storage.root / "uploads" / info.id[:2] / info.id)]  # prune can clear it
