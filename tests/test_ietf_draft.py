@@ -426,3 +426,13 @@ def test_both_http_parsers_send_104s(start_server, http):
     wire.close()
     assert status == 201 and headers["upload-offset"] == str(len(data))
     assert interim and all(int(h["upload-offset"]) <= len(data) for h in interim)
+
+
+async def test_upload_length_on_the_first_append_declares_the_length(client, server):
+    url, _ = await _create(client, server, 8, b"", complete=False)
+    headers = {**append_headers(8, 0, False), "Upload-Length": "6"}
+    assert (await client.patch(url, content=b"abc", headers=headers)).status_code == 204
+    head = await client.head(url, headers={HEADER: "8"})
+    assert head.headers["upload-length"] == "6"
+    done = await client.patch(url, content=b"def", headers=append_headers(8, 3, False))
+    assert done.headers["upload-complete"] == "?1"

@@ -192,7 +192,7 @@ class IetfProtocol:
             offset,
             RequestBody(x.request.scope, x.request.receive),
             content_length=_content_length(headers.get("content-length")),
-            length=x.declared_length(complete) if offset else None,
+            length=x.declared_length(complete),
             checksum=_content_digest(
                 headers.get("content-digest") or _whole_in_one(headers, offset, complete)
             ),
