@@ -33,6 +33,10 @@ class Hold:
         self._preempted = False
 
     def preempt(self) -> None:
+        """Ask the holder to stop; once only, so a copy finishing its last writes is not
+        interrupted again by a second newcomer."""
+        if self._preempted:
+            return
         self._preempted = True
         if self._task is not None:
             self._task.cancel()
