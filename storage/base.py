@@ -79,9 +79,9 @@ class Storage(Protocol):
         """Stream bytes [start, end) of a stored upload."""
 
     def lock(
-        self, upload_id: str, *, timeout: float, preempt: bool = True
+        self, upload_id: str, *, timeout: float, preempt: bool = True, chunk: int | None = None
     ) -> AbstractAsyncContextManager[UploadLock]:
-        """Lock the upload across processes.
+        """Lock the upload, or with `chunk` one chunk of a chunk session, across processes.
 
         If another process holds it: with `preempt`, ask that holder to let go (its
         `preempt_requested` turns true) and wait up to `timeout` seconds; without, fail at
@@ -121,6 +121,50 @@ class Housekeeping(Protocol):
 
     async def remove_orphan(self, orphan: Orphan) -> None:
         """Delete (or abort) one leftover."""
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """One chunk of a chunk session that the backend has stored durably."""
+
+    number: int  #: 1-based, like S3 part numbers
+    size: int
+    sha256: str  #: hex
+
+
+class ChunkWriter(Protocol):
+    """Stores one chunk; nothing of it counts until `commit` returns."""
+
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        """Store `blocks` after what was written so far; raises StorageFull when out of space."""
+
+    async def commit(self, chunk: StoredChunk) -> None:
+        """Make the bytes durable, then record `chunk` as stored."""
+
+
+@runtime_checkable
+class Chunked(Protocol):
+    """A backend that takes an upload's bytes as numbered chunks, in any order, at once.
+
+    The core holds the chunk's lock around `chunk_writer`, and the upload's lock around
+    `assemble`.
+    """
+
+    #: The smallest chunk but the last the backend can assemble without copying.
+    min_chunk_size: int
+    max_chunk_size: int
+
+    async def stored_chunks(self, info: UploadInfo, number: int | None = None) -> list[StoredChunk]:
+        """Every stored chunk (or only chunk `number`, if stored), by number."""
+
+    def chunk_writer(self, info: UploadInfo, number: int) -> AbstractAsyncContextManager[ChunkWriter]:
+        """A writer for chunk `number`; leaving it without `commit` stores nothing."""
+
+    async def assemble(self, info: UploadInfo, chunks: Sequence[StoredChunk]) -> None:
+        """Make the upload's bytes the chunks in order, without moving them through here.
+
+        Afterwards `get` reports the upload complete; `finish` follows as for any upload.
+        """
 
 
 @runtime_checkable

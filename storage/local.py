@@ -7,6 +7,11 @@ checksummed body awaiting verification) and ``preempt`` (another process wants t
 The offset of an upload is the size of ``data``: bytes reach the file only in order,
 so the offset can never run ahead of what is stored and never goes down, also after a
 crash. Blocking calls run on a bounded thread pool owned by the backend.
+
+A chunk session writes each chunk at its place in ``assembly`` and then records it as
+``chunks/<n>``, a symlink whose target is ``<size>.<sha256>``: one readlink looks a
+chunk up, one directory listing lists them all. ``chunks/<n>.lock`` and
+``chunks/<n>.preempt`` lock one chunk. Assembling renames ``assembly`` to ``data``.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
-from storage.base import Orphan
+from storage.base import Orphan, StoredChunk
 from uploadsrv.core.errors import StorageFull, StorageUnavailable, UploadBusy, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
 
 T = TypeVar("T")
 
 READ_BLOCK = 1 << 20  #: bytes per read when streaming a download
+MIN_CHUNK = 64 << 10
+MAX_CHUNK = 5 << 30
 LOCK_POLL_SECONDS = 0.02  #: how often a waiter retries a lock held by another process
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -43,6 +50,9 @@ def _storage_error(exc: OSError) -> Exception:
 
 class LocalStorage:
     """Uploads stored as files under `root`."""
+
+    min_chunk_size = MIN_CHUNK
+    max_chunk_size = MAX_CHUNK
 
     def __init__(self, root: str | os.PathLike[str], *, io_threads: int = 16) -> None:
         self.root = Path(root).resolve()
@@ -76,6 +86,8 @@ class LocalStorage:
         path = self._dir(info.id)
         path.mkdir(parents=True)
         (path / "data").touch()
+        if info.chunk_size is not None:
+            (path / "chunks").mkdir()
         # Not fsynced here: the first commit of bytes syncs the record with them. Until then
         # a crash can lose an empty upload (the client starts again), never a stored byte.
         _write_atomically(path / "info.json", json.dumps(info.to_record()).encode(), sync=False)
@@ -94,6 +106,8 @@ class LocalStorage:
         stat = os.stat(path / "data")
         info = UploadInfo.from_record(record, offset=stat.st_size)
         info.updated_at = max(info.updated_at, stat.st_mtime)
+        if info.chunk_size is not None:  # a stored chunk (a new entry) is activity too
+            info.updated_at = max(info.updated_at, os.stat(path / "chunks").st_mtime)
         return info
 
     async def update(self, info: UploadInfo) -> None:
@@ -152,6 +166,31 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    # -- chunk sessions ----------------------------------------------------------
+
+    async def stored_chunks(self, info: UploadInfo, number: int | None = None) -> list[StoredChunk]:
+        try:
+            return await self._run(_stored_chunks, self._dir(info.id) / "chunks", number)
+        except FileNotFoundError:
+            raise UploadNotFound() from None
+
+    @asynccontextmanager
+    async def chunk_writer(self, info: UploadInfo, number: int) -> AsyncIterator[_ChunkWriter]:
+        assert info.chunk_size is not None
+        offset = (number - 1) * info.chunk_size
+        try:
+            file = await self._run(_ChunkFile, self._dir(info.id), offset)
+        except FileNotFoundError:
+            raise UploadNotFound() from None
+        try:
+            yield _ChunkWriter(self, file)
+        finally:
+            file.close()
+
+    async def assemble(self, info: UploadInfo, chunks: Sequence[StoredChunk]) -> None:
+        assert info.length is not None
+        await self._run(_assemble, self._dir(info.id), info.length)
+
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
         sources = [self._dir(part.id) / "data" for part in parts]
         await self._run(_concatenate, self._dir(info.id) / "data", sources)
@@ -203,19 +242,23 @@ class LocalStorage:
     # -- locks -------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lock(self, upload_id: str, *, timeout: float, preempt: bool = True) -> AsyncIterator[_FileLock]:
-        """flock on the upload's lock file; a waiter leaves a ``preempt`` marker for the holder.
+    async def lock(
+        self, upload_id: str, *, timeout: float, preempt: bool = True, chunk: int | None = None
+    ) -> AsyncIterator[_FileLock]:
+        """flock on the upload's (or chunk's) lock file; a waiter leaves a ``preempt``
+        marker for the holder.
 
         Non-blocking flock and small opens are done on the event loop: they never wait.
         """
         path = self._dir(upload_id)
+        lock, marker = (path / "lock", path / "preempt") if chunk is None else _chunk_lock(path, chunk)
         try:
-            fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
-            await _acquire(fd, path / "preempt" if preempt else None, timeout)
-            yield _FileLock(path / "preempt")
+            await _acquire(fd, marker if preempt else None, timeout)
+            yield _FileLock(marker)
         finally:
             os.close(fd)  # closing releases the flock
 
@@ -238,6 +281,20 @@ class _Writer:
 
     async def discard(self) -> None:
         await self._run(self._file.discard)
+
+
+class _ChunkWriter:
+    """The storage `ChunkWriter`: each call is one hop to the disk threads."""
+
+    def __init__(self, storage: LocalStorage, file: _ChunkFile) -> None:
+        self._run = storage._run
+        self._file = file
+
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        await self._run(self._file.write, blocks)
+
+    async def commit(self, chunk: StoredChunk) -> None:
+        await self._run(self._file.commit, chunk)
 
 
 class _FileLock:
@@ -287,11 +344,7 @@ class _FileWriter:
             self._position = 0
 
     def write(self, blocks: Sequence[bytes]) -> None:
-        views = [memoryview(b) for b in blocks]
-        while views:
-            written = os.pwritev(self._fd, views, self._position)
-            self._position += written
-            views = list(_skip(views, written))
+        self._position = _pwrite_all(self._fd, blocks, self._position)
 
     def commit(self) -> int:
         if self._staging is None:
@@ -316,6 +369,61 @@ class _FileWriter:
         os.close(self._fd)
         if self._staging is not None:
             self._staging.unlink(missing_ok=True)
+
+
+class _ChunkFile:
+    """Writes one chunk at its place in ``assembly``; `commit` records it."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self._chunks = path / "chunks"
+        self._fd = os.open(path / "assembly", os.O_WRONLY | os.O_CREAT, 0o644)
+        self._position = offset
+
+    def write(self, blocks: Sequence[bytes]) -> None:
+        self._position = _pwrite_all(self._fd, blocks, self._position)
+
+    def commit(self, chunk: StoredChunk) -> None:
+        os.fsync(self._fd)
+        os.symlink(f"{chunk.size}.{chunk.sha256}", self._chunks / str(chunk.number))
+        _sync(self._chunks)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _chunk_lock(path: Path, chunk: int) -> tuple[Path, Path]:
+    return path / "chunks" / f"{chunk}.lock", path / "chunks" / f"{chunk}.preempt"
+
+
+def _stored_chunks(directory: Path, number: int | None) -> list[StoredChunk]:
+    names = [str(number)] if number is not None else [n for n in os.listdir(directory) if n.isdigit()]
+    chunks = []
+    for name in names:
+        try:
+            size, _, sha256 = os.readlink(directory / name).partition(".")
+        except FileNotFoundError:
+            continue
+        chunks.append(StoredChunk(int(name), int(size), sha256))
+    return sorted(chunks, key=lambda c: c.number)
+
+
+def _assemble(path: Path, length: int) -> None:
+    """The chunks are in place and durable: trim, sync and rename in one atomic step."""
+    with open(path / "assembly", "ab") as assembly:
+        os.ftruncate(assembly.fileno(), length)
+        os.fsync(assembly.fileno())
+    os.replace(path / "assembly", path / "data")
+    _sync(path)
+
+
+def _pwrite_all(fd: int, blocks: Sequence[bytes], position: int) -> int:
+    """Write every block at `position` on; returns the position after them."""
+    views = [memoryview(b) for b in blocks]
+    while views:
+        written = os.pwritev(fd, views, position)
+        position += written
+        views = list(_skip(views, written))
+    return position
 
 
 def _skip(views: list[memoryview], count: int) -> Iterator[memoryview]:

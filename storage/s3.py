@@ -7,6 +7,10 @@ Keys under ``s3://bucket/prefix/``:
 ``<id>.tail-<n>``    bytes that do not fill a part yet (S3 parts but the last need 5 MiB)
 ``<id>.lock``        a lease, taken with a conditional write, so one instance writes at a time
 ``<id>.preempt``     left by an instance that wants the lease; its holder lets go
+``<id>.chunks/<n>.<size>.<sha256>``
+                     chunk n of a chunk session is stored (as part n); one listing finds all
+``<id>.chunk-<n>.lock``, ``<id>.chunk-<n>.preempt``
+                     the lease on one chunk, so only one instance uploads part n at a time
 
 The info object is the commit point: parts and tail are uploaded first, then the info
 object names them, so the offset a client is told is always bytes S3 has confirmed. A
@@ -35,7 +39,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from storage.base import Orphan
+from storage.base import Orphan, StoredChunk
 from uploadsrv.core.errors import StorageUnavailable, UploadBusy, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
 
@@ -81,6 +85,9 @@ class S3Location:
 
 class S3Storage:
     """Uploads stored in an S3 bucket (AWS or any S3-compatible store)."""
+
+    min_chunk_size = MIN_PART  # chunk n is part n, and S3 wants 5 MiB parts but the last
+    max_chunk_size = MAX_PART
 
     def __init__(
         self,
@@ -177,7 +184,11 @@ class S3Storage:
     async def get(self, upload_id: str) -> UploadInfo:
         state = await self._load(upload_id)
         self._remember(upload_id, state)
-        return state.info()
+        info = state.info()
+        if info.chunk_size is not None and not state.completed:  # a stored chunk is activity too
+            for _, stored_at in await self._chunk_listing(upload_id):
+                info.updated_at = max(info.updated_at, stored_at)
+        return info
 
     def _remember(self, upload_id: str, state: _State) -> None:
         """Hand the state just read or written to the next step of the same request.
@@ -239,22 +250,27 @@ class S3Storage:
                         Key=self._key(upload_id),
                         UploadId=state.multipart_id,
                     )
-        listing = await self._call("list_objects_v2", Bucket=self.bucket, Prefix=self._key(upload_id))
-        keys = [{"Key": obj["Key"]} for obj in listing.get("Contents", [])]
-        if keys:
-            await self._call("delete_objects", Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+        keys = [{"Key": obj["Key"]} async for obj in self._objects(self._key(upload_id))]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys at most
+            batch = keys[start : start + 1000]
+            await self._call("delete_objects", Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
-    async def upload_ids(self) -> AsyncIterator[str]:
+    async def _objects(self, prefix: str) -> AsyncIterator[dict[str, Any]]:
+        """Every object under `prefix`, a listing page at a time."""
         token: dict[str, str] = {}
         while True:
-            page = await self._call("list_objects_v2", Bucket=self.bucket, Prefix=self.prefix, **token)
+            page = await self._call("list_objects_v2", Bucket=self.bucket, Prefix=prefix, **token)
             for obj in page.get("Contents", []):
-                upload_id, _, suffix = obj["Key"][len(self.prefix) :].partition(".")
-                if suffix == "info" and is_upload_id(upload_id):
-                    yield upload_id
+                yield obj
             if not page.get("IsTruncated"):
                 return
             token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    async def upload_ids(self) -> AsyncIterator[str]:
+        async for obj in self._objects(self.prefix):
+            upload_id, _, suffix = obj["Key"][len(self.prefix) :].partition(".")
+            if suffix == "info" and is_upload_id(upload_id):
+                yield upload_id
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -289,6 +305,56 @@ class S3Storage:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(info.id)}, ExpiresIn=3600
         )
+
+    # -- chunk sessions ----------------------------------------------------------
+
+    async def _chunk_listing(
+        self, upload_id: str, number: int | None = None
+    ) -> list[tuple[StoredChunk, float]]:
+        """The chunk markers (all, or chunk `number`'s) with the time each was stored."""
+        prefix = self._key(upload_id, ".chunks/" + ("" if number is None else f"{number}."))
+        found = []
+        async for obj in self._objects(prefix):
+            n, size, sha256 = obj["Key"].rpartition("/")[2].split(".")
+            found.append((StoredChunk(int(n), int(size), sha256), obj["LastModified"].timestamp()))
+        return sorted(found, key=lambda item: item[0].number)
+
+    async def stored_chunks(self, info: UploadInfo, number: int | None = None) -> list[StoredChunk]:
+        return [chunk for chunk, _ in await self._chunk_listing(info.id, number)]
+
+    @asynccontextmanager
+    async def chunk_writer(self, info: UploadInfo, number: int) -> AsyncIterator[_ChunkWriter]:
+        state = await self._recall(info.id)
+        spool = await self._run(_Spool, self.spool_dir)
+        try:
+            yield _ChunkWriter(self, info.id, state, number, spool)
+        finally:
+            spool.close()
+
+    async def assemble(self, info: UploadInfo, chunks: Sequence[StoredChunk]) -> None:
+        """CompleteMultipartUpload over the parts the chunks became, checked against S3's list."""
+        state = await self._recall(info.id)
+        uploaded: dict[int, dict[str, Any]] = {}
+        marker: dict[str, int] = {}
+        while True:
+            page = await self._call(
+                "list_parts",
+                Bucket=self.bucket,
+                Key=self._key(info.id),
+                UploadId=state.multipart_id,
+                **marker,
+            )
+            uploaded.update({p["PartNumber"]: p for p in page.get("Parts", [])})
+            if not page.get("IsTruncated"):
+                break
+            marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
+        state.parts = []
+        for chunk in chunks:
+            part = uploaded.get(chunk.number)
+            if part is None or part["Size"] != chunk.size:
+                raise StorageUnavailable(f"S3 does not hold chunk {chunk.number} as recorded")
+            state.parts.append({"n": chunk.number, "etag": part["ETag"], "size": chunk.size})
+        await self._complete(info.id, state)
 
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
         """Join finished uploads with UploadPartCopy. Only pieces too small to be an S3 part
@@ -366,15 +432,9 @@ class S3Storage:
         """
         now = time.time()
         objects: dict[str, list[dict[str, Any]]] = {}
-        token: dict[str, str] = {}
-        while True:
-            page = await self._call("list_objects_v2", Bucket=self.bucket, Prefix=self.prefix, **token)
-            for obj in page.get("Contents", []):
-                upload_id = obj["Key"][len(self.prefix) :].partition(".")[0]
-                objects.setdefault(upload_id, []).append(obj)
-            if not page.get("IsTruncated"):
-                break
-            token = {"ContinuationToken": page["NextContinuationToken"]}
+        async for obj in self._objects(self.prefix):
+            upload_id = obj["Key"][len(self.prefix) :].partition(".")[0]
+            objects.setdefault(upload_id, []).append(obj)
         states: dict[str, _State | None] = {}
         for upload_id in objects:
             try:
@@ -383,15 +443,9 @@ class S3Storage:
                 states[upload_id] = None
         for upload_id, found in objects.items():
             state = states[upload_id]
-            owned = (
-                set()
-                if state is None
-                else {self._key(upload_id, ".info"), self._key(upload_id), state.tail_key}
-            )
-            owned |= {self._key(upload_id, ".lock"), self._key(upload_id, ".preempt")} if state else set()
             for obj in found:
                 age = now - obj["LastModified"].timestamp()
-                if obj["Key"] not in owned and age >= older_than:
+                if not (state and self._owned(upload_id, state, obj["Key"])) and age >= older_than:
                     yield Orphan("object", obj["Key"], obj["Size"], age)
         markers: dict[str, str] = {}
         while True:
@@ -408,6 +462,13 @@ class S3Storage:
                 break
             markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
+    def _owned(self, upload_id: str, state: _State, key: str) -> bool:
+        """Whether `key` belongs to the live upload whose state is `state`."""
+        if key in (self._key(upload_id), state.tail_key):
+            return True
+        suffix = key[len(self._key(upload_id)) :]
+        return suffix in (".info", ".lock", ".preempt") or suffix.startswith((".chunk-", ".chunks/"))
+
     async def remove_orphan(self, orphan: Orphan) -> None:
         if orphan.kind == "multipart-upload":
             with suppress(UploadNotFound):
@@ -423,8 +484,10 @@ class S3Storage:
     # -- locks -------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lock(self, upload_id: str, *, timeout: float, preempt: bool = True) -> AsyncIterator[_Lease]:
-        lease = _Lease(self, upload_id)
+    async def lock(
+        self, upload_id: str, *, timeout: float, preempt: bool = True, chunk: int | None = None
+    ) -> AsyncIterator[_Lease]:
+        lease = _Lease(self, upload_id, "" if chunk is None else f".chunk-{chunk}")
         await lease.acquire(timeout, preempt)
         try:
             yield lease
@@ -656,6 +719,21 @@ class _PartWriter:
         self._tail_pending = self._state.tail_size > 0
 
 
+class _ChunkWriter:
+    """Spools one chunk to scratch disk; `commit` uploads it as its part, then marks it stored."""
+
+    def __init__(self, storage: S3Storage, upload_id: str, state: _State, number: int, spool: _Spool) -> None:
+        self._s3, self._id, self._state, self._number, self._spool = storage, upload_id, state, number, spool
+
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        await self._s3._run(self._spool.write, blocks)
+
+    async def commit(self, chunk: StoredChunk) -> None:
+        await self._s3._upload_part(self._id, self._state, self._number, self._spool.body(), self._spool.size)
+        marker = self._s3._key(self._id, f".chunks/{chunk.number}.{chunk.size}.{chunk.sha256}")
+        await self._s3._call("put_object", Bucket=self._s3.bucket, Key=marker, Body=b"")
+
+
 class _Joiner:
     """Builds a multipart upload from existing objects, copying inside S3 where it can."""
 
@@ -719,10 +797,10 @@ class _Lease:
     LEASE_SECONDS. A waiter leaves a preempt marker that the holder polls for.
     """
 
-    def __init__(self, storage: S3Storage, upload_id: str) -> None:
+    def __init__(self, storage: S3Storage, upload_id: str, name: str) -> None:
         self._s3 = storage
-        self._key = storage._key(upload_id, ".lock")
-        self._marker = storage._key(upload_id, ".preempt")
+        self._key = storage._key(upload_id, name + ".lock")
+        self._marker = storage._key(upload_id, name + ".preempt")
         self._etag: str | None = None
         self._asked = False
         self._keeper: asyncio.Task[None] | None = None

@@ -18,8 +18,9 @@ from starlette.routing import Route
 from .backend import open_storage
 from .config import Settings
 from .core import UploadService
+from .core.chunks import ChunkSessions
 from .metrics import Metrics
-from .protocols import ietf, tus
+from .protocols import chunks, ietf, openapi, tus
 from .protocols.common import problem
 from .protocols.routes import upload_routes
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     service.subscribe(metrics.on_event)
     tus_protocol = tus.TusProtocol(service, settings)
     ietf_protocol = ietf.IetfProtocol(service, settings)
+    chunk_protocol = chunks.ChunkProtocol(ChunkSessions(service, chunk_size=settings.chunk_size), settings)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -56,6 +58,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             *upload_routes(settings.base_path, tus_protocol, ietf_protocol),
+            *chunk_protocol.routes(),
+            Route("/openapi.json", openapi.endpoint),
             Route("/healthz", health),
             Route("/metrics", metrics.endpoint),
         ],
@@ -64,8 +68,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
-                allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS"],
-                allow_headers=tus.REQUEST_HEADERS + ietf.REQUEST_HEADERS,
+                allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                allow_headers=tus.REQUEST_HEADERS + ietf.REQUEST_HEADERS + chunks.REQUEST_HEADERS,
                 expose_headers=tus.RESPONSE_HEADERS + ietf.RESPONSE_HEADERS,
                 max_age=86400,
             ),

@@ -66,6 +66,9 @@ class Settings:
     s3_concurrency: int = 4
     #: Answer downloads with a redirect to a presigned S3 URL instead of streaming.
     s3_presign_downloads: bool = False
+    #: Chunk size of a chunk session whose client names none (raised where S3 or the
+    #: 10,000-chunk limit needs it).
+    chunk_size: int = 8 << 20
     base_path: str = "/files/"
     #: Origins allowed by CORS; '*' lets any browser app upload.
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
@@ -97,6 +100,7 @@ class Settings:
         "access_log": _parse_bool,
         "s3_path_style": _parse_bool,
         "s3_part_size": parse_size,
+        "chunk_size": parse_size,
         "s3_concurrency": int,
         "s3_presign_downloads": _parse_bool,
     }

@@ -69,6 +69,9 @@ class Digester:
             for h in self._hashes.values():
                 h.update(block)
 
+    def hexdigest(self, algorithm: str) -> str:
+        return self._hashes[algorithm].digest().hex()
+
     def matches(self, checksum: Checksum) -> bool:
         h = self._hashes.get(checksum.algorithm)
         return h is not None and h.digest() == checksum.digest

@@ -75,6 +75,18 @@ class LengthConflict(UploadError):
     slug = "length-conflict"
 
 
+class ChunkConflict(UploadError):
+    """A chunk with different bytes is already stored under this number; it is unchanged."""
+
+    slug = "chunk-conflict"
+
+
+class ChunksMissing(UploadError):
+    """Chunks are still missing, so the session cannot be completed yet."""
+
+    slug = "chunks-missing"
+
+
 class UploadComplete(UploadError):
     """The upload is already complete; nothing more can be appended."""
 

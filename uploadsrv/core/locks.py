@@ -84,15 +84,19 @@ class UploadLocks:
     def __init__(self, storage: Storage, *, timeout: float) -> None:
         self._storage = storage
         self._timeout = timeout
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[tuple[str, int | None], _Slot] = {}
 
     @asynccontextmanager
-    async def hold(self, upload_id: str, *, preempt: bool = True) -> AsyncIterator[Hold]:
-        """Hold `upload_id` exclusively; with `preempt`, a current holder is asked to stop.
+    async def hold(
+        self, upload_id: str, *, preempt: bool = True, chunk: int | None = None
+    ) -> AsyncIterator[Hold]:
+        """Hold `upload_id` (or with `chunk`, one chunk of it) exclusively; with `preempt`,
+        a current holder is asked to stop.
 
         Without `preempt` (background expiry) a busy upload raises UploadBusy at once.
         """
-        slot = self._slots.setdefault(upload_id, _Slot())
+        key = (upload_id, chunk)
+        slot = self._slots.setdefault(key, _Slot())
         slot.users += 1
         try:
             if slot.holder is not None and preempt:
@@ -105,7 +109,7 @@ class UploadLocks:
                 raise UploadBusy("another request holds this upload; retry shortly") from None
             try:
                 async with self._storage.lock(
-                    upload_id, timeout=self._timeout, preempt=preempt
+                    upload_id, timeout=self._timeout, preempt=preempt, chunk=chunk
                 ) as backend_lock:
                     slot.holder = Hold(backend_lock)
                     try:
@@ -118,4 +122,4 @@ class UploadLocks:
             slot.users -= 1
             if slot.users == 0:
                 with suppress(KeyError):
-                    del self._slots[upload_id]
+                    del self._slots[key]

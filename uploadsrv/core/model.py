@@ -41,6 +41,11 @@ class UploadInfo:
     partial: bool = False
     #: For a concatenation result, the ids of its parts in order.
     parts: list[str] | None = None
+    #: For a chunk session: the size of every chunk but the last. Its bytes arrive as
+    #: numbered chunks in any order, and `offset` stays 0 until they are assembled.
+    chunk_size: int | None = None
+    #: The whole file's sha256 (hex) the client declared, checked on completion.
+    sha256: str | None = None
 
     @property
     def is_complete(self) -> bool:
@@ -49,6 +54,17 @@ class UploadInfo:
     @property
     def is_final(self) -> bool:
         return self.parts is not None
+
+    @property
+    def chunk_count(self) -> int:
+        """How many chunks a chunk session has (none for zero bytes: it is complete at once)."""
+        assert self.chunk_size is not None and self.length is not None
+        return -(-self.length // self.chunk_size)
+
+    def chunk_length(self, number: int) -> int:
+        """The size of chunk `number` (1-based): `chunk_size`, except perhaps the last."""
+        assert self.chunk_size is not None and self.length is not None
+        return min(self.chunk_size, self.length - (number - 1) * self.chunk_size)
 
     @property
     def filename(self) -> str | None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-
-from storage.base import Writer
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
 
 from .checksums import Digester
 from .errors import TooLarge
@@ -15,9 +14,15 @@ from .errors import TooLarge
 BATCH_BYTES = 1 << 20
 
 
+class Sink(Protocol):
+    """Where pumped bytes go: a storage writer, or nowhere when only the digest counts."""
+
+    async def write(self, blocks: Sequence[bytes]) -> None: ...
+
+
 async def pump(
     body: AsyncIterator[bytes],
-    writer: Writer,
+    writer: Sink,
     *,
     limit: int,
     digester: Digester | None,

@@ -54,7 +54,7 @@ class UploadService:
         self.max_size = max_size
         self.expiry = expiry
         self.can_concatenate = isinstance(storage, Concatenating)
-        self._locks = UploadLocks(storage, timeout=lock_timeout)
+        self.locks = UploadLocks(storage, timeout=lock_timeout)
         self._clock = clock
         self._listeners: list[Listener] = []
 
@@ -75,14 +75,22 @@ class UploadService:
         owner: str | None = None,
         protocol: str = "tus",
         partial: bool = False,
+        chunk_size: int | None = None,
+        sha256: str | None = None,
     ) -> UploadInfo:
-        """Register a new, empty upload; `length=None` defers the length."""
-        info = self._new(length, metadata, owner, protocol, partial=partial)
+        """Register a new, empty upload; `length=None` defers the length.
+
+        With `chunk_size` it is a chunk session (see `ChunkSessions`), whose declared
+        `sha256` is checked on completion.
+        """
+        info = self._new(
+            length, metadata, owner, protocol, partial=partial, chunk_size=chunk_size, sha256=sha256
+        )
         await self.storage.create(info)
         self._emit("created", info)
         log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": protocol})
         if info.is_complete:  # a zero-byte upload is done at once
-            await self._finish(info)
+            await self.finish(info)
         return info
 
     async def concatenate(
@@ -117,12 +125,12 @@ class UploadService:
             raise
         info.offset = total
         self._emit("created", info)
-        await self._finish(info)
+        await self.finish(info)
         return info
 
     async def get(self, upload_id: str) -> UploadInfo:
         """The upload's state; a stale request still holding it is stopped first."""
-        async with self._locks.hold(self._known(upload_id)):
+        async with self.locks.hold(self._known(upload_id)):
             return await self._live(upload_id)
 
     async def peek_any(self, upload_id: str) -> UploadInfo:
@@ -157,10 +165,12 @@ class UploadService:
         An upload already complete at `offset` takes an empty or repeated final request
         as a replay and answers its final state.
         """
-        async with self._locks.hold(self._known(upload_id)) as hold:
+        async with self.locks.hold(self._known(upload_id)) as hold:
             info = await self._live(upload_id)
             if info.is_final:
                 raise NotAppendable("a concatenated upload cannot be appended to")
+            if info.chunk_size is not None:
+                raise NotAppendable("a chunk session takes numbered chunks, not appends")
             if length is not None and length != info.length:
                 await self._declare_length(info, length)
             if info.is_complete and offset == info.offset and complete:
@@ -205,12 +215,12 @@ class UploadService:
             if complete and info.length is None:  # a chunked body ended the upload
                 await self._declare_length(info, info.offset)
         if info.is_complete:
-            await self._finish(info)
+            await self.finish(info)
         return info
 
     async def terminate(self, upload_id: str) -> None:
         """Delete the upload and its bytes; a request writing to it is stopped first."""
-        async with self._locks.hold(self._known(upload_id)):
+        async with self.locks.hold(self._known(upload_id)):
             info = await self.storage.get(upload_id)
             await self.storage.delete(upload_id)
         self._emit("terminated", info)
@@ -267,7 +277,7 @@ class UploadService:
         cutoff = self._clock() - idle_for
         async for upload_id in self.storage.upload_ids():
             try:
-                async with self._locks.hold(upload_id, preempt=False):
+                async with self.locks.hold(upload_id, preempt=False):
                     info = await self.storage.get(upload_id)
                     if info.updated_at > cutoff or (info.is_complete and not include_complete):
                         continue
@@ -350,7 +360,8 @@ class UploadService:
         info.updated_at = self._clock()
         self._emit("appended", info)
 
-    async def _finish(self, info: UploadInfo) -> None:
+    async def finish(self, info: UploadInfo) -> None:
+        """The upload reached its length: let the backend finalise it, and tell listeners."""
         await self.storage.finish(info)
         self._emit("completed", info)
         log.info("upload completed", extra={"upload_id": info.id, "length": info.length})

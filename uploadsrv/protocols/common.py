@@ -7,13 +7,18 @@ from collections.abc import Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 
+import http_sf
 from starlette.requests import Request
 from starlette.responses import Response
 
+from uploadsrv.core import Checksum
 from uploadsrv.core import errors as e
 from uploadsrv.core.errors import InvalidRequest, UploadError
 
 PROBLEM_TYPE = "urn:uploadsrv:problem:"
+
+#: RFC 9530 digest names, and the names of the same algorithms in the core.
+DIGESTS = {"sha-256": "sha256", "sha-512": "sha512", "md5": "md5", "sha": "sha1", "crc32": "crc32"}
 
 #: Status codes for the core's errors; each protocol overrides what its spec says otherwise.
 ERROR_STATUS: dict[type[e.UploadError], int] = {
@@ -26,6 +31,8 @@ ERROR_STATUS: dict[type[e.UploadError], int] = {
     e.UploadGone: 410,
     e.OffsetMismatch: 409,
     e.UploadComplete: 409,
+    e.ChunkConflict: 409,
+    e.ChunksMissing: 409,
     e.NotReady: 409,
     e.Superseded: 409,
     e.TooLarge: 413,
@@ -95,3 +102,17 @@ def parse_offset(text: str | None, name: str) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > 19:
         raise InvalidRequest(f"{name} must be a non-negative integer, got {text[:40]!r}")
     return int(text)
+
+
+def parse_content_digest(header: str | None) -> Checksum | None:
+    """RFC 9530 `Content-Digest`: the strongest algorithm we support of those sent."""
+    if header is None:
+        return None
+    try:
+        digests = http_sf.parse(header.encode(), tltype="dictionary")
+    except (http_sf.StructuredFieldError, ValueError):
+        raise InvalidRequest("Content-Digest is not a structured dictionary") from None
+    for name in ("sha-512", "sha-256", "sha", "md5", "crc32"):
+        if name in digests and isinstance(digests[name][0], bytes):
+            return Checksum(DIGESTS[name], digests[name][0])
+    raise e.UnsupportedChecksum("no supported algorithm in Content-Digest (use sha-256)")

@@ -19,11 +19,19 @@ from starlette.types import Send
 
 from uploadsrv.body import RequestBody
 from uploadsrv.config import Settings
-from uploadsrv.core import Checksum, UploadInfo, UploadService
+from uploadsrv.core import UploadInfo, UploadService
 from uploadsrv.core import errors as e
 from uploadsrv.uvicorn_protocols import ABORT, INFORMATIONAL
 
-from .common import ERROR_STATUS, PROBLEM_TYPE, error_headers, parse_offset, problem, public_url
+from .common import (
+    ERROR_STATUS,
+    PROBLEM_TYPE,
+    error_headers,
+    parse_content_digest,
+    parse_offset,
+    problem,
+    public_url,
+)
 from .download import download
 from .tus import parse_metadata
 
@@ -86,8 +94,6 @@ REQUEST_HEADERS = [
     "Repr-Digest",
 ]
 RESPONSE_HEADERS = [HEADER, "Upload-Complete", "Upload-Incomplete", "Upload-Limit"]
-
-DIGESTS = {"sha-256": "sha256", "sha-512": "sha512", "md5": "md5", "sha": "sha1", "crc32": "crc32"}
 
 
 def is_draft_request(request: Request) -> bool:
@@ -193,7 +199,7 @@ class IetfProtocol:
             RequestBody(x.request.scope, x.request.receive),
             content_length=_content_length(headers.get("content-length")),
             length=x.declared_length(complete),
-            checksum=_content_digest(
+            checksum=parse_content_digest(
                 headers.get("content-digest") or _whole_in_one(headers, offset, complete)
             ),
             progress=progress,
@@ -313,17 +319,3 @@ def _content_length(value: str | None) -> int | None:
 def _whole_in_one(headers: object, offset: int, complete: bool) -> str | None:
     """`Repr-Digest` covers the whole upload; it can be checked when one request carries it all."""
     return headers.get("repr-digest") if offset == 0 and complete else None  # type: ignore[attr-defined]
-
-
-def _content_digest(header: str | None) -> Checksum | None:
-    """RFC 9530 `Content-Digest`: the strongest algorithm we support of those sent."""
-    if header is None:
-        return None
-    try:
-        digests = http_sf.parse(header.encode(), tltype="dictionary")
-    except (http_sf.StructuredFieldError, ValueError):
-        raise e.InvalidRequest("Content-Digest is not a structured dictionary") from None
-    for name in ("sha-512", "sha-256", "sha", "md5", "crc32"):
-        if name in digests and isinstance(digests[name][0], bytes):
-            return Checksum(DIGESTS[name], digests[name][0])
-    raise e.UnsupportedChecksum("no supported algorithm in Content-Digest (use sha-256)")

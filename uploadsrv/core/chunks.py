@@ -1,0 +1,257 @@
+"""Chunk sessions: an upload whose bytes arrive as numbered chunks, in any order, at once.
+
+For clients that split a file into chunk files: an iOS background URLSession uploads only
+from files, one task per chunk, each retried by the system on its own. Every chunk is
+verified and stored exactly once; completing assembles them inside the backend (disk:
+they were written at their offsets; S3: chunk n is part n) without moving bytes through
+this server. The result is an ordinary upload: downloadable, listed, expired like any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from storage.base import Chunked, StoredChunk
+
+from .checksums import Checksum, Digester
+from .errors import (
+    ChecksumMismatch,
+    ChunkConflict,
+    ChunksMissing,
+    InvalidRequest,
+    NotAppendable,
+    UploadComplete,
+)
+from .model import UploadInfo
+from .pump import pump
+from .service import UploadService
+
+MAX_CHUNKS = 10_000  #: S3's limit on parts, kept on every backend so sessions can move
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+#: What a session's watchers receive: ("chunk", StoredChunk) or (event, UploadInfo) for
+#: "completed", "expired" and "terminated".
+ChunkEvent = tuple[str, StoredChunk | UploadInfo]
+
+
+@dataclass
+class ChunkStatus:
+    """A session's progress, as the status endpoint reports it."""
+
+    info: UploadInfo
+    chunks: list[StoredChunk]
+
+    @property
+    def stored_bytes(self) -> int:
+        if self.info.is_complete:
+            return self.info.offset
+        return sum(c.size for c in self.chunks)
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if not self.info.length else self.stored_bytes / self.info.length
+
+    @property
+    def missing(self) -> list[tuple[int, int]]:
+        """The numbers of the chunks not stored yet, as inclusive ranges."""
+        if self.info.is_complete:
+            return []
+        return _ranges(sorted(set(range(1, self.info.chunk_count + 1)) - {c.number for c in self.chunks}))
+
+
+class ChunkSessions:
+    """Create, fill, inspect, complete and abort chunk sessions on the upload core."""
+
+    def __init__(self, service: UploadService, *, chunk_size: int) -> None:
+        if not isinstance(service.storage, Chunked):
+            raise TypeError(f"{service.storage!r} cannot store chunk sessions")
+        self._service = service
+        self._storage: Chunked = service.storage
+        self.default_chunk_size = chunk_size
+        self._watchers: dict[str, set[asyncio.Queue[ChunkEvent]]] = {}
+        service.subscribe(self._on_event)
+
+    def chunk_size_for(self, length: int, requested: int | None) -> int:
+        """The chunk size to use: the client's wish (or the default) within what the backend
+        can assemble, and large enough that the file fits in MAX_CHUNKS chunks."""
+        size = max(
+            requested or self.default_chunk_size, self._storage.min_chunk_size, -(-length // MAX_CHUNKS)
+        )
+        return min(size, self._storage.max_chunk_size)
+
+    async def create(
+        self,
+        *,
+        length: int,
+        chunk_size: int | None = None,
+        metadata: dict[str, str | None] | None = None,
+        owner: str | None = None,
+        sha256: str | None = None,
+    ) -> UploadInfo:
+        if chunk_size is not None and chunk_size < 1:
+            raise InvalidRequest("chunk size must be positive")
+        if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
+            raise InvalidRequest("sha256 must be 64 lowercase hex digits")
+        return await self._service.create(
+            length=length,
+            metadata=metadata,
+            owner=owner,
+            protocol="chunks",
+            chunk_size=self.chunk_size_for(max(length, 0), chunk_size),
+            sha256=sha256,
+        )
+
+    async def put(
+        self,
+        session_id: str,
+        number: int,
+        body: AsyncIterator[bytes],
+        *,
+        content_length: int | None = None,
+        checksum: Checksum | None = None,
+    ) -> tuple[StoredChunk, bool]:
+        """Store chunk `number` and return it, and whether it is new.
+
+        The same bytes again are a success that changes nothing; other bytes for a stored
+        chunk raise ChunkConflict. A body that breaks off, or does not match `checksum`
+        or the chunk's size, stores nothing. A newer request for the same chunk (a retry
+        after a lost connection) preempts an older one still waiting for its bytes.
+        """
+        info = await self._session(session_id)
+        if info.is_complete:
+            raise UploadComplete("the session is complete; its chunks can no longer change")
+        if not 1 <= number <= info.chunk_count:
+            raise InvalidRequest(f"no chunk {number}: this session has chunks 1 to {info.chunk_count}")
+        expected = info.chunk_length(number)
+        if content_length is not None and content_length != expected:
+            raise InvalidRequest(
+                f"chunk {number} has {expected} bytes, not {content_length}", expected_size=expected
+            )
+        digester = Digester({"sha256"} | ({checksum.algorithm} if checksum else set()))
+        async with self._service.locks.hold(session_id, chunk=number) as hold:
+            stored = await self._storage.stored_chunks(info, number)
+            if stored:
+                size = await hold.run(pump(body, _NOWHERE, limit=expected, digester=digester))
+                chunk = _verified(number, size, expected, digester, checksum)
+                if chunk != stored[0]:
+                    raise ChunkConflict(f"chunk {number} is already stored with other bytes")
+                return chunk, False
+            async with self._storage.chunk_writer(info, number) as writer:
+                size = await hold.run(pump(body, writer, limit=expected, digester=digester))
+                chunk = _verified(number, size, expected, digester, checksum)
+                await writer.commit(chunk)
+        self._notify(session_id, ("chunk", chunk))
+        return chunk, True
+
+    async def status(self, session_id: str) -> ChunkStatus:
+        info = await self._session(session_id)
+        chunks = await self._storage.stored_chunks(info)
+        return ChunkStatus(info, chunks)
+
+    async def complete(self, session_id: str) -> UploadInfo:
+        """Assemble a session whose chunks are all stored; again, the same answer.
+
+        A declared whole-file sha256 that does not match means no single chunk can be
+        blamed or replaced: the session is removed and the client starts over.
+        """
+        async with self._service.locks.hold(session_id):
+            info = await self._session(session_id)
+            if info.is_complete:
+                return info
+            status = ChunkStatus(info, await self._storage.stored_chunks(info))
+            if status.missing:
+                raise ChunksMissing(
+                    f"{info.chunk_count - len(status.chunks)} of {info.chunk_count} chunks are missing",
+                    missing=status.missing,
+                )
+            await self._storage.assemble(info, status.chunks)
+            info.offset = status.stored_bytes
+            intact = info.sha256 is None or await self._sha256(info) == info.sha256
+        if not intact:
+            await self._service.terminate(session_id)
+            raise ChecksumMismatch(
+                "the assembled file does not match the declared sha256; the session was removed"
+            )
+        await self._service.finish(info)
+        return info
+
+    def expires_at(self, info: UploadInfo) -> float | None:
+        return self._service.expires_at(info)
+
+    async def abort(self, session_id: str) -> None:
+        await self._session(session_id)
+        await self._service.terminate(session_id)
+
+    @asynccontextmanager
+    async def watch(self, session_id: str) -> AsyncIterator[asyncio.Queue[ChunkEvent]]:
+        """Events of one session in this process, in the order they happened."""
+        queue: asyncio.Queue[ChunkEvent] = asyncio.Queue()
+        self._watchers.setdefault(session_id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            watchers = self._watchers[session_id]
+            watchers.discard(queue)
+            if not watchers:
+                del self._watchers[session_id]
+
+    # -- internals ---------------------------------------------------------------
+
+    async def _session(self, session_id: str) -> UploadInfo:
+        info = await self._service.peek(session_id)
+        if info.chunk_size is None:
+            raise NotAppendable("this upload is not a chunk session")
+        return info
+
+    async def _sha256(self, info: UploadInfo) -> str:
+        digest = hashlib.sha256()
+        async for block in self._service.read(info, 0, info.offset):
+            await asyncio.to_thread(digest.update, block)
+        return digest.hexdigest()
+
+    def _on_event(self, event: str, info: UploadInfo) -> None:
+        if info.chunk_size is not None and event in ("completed", "expired", "terminated"):
+            self._notify(info.id, (event, info))
+
+    def _notify(self, session_id: str, event: ChunkEvent) -> None:
+        for queue in self._watchers.get(session_id, ()):
+            queue.put_nowait(event)
+
+
+class _Nowhere:
+    """A sink for a repeated chunk: only its digest matters."""
+
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        return None
+
+
+_NOWHERE = _Nowhere()
+
+
+def _verified(
+    number: int, size: int, expected: int, digester: Digester, checksum: Checksum | None
+) -> StoredChunk:
+    """The chunk that arrived, if it is whole and matches the client's checksum."""
+    if size != expected:
+        raise InvalidRequest(
+            f"chunk {number} has {expected} bytes, only {size} arrived", expected_size=expected
+        )
+    if checksum is not None and not digester.matches(checksum):
+        raise ChecksumMismatch(f"chunk {number} does not match its digest; nothing was stored")
+    return StoredChunk(number, size, digester.hexdigest("sha256"))
+
+
+def _ranges(numbers: list[int]) -> list[tuple[int, int]]:
+    """[1, 2, 3, 7, 9, 10] -> [(1, 3), (7, 7), (9, 10)]"""
+    ranges: list[tuple[int, int]] = []
+    for n in numbers:
+        if ranges and ranges[-1][1] == n - 1:
+            ranges[-1] = (ranges[-1][0], n)
+        else:
+            ranges.append((n, n))
+    return ranges

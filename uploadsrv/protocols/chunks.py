@@ -1,0 +1,282 @@
+"""The chunk API: JSON over HTTP for clients that send a file as numbered chunks.
+
+    POST   /chunks/                    create a session            -> 201 session
+    GET    /chunks/{id}                its status (cheap to poll)  -> 200 session
+    PUT    /chunks/{id}/{n}            store chunk n (1-based)     -> 201 new, 200 same bytes again
+    POST   /chunks/{id}/complete       assemble                    -> 200, again the same
+    GET    /chunks/{id}/events         Server-Sent Events: status, chunk, completed, expired, aborted
+    DELETE /chunks/{id}                abort                       -> 204
+
+Each handler reads the request, calls `ChunkSessions` once and writes JSON back; errors
+are `application/problem+json` from the core's error types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from storage.base import StoredChunk
+from uploadsrv.body import RequestBody
+from uploadsrv.config import Settings
+from uploadsrv.core import Checksum, UploadInfo
+from uploadsrv.core import errors as e
+from uploadsrv.core.chunks import ChunkSessions, ChunkStatus
+
+from .common import ERROR_STATUS, error_headers, error_problem, parse_content_digest, parse_offset, public_url
+
+PATH = "/chunks/"
+MAX_JSON = 64 << 10  #: a session's JSON description is small; anything bigger is refused
+#: How often an event stream looks for chunks stored through other server instances.
+POLL_SECONDS = 5.0
+
+#: A chunk's number on another kind of upload is not a session either.
+STATUS = {**ERROR_STATUS, e.NotAppendable: 404, e.ChecksumMismatch: 400}
+
+#: Request headers a browser must be allowed to send beyond the draft's (Content-Digest).
+REQUEST_HEADERS = ["Content-MD5"]
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ChunkProtocol:
+    def __init__(self, sessions: ChunkSessions, settings: Settings) -> None:
+        self.sessions = sessions
+        self.base_path = settings.base_path
+        self.trust_proxy = settings.trust_proxy
+        self.owner_header = settings.owner_header
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(PATH, self._guard(self.create), methods=["POST"]),
+            Route(PATH + "{session_id}", self._guard(self.status), methods=["GET"]),
+            Route(PATH + "{session_id}", self._guard(self.abort), methods=["DELETE"]),
+            Route(PATH + "{session_id}/complete", self._guard(self.complete), methods=["POST"]),
+            Route(PATH + "{session_id}/events", self._guard(self.events), methods=["GET"]),
+            Route(PATH + "{session_id}/{number}", self._guard(self.put), methods=["PUT"]),
+        ]
+
+    def _guard(self, handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except e.UploadError as error:
+                response = error_problem(error, STATUS.get(type(error), 500), error_headers(error))
+            response.headers["Cache-Control"] = "no-store"
+            return response
+
+        return guarded
+
+    # -- handlers ----------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        spec = await _json_object(request)
+        size = spec.get("size")
+        chunk_size = spec.get("chunk_size")
+        metadata = spec.get("metadata", {})
+        sha256 = spec.get("sha256")
+        if not _is_count(size) or not (chunk_size is None or _is_count(chunk_size)):
+            raise e.InvalidRequest("size (and chunk_size, if given) must be non-negative integers")
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in metadata.items()
+        ):
+            raise e.InvalidRequest("metadata must be an object of strings")
+        if sha256 is not None and not isinstance(sha256, str):
+            raise e.InvalidRequest("sha256 must be a hex string")
+        info = await self.sessions.create(
+            length=size,
+            chunk_size=chunk_size,
+            metadata=metadata,
+            owner=request.headers.get(self.owner_header) if self.owner_header else None,
+            sha256=sha256.lower() if sha256 else None,
+        )
+        body = self._session(request, ChunkStatus(info, []))
+        return JSONResponse(body, 201, headers={"Location": body["url"]})
+
+    async def status(self, request: Request) -> Response:
+        status = await self.sessions.status(request.path_params["session_id"])
+        return JSONResponse(self._session(request, status))
+
+    async def put(self, request: Request) -> Response:
+        raw = request.path_params["number"]
+        number = parse_offset(raw, "the chunk number")
+        chunk, new = await self.sessions.put(
+            request.path_params["session_id"],
+            number,
+            RequestBody(request.scope, request.receive),
+            content_length=_content_length(request),
+            checksum=_chunk_checksum(request),
+        )
+        return JSONResponse(_chunk(chunk), 201 if new else 200)
+
+    async def complete(self, request: Request) -> Response:
+        info = await self.sessions.complete(request.path_params["session_id"])
+        url = self._upload_url(request, info)
+        body = {
+            "id": info.id,
+            "state": "complete",
+            "size": info.length,
+            "sha256": info.sha256,
+            "upload_url": url,
+        }
+        return JSONResponse(body, headers={"Location": url})
+
+    async def abort(self, request: Request) -> Response:
+        await self.sessions.abort(request.path_params["session_id"])
+        return Response(status_code=204)
+
+    async def events(self, request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        await self.sessions.status(session_id)  # unknown sessions get a 404, not an empty stream
+        return StreamingResponse(
+            self._event_stream(request, session_id),
+            media_type="text/event-stream",
+            headers={"X-Accel-Buffering": "no"},  # nginx: do not hold events back
+        )
+
+    # -- translation -------------------------------------------------------------
+
+    async def _event_stream(self, request: Request, session_id: str) -> AsyncIterator[str]:
+        """A status snapshot, then every change in the order it happened, until the session ends.
+
+        Changes made in this process arrive at once; chunks stored through another instance
+        are found by polling the status every POLL_SECONDS.
+        """
+        async with self.sessions.watch(session_id) as queue:
+            try:
+                status = await self.sessions.status(session_id)
+            except e.UploadError as error:
+                yield _event(_ending(error), {"id": session_id})
+                return
+            seen = {c.number: c.size for c in status.chunks}
+            yield _event("status", self._session(request, status))
+            while not status.info.is_complete:
+                try:
+                    kind, subject = await asyncio.wait_for(queue.get(), POLL_SECONDS)
+                except TimeoutError:
+                    try:
+                        status = await self.sessions.status(session_id)
+                    except e.UploadError as error:
+                        yield _event(_ending(error), {"id": session_id})
+                        return
+                    for chunk in status.chunks:
+                        if chunk.number not in seen:
+                            seen[chunk.number] = chunk.size
+                            yield _event("chunk", _progress(chunk, seen, status.info))
+                    yield ": still here\n\n"  # keeps proxies from closing an idle stream
+                    continue
+                if isinstance(subject, StoredChunk):
+                    if subject.number not in seen:
+                        seen[subject.number] = subject.size
+                        yield _event("chunk", _progress(subject, seen, status.info))
+                    continue
+                name = {"completed": "completed", "expired": "expired"}.get(kind, "aborted")
+                yield _event(name, self._ending_body(request, subject))
+                return
+            yield _event("completed", self._ending_body(request, status.info))
+
+    def _ending_body(self, request: Request, info: UploadInfo) -> dict[str, object]:
+        body: dict[str, object] = {"id": info.id}
+        if info.is_complete:
+            body |= {"size": info.length, "upload_url": self._upload_url(request, info)}
+        return body
+
+    def _session(self, request: Request, status: ChunkStatus) -> dict[str, object]:
+        info = status.info
+        url = public_url(request, PATH + info.id, trust_proxy=self.trust_proxy)
+        expires = self.sessions.expires_at(info)
+        return {
+            "id": info.id,
+            "url": url,
+            "state": "complete" if info.is_complete else "incomplete",
+            "size": info.length,
+            "chunk_size": info.chunk_size,
+            "chunk_count": info.chunk_count,
+            "chunk_url_template": url + "/{n}",
+            "complete_url": url + "/complete",
+            "events_url": url + "/events",
+            "upload_url": self._upload_url(request, info),
+            "metadata": info.metadata,
+            "sha256": info.sha256,
+            "expires_at": None if expires is None else _timestamp(expires),
+            "chunks_stored": len(status.chunks),
+            "bytes_stored": status.stored_bytes,
+            "fraction": round(status.fraction, 6),
+            "missing": status.missing,
+            "chunks": [_chunk(c) for c in status.chunks],
+        }
+
+    def _upload_url(self, request: Request, info: UploadInfo) -> str:
+        """Where the finished file is downloaded: the same URL tus and the draft use."""
+        return public_url(request, self.base_path + info.id, trust_proxy=self.trust_proxy)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+async def _json_object(request: Request) -> dict[str, object]:
+    body = bytearray()
+    async for block in RequestBody(request.scope, request.receive):
+        body += block
+        if len(body) > MAX_JSON:
+            raise e.TooLarge(f"a session description is at most {MAX_JSON} bytes")
+    try:
+        spec = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise e.InvalidRequest("the body must be a JSON object") from None
+    if not isinstance(spec, dict):
+        raise e.InvalidRequest("the body must be a JSON object")
+    return spec
+
+
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    return None if value is None else parse_offset(value, "Content-Length")
+
+
+def _chunk_checksum(request: Request) -> Checksum | None:
+    """`Content-Digest` (RFC 9530), or `Content-MD5` as S3 clients send it."""
+    if "content-digest" in request.headers:
+        return parse_content_digest(request.headers["content-digest"])
+    if "content-md5" in request.headers:
+        try:
+            return Checksum("md5", base64.b64decode(request.headers["content-md5"], validate=True))
+        except binascii.Error:
+            raise e.InvalidRequest("Content-MD5 must be base64") from None
+    return None
+
+
+def _chunk(chunk: StoredChunk) -> dict[str, object]:
+    return {"number": chunk.number, "size": chunk.size, "sha256": chunk.sha256}
+
+
+def _progress(chunk: StoredChunk, seen: dict[int, int], info: UploadInfo) -> dict[str, object]:
+    stored = sum(seen.values())
+    return {
+        **_chunk(chunk),
+        "chunks_stored": len(seen),
+        "chunk_count": info.chunk_count,
+        "bytes_stored": stored,
+        "fraction": round(stored / info.length, 6) if info.length else 1.0,
+    }
+
+
+def _ending(error: e.UploadError) -> str:
+    return "expired" if isinstance(error, e.UploadGone) else "aborted"
+
+
+def _event(name: str, data: dict[str, object]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
