@@ -31,7 +31,7 @@ from .run import Workload, run
 
 
 def _mix(text: str) -> dict[str, float]:
-    """'tus' or 'tus=3,ietf=1'."""
+    """'tus' or 'tus=3,ietf=1,chunks=1'."""
     mix = {}
     for part in text.split(","):
         name, _, weight = part.partition("=")
@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-size", type=parse_size, default=parse_size("256K"))
     parser.add_argument("--max-size", type=parse_size, default=parse_size("4M"))
     parser.add_argument("--chunk-size", type=parse_size, default=parse_size("1M"))
-    parser.add_argument("--protocols", type=_mix, default=_mix("tus,ietf"), help="mix, e.g. tus=3,ietf=1")
+    parser.add_argument(
+        "--protocols", type=_mix, default=_mix("tus,ietf,chunks"), help="mix, e.g. tus=3,ietf=1,chunks=1"
+    )
     parser.add_argument("--ramp-up", type=float, default=0.0, help="seconds over which clients start")
     parser.add_argument("--interrupt", type=float, default=0.1, help="fraction of bodies cut off midway")
     parser.add_argument("--pause", type=float, default=0.05, help="fraction of bodies stalled midway")

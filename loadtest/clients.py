@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import httpx
 
+from uploadsrv.client import ChunkClient
+
 from .report import Report
 
 PIECE = 256 * 1024  #: bytes per body piece a client hands to httpx
 
 
-class CutOff(Exception):
+class CutOff(httpx.TransportError):
     """The simulated network dropped the connection mid-body."""
 
 
@@ -37,7 +39,7 @@ class Trouble:
                 if cut is not None and end >= cut:
                     if cut > start:
                         yield bytes(data[start:cut])
-                    raise CutOff()
+                    raise CutOff("cut off mid-body")
                 if stall is not None and start <= stall < end:
                     await asyncio.sleep(self.pause_seconds)
                 yield bytes(data[start:end])
@@ -80,8 +82,8 @@ class Client:
                 response = await self.timed(
                     "append", "PATCH", url, content=body, headers=self.append_headers(offset, end, len(data))
                 )
-            except (CutOff, httpx.TransportError) as error:
-                if isinstance(error, httpx.TransportError):  # a real failure, not a simulated cut
+            except httpx.TransportError as error:
+                if not isinstance(error, CutOff):  # a real failure, not a simulated cut
                     self.report.errors[f"append {type(error).__name__}"] += 1
                 self.report.resumes += 1
                 offset = await self.offset(url)
@@ -156,4 +158,41 @@ class IetfClient(Client):
         }
 
 
-PROTOCOLS: dict[str, type[Client]] = {client.name: client for client in (TusClient, IetfClient)}
+class ChunkApiClient(Client):
+    """The chunk API through the project's own client: chunks in parallel, a cut chunk
+    retried on its own, then the session's status says what is still missing."""
+
+    name = "chunks"
+    parallel = 4
+
+    async def upload(self, data: bytes, chunk_size: int, rng: random.Random) -> str:
+        helper = _TimedChunkClient(self, rng)
+        done = await helper.upload(data, chunk_size=chunk_size)
+        self.report.resumes += helper.resumes + helper.cuts
+        return done["upload_url"]
+
+
+class _TimedChunkClient(ChunkClient):
+    """`ChunkClient` with the load test's timing and simulated network trouble."""
+
+    def __init__(self, outer: ChunkApiClient, rng: random.Random) -> None:
+        base = str(httpx.URL(outer.endpoint).copy_with(path="/"))
+        super().__init__(outer.http, base, parallel=outer.parallel, backoff=0.05, attempts=outer.max_attempts)
+        self._outer = outer
+        self._rng = rng
+        self.cuts = 0
+
+    async def request(self, kind: str, method: str, url: str, **kwargs: object) -> httpx.Response:
+        try:
+            return await self._outer.timed(kind, method, url, **kwargs)
+        except CutOff:
+            self.cuts += 1
+            raise
+
+    def chunk_body(self, data: memoryview) -> AsyncIterator[bytes]:
+        return self._outer.trouble.body(data, self._rng)[0]
+
+
+PROTOCOLS: dict[str, type[Client]] = {
+    client.name: client for client in (TusClient, IetfClient, ChunkApiClient)
+}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from uploadsrv.client import ChunkUploadFailed
+
 from .clients import PROTOCOLS, Trouble
 from .report import Report
 
@@ -25,7 +27,7 @@ class Workload:
     min_size: int = 256 * 1024
     max_size: int = 4 * 1024 * 1024
     chunk_size: int = 1024 * 1024
-    protocols: dict[str, float] = field(default_factory=lambda: {"tus": 1.0, "ietf": 1.0})
+    protocols: dict[str, float] = field(default_factory=lambda: {"tus": 1.0, "ietf": 1.0, "chunks": 1.0})
     ramp_up: float = 0.0  #: seconds over which clients start
     trouble: Trouble = field(default_factory=Trouble)
     seed: int = 1
@@ -98,7 +100,7 @@ async def _client(
             url = await protocol.upload(data, workload.chunk_size, rng)
             report.bytes_sent += len(data)
             await _verify(protocol, url, data, report)
-        except (httpx.HTTPError, RuntimeError) as error:
+        except (httpx.HTTPError, RuntimeError, ChunkUploadFailed) as error:
             report.failed += 1
             report.errors[f"upload {type(error).__name__}"] += 1
         on_progress(report)

@@ -67,8 +67,23 @@ def test_a_small_interrupted_load_test_verifies_every_upload(server: Server, tmp
     assert report["ok"] and report["uploads"] == report["verified"] == 6
     assert report["corrupted"] == report["failed"] == 0
     assert report["resumes"] > 0
-    assert set(report["latency_ms"]) == {"create", "append", "head", "download"}
+    assert set(report["latency_ms"]) >= {
+        "create",
+        "append",
+        "head",
+        "download",
+        "chunk",
+        "status",
+        "complete",
+    }
     assert report["mb_per_s"] > 0 and report["server_peak_rss_mb"] > 0
+
+
+def test_the_chunk_api_load_resends_cut_chunks_and_verifies_every_upload(server: Server, tmp_path):
+    code, report = run_loadtest(server.files, tmp_path, "--protocols", "chunks", "--interrupt", "0.5")
+    assert code == 0, report
+    assert report["uploads"] == report["verified"] == 6 and report["resumes"] > 0
+    assert set(report["latency_ms"]) == {"create", "chunk", "status", "complete", "download"}
 
 
 def test_a_server_that_corrupts_bytes_fails_the_load_test(tmp_path):
