@@ -1,8 +1,9 @@
 """Local-disk storage: one directory per upload, the bytes in one file.
 
 Layout under the data directory: ``uploads/<id[:2]>/<id>/`` holding ``info.json`` (the
-record), ``data`` (the bytes), ``lock`` (flock target) and, briefly, ``staging`` (a
-checksummed body awaiting verification) and ``preempt`` (another process wants the lock).
+record) and ``data`` (the bytes), and briefly ``staging`` (a checksummed body awaiting
+verification) and ``preempt`` (another process wants the lock). The directory itself is
+the upload's flock target: opening it creates nothing.
 
 The offset of an upload is the size of ``data``: bytes reach the file only in order,
 so the offset can never run ahead of what is stored and never goes down, also after a
@@ -245,15 +246,19 @@ class LocalStorage:
     async def lock(
         self, upload_id: str, *, timeout: float, preempt: bool = True, chunk: int | None = None
     ) -> AsyncIterator[_FileLock]:
-        """flock on the upload's (or chunk's) lock file; a waiter leaves a ``preempt``
-        marker for the holder.
+        """flock on the upload's directory (or the chunk's lock file); a waiter leaves a
+        ``preempt`` marker for the holder.
 
         Non-blocking flock and small opens are done on the event loop: they never wait.
         """
         path = self._dir(upload_id)
-        lock, marker = (path / "lock", path / "preempt") if chunk is None else _chunk_lock(path, chunk)
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            if chunk is None:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                marker = path / "preempt"
+            else:
+                fd = os.open(path / "chunks" / f"{chunk}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                marker = path / "chunks" / f"{chunk}.preempt"
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -389,10 +394,6 @@ class _ChunkFile:
 
     def close(self) -> None:
         os.close(self._fd)
-
-
-def _chunk_lock(path: Path, chunk: int) -> tuple[Path, Path]:
-    return path / "chunks" / f"{chunk}.lock", path / "chunks" / f"{chunk}.preempt"
 
 
 def _stored_chunks(directory: Path, number: int | None) -> list[StoredChunk]:
