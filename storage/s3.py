@@ -52,7 +52,7 @@ MAX_PARTS = 10_000
 READ_BLOCK = 1 << 20
 LEASE_SECONDS = 30.0  #: a lock whose holder died frees itself after this long
 LEASE_POLL_SECONDS = 0.1
-PREEMPT_POLL_SECONDS = 1.0  #: how often a lease holder looks for a waiter's marker
+PREEMPT_POLL_SECONDS = 3.0  #: how often a lease holder looks for a waiter's marker
 NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 
 
