@@ -160,10 +160,14 @@ class Chunked(Protocol):
     def chunk_writer(self, info: UploadInfo, number: int) -> AbstractAsyncContextManager[ChunkWriter]:
         """A writer for chunk `number`; leaving it without `commit` stores nothing."""
 
-    async def assemble(self, info: UploadInfo, chunks: Sequence[StoredChunk]) -> None:
+    async def assemble(
+        self, info: UploadInfo, chunks: Sequence[StoredChunk], sha256: str | None = None
+    ) -> None:
         """Make the upload's bytes the chunks in order, without moving them through here.
 
-        Afterwards `get` reports the upload complete; `finish` follows as for any upload.
+        With `sha256`, the result is checked first and ChecksumMismatch raised if it
+        differs. Afterwards `get` reports the upload complete (never before the check,
+        also across a crash); `finish` follows as for any upload. Safe to repeat.
         """
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +32,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from storage.base import Orphan, StoredChunk
-from uploadsrv.core.errors import StorageFull, StorageUnavailable, UploadBusy, UploadNotFound
+from uploadsrv.core.errors import (
+    ChecksumMismatch,
+    StorageFull,
+    StorageUnavailable,
+    UploadBusy,
+    UploadNotFound,
+)
 from uploadsrv.core.model import UploadInfo, is_upload_id
 
 T = TypeVar("T")
@@ -188,9 +195,14 @@ class LocalStorage:
         finally:
             file.close()
 
-    async def assemble(self, info: UploadInfo, chunks: Sequence[StoredChunk]) -> None:
+    async def assemble(
+        self, info: UploadInfo, chunks: Sequence[StoredChunk], sha256: str | None = None
+    ) -> None:
         assert info.length is not None
-        await self._run(_assemble, self._dir(info.id), info.length)
+        try:
+            await self._run(_assemble, self._dir(info.id), info.length, sha256)
+        except FileNotFoundError:
+            raise StorageUnavailable("the stored chunks are missing from disk") from None
 
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
         sources = [self._dir(part.id) / "data" for part in parts]
@@ -299,7 +311,10 @@ class _ChunkWriter:
         await self._run(self._file.write, blocks)
 
     async def commit(self, chunk: StoredChunk) -> None:
-        await self._run(self._file.commit, chunk)
+        try:
+            await self._run(self._file.commit, chunk)
+        except FileNotFoundError:  # the session was aborted while this chunk arrived
+            raise UploadNotFound() from None
 
 
 class _FileLock:
@@ -354,13 +369,13 @@ class _FileWriter:
     def commit(self) -> int:
         if self._staging is None:
             os.fsync(self._fd)
-            _sync(self._record)
+            _sync_upload(self._record.parent)
             self._committed = self._position
             return self._committed
         with open(self._data, "r+b") as data:
             _copy_range(self._fd, data.fileno(), 0, self._committed, self._position)
             os.fsync(data.fileno())
-        _sync(self._record)
+        _sync_upload(self._record.parent)
         self._committed += self._position
         self.discard()
         return self._committed
@@ -380,7 +395,7 @@ class _ChunkFile:
     """Writes one chunk at its place in ``assembly``; `commit` records it."""
 
     def __init__(self, path: Path, offset: int) -> None:
-        self._chunks = path / "chunks"
+        self._path = path
         self._fd = os.open(path / "assembly", os.O_WRONLY | os.O_CREAT, 0o644)
         self._position = offset
 
@@ -388,9 +403,11 @@ class _ChunkFile:
         self._position = _pwrite_all(self._fd, blocks, self._position)
 
     def commit(self, chunk: StoredChunk) -> None:
+        """Bytes first, then every name that leads to them, then the record of the chunk."""
         os.fsync(self._fd)
-        os.symlink(f"{chunk.size}.{chunk.sha256}", self._chunks / str(chunk.number))
-        _sync(self._chunks)
+        _sync_upload(self._path)
+        os.symlink(f"{chunk.size}.{chunk.sha256}", self._path / "chunks" / str(chunk.number))
+        _sync(self._path / "chunks")
 
     def close(self) -> None:
         os.close(self._fd)
@@ -408,11 +425,14 @@ def _stored_chunks(directory: Path, number: int | None) -> list[StoredChunk]:
     return sorted(chunks, key=lambda c: c.number)
 
 
-def _assemble(path: Path, length: int) -> None:
-    """The chunks are in place and durable: trim, sync and rename in one atomic step."""
-    with open(path / "assembly", "ab") as assembly:
+def _assemble(path: Path, length: int, sha256: str | None) -> None:
+    """The chunks are in place and durable: check the declared digest, then rename in one
+    atomic step, so the upload is complete only once it is verified."""
+    with open(path / "assembly", "r+b") as assembly:
         os.ftruncate(assembly.fileno(), length)
         os.fsync(assembly.fileno())
+        if sha256 is not None and hashlib.file_digest(assembly, "sha256").hexdigest() != sha256:
+            raise ChecksumMismatch("the assembled file does not match the declared sha256")
     os.replace(path / "assembly", path / "data")
     _sync(path)
 
@@ -475,6 +495,17 @@ def _readable_record(path: Path) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     return True
+
+
+def _sync_upload(path: Path) -> None:
+    """Make an upload's record and the directory entries leading to it durable.
+
+    Creation writes them without a flush; the first commit of bytes makes them durable
+    with the bytes. Nearly free on later commits, when nothing is left unwritten.
+    """
+    _sync(path / "info.json")
+    _sync(path)
+    _sync(path.parent)
 
 
 def _sync(path: Path) -> None:

@@ -21,6 +21,7 @@ crash at any point leaves the previous state whole. Any instance can serve any u
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from storage.base import Orphan, StoredChunk
-from uploadsrv.core.errors import StorageUnavailable, UploadBusy, UploadNotFound
+from uploadsrv.core.errors import ChecksumMismatch, StorageUnavailable, UploadBusy, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
 
 T = TypeVar("T")
@@ -124,7 +125,6 @@ class S3Storage:
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3")
         #: Names this process in leases; see `_Lease._take_over_stale`.
         self.instance = secrets.token_hex(8)
-        self._fresh: dict[str, _State] = {}
 
     def __repr__(self) -> str:
         return f"S3Storage('s3://{self.bucket}/{self.prefix}')"
@@ -183,36 +183,31 @@ class S3Storage:
 
     async def get(self, upload_id: str) -> UploadInfo:
         state = await self._load(upload_id)
-        self._remember(upload_id, state)
         info = state.info()
+        info.stored_state = state
         if info.chunk_size is not None and not state.completed:  # a stored chunk is activity too
-            for _, stored_at in await self._chunk_listing(upload_id):
+            for _, _, stored_at in await self._chunk_listing(upload_id):
                 info.updated_at = max(info.updated_at, stored_at)
         return info
 
-    def _remember(self, upload_id: str, state: _State) -> None:
-        """Hand the state just read or written to the next step of the same request.
+    async def _state_of(self, info: UploadInfo) -> _State:
+        """The S3 state read with `info` (by `get`, under the caller's lock), or a fresh read.
 
-        The core reads an upload (`get`) and then opens a writer under one lock, and
-        finishes right after the writer's commit; each would otherwise GET the info
-        object again. Taken at most once (`_recall`), so it is never older than the lock.
+        It travels with the UploadInfo object from `get` to the writer, `update` and
+        `finish` of the same request, never through shared state, so a read by another
+        request can never hand a writer an older state.
         """
-        if len(self._fresh) > 10_000:  # entries left by reads no writer followed
-            self._fresh.clear()
-        self._fresh[upload_id] = state
-
-    async def _recall(self, upload_id: str) -> _State:
-        state = self._fresh.pop(upload_id, None)
-        return state if state is not None else await self._load(upload_id)
+        if not isinstance(info.stored_state, _State):
+            info.stored_state = await self._load(info.id)
+        return info.stored_state
 
     async def update(self, info: UploadInfo) -> None:
-        state = await self._recall(info.id)
+        state = await self._state_of(info)
         state.record = info.to_record()
         await self._save(info.id, state)
-        self._remember(info.id, state)
 
     async def finish(self, info: UploadInfo) -> None:
-        await self._complete(info.id, await self._recall(info.id))
+        await self._complete(info.id, await self._state_of(info))
 
     async def _complete(self, upload_id: str, state: _State) -> None:
         """CompleteMultipartUpload (idempotent): the upload becomes one ordinary object."""
@@ -228,6 +223,8 @@ class S3Storage:
                 UploadId=state.multipart_id,
                 MultipartUpload={"Parts": parts},
             )
+        elif state.info().length:
+            raise StorageUnavailable(f"upload {upload_id} has no parts to complete")
         else:  # zero bytes: S3 wants at least one part, so store an empty object instead
             await self._call(
                 "put_object", Bucket=self.bucket, Key=key, Body=b"", **_object_headers(state.info())
@@ -279,7 +276,7 @@ class S3Storage:
 
     @asynccontextmanager
     async def writer(self, info: UploadInfo, *, transactional: bool) -> AsyncIterator[_PartWriter]:
-        yield _PartWriter(self, info, await self._recall(info.id))
+        yield _PartWriter(self, info, await self._state_of(info))
 
     async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
         state = await self._load(info.id)
@@ -310,51 +307,92 @@ class S3Storage:
 
     async def _chunk_listing(
         self, upload_id: str, number: int | None = None
-    ) -> list[tuple[StoredChunk, float]]:
-        """The chunk markers (all, or chunk `number`'s) with the time each was stored."""
+    ) -> list[tuple[StoredChunk, str, float]]:
+        """The chunk markers (all, or chunk `number`'s): the chunk, the ETag of the part its
+        bytes became, and when it was stored."""
         prefix = self._key(upload_id, ".chunks/" + ("" if number is None else f"{number}."))
         found = []
         async for obj in self._objects(prefix):
-            n, size, sha256 = obj["Key"].rpartition("/")[2].split(".")
-            found.append((StoredChunk(int(n), int(size), sha256), obj["LastModified"].timestamp()))
-        return sorted(found, key=lambda item: item[0].number)
+            n, size, sha256, etag = obj["Key"].rpartition("/")[2].split(".")
+            found.append((StoredChunk(int(n), int(size), sha256), etag, obj["LastModified"].timestamp()))
+        return sorted(found, key=lambda item: (item[0].number, item[2]))
 
     async def stored_chunks(self, info: UploadInfo, number: int | None = None) -> list[StoredChunk]:
-        return [chunk for chunk, _ in await self._chunk_listing(info.id, number)]
+        # Two markers for one chunk need two instances writing it at once after a lease
+        # expired; the newer one is shown, and `assemble` goes by the part S3 holds.
+        newest = {chunk.number: chunk for chunk, _, _ in await self._chunk_listing(info.id, number)}
+        return list(newest.values())
 
     @asynccontextmanager
     async def chunk_writer(self, info: UploadInfo, number: int) -> AsyncIterator[_ChunkWriter]:
-        state = await self._recall(info.id)
+        state = await self._state_of(info)
         spool = await self._run(_Spool, self.spool_dir)
         try:
             yield _ChunkWriter(self, info.id, state, number, spool)
         finally:
             spool.close()
 
-    async def assemble(self, info: UploadInfo, chunks: Sequence[StoredChunk]) -> None:
-        """CompleteMultipartUpload over the parts the chunks became, checked against S3's list."""
-        state = await self._recall(info.id)
-        uploaded: dict[int, dict[str, Any]] = {}
+    async def assemble(
+        self, info: UploadInfo, chunks: Sequence[StoredChunk], sha256: str | None = None
+    ) -> None:
+        """CompleteMultipartUpload over the parts S3 holds for the recorded chunks, then the
+        declared digest checked on the result, then the info object marked complete.
+
+        A crash after CompleteMultipartUpload leaves the object in place and the info
+        object incomplete; assembling again finds the object and finishes the job.
+        """
+        state = await self._state_of(info)
+        if state.completed:
+            return
+        key = self._key(info.id)
+        uploaded = await self._uploaded_parts(info.id, state)
+        recorded: dict[int, dict[str, StoredChunk]] = {}
+        for chunk, etag, _ in await self._chunk_listing(info.id):
+            recorded.setdefault(chunk.number, {})[etag] = chunk
+        parts = []
+        for number in (chunk.number for chunk in chunks):
+            markers = recorded.get(number, {})
+            etag = uploaded.get(number, "") if uploaded is not None else next(iter(markers), "")
+            if etag.strip('"') not in markers:  # only bytes whose upload was recorded count
+                raise StorageUnavailable(f"S3 does not hold chunk {number} as recorded")
+            parts.append({"n": number, "etag": etag, "size": markers[etag.strip('"')].size})
+        if uploaded is not None:
+            await self._call(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=state.multipart_id,
+                MultipartUpload={"Parts": [{"PartNumber": p["n"], "ETag": p["etag"]} for p in parts]},
+            )
+        if sha256 is not None and await self._sha256(key) != sha256:
+            raise ChecksumMismatch("the assembled file does not match the declared sha256")
+        state.parts, state.completed = parts, True
+        await self._save(info.id, state)
+
+    async def _uploaded_parts(self, upload_id: str, state: _State) -> dict[int, str] | None:
+        """Part number -> ETag of the multipart upload; None if it was completed already."""
+        uploaded: dict[int, str] = {}
         marker: dict[str, int] = {}
         while True:
-            page = await self._call(
-                "list_parts",
-                Bucket=self.bucket,
-                Key=self._key(info.id),
-                UploadId=state.multipart_id,
-                **marker,
-            )
-            uploaded.update({p["PartNumber"]: p for p in page.get("Parts", [])})
+            try:
+                page = await self._call(
+                    "list_parts",
+                    Bucket=self.bucket,
+                    Key=self._key(upload_id),
+                    UploadId=state.multipart_id,
+                    **marker,
+                )
+            except UploadNotFound:
+                await self._call("head_object", Bucket=self.bucket, Key=self._key(upload_id))  # else: gone
+                return None
+            uploaded.update({p["PartNumber"]: p["ETag"] for p in page.get("Parts", [])})
             if not page.get("IsTruncated"):
-                break
+                return uploaded
             marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
-        state.parts = []
-        for chunk in chunks:
-            part = uploaded.get(chunk.number)
-            if part is None or part["Size"] != chunk.size:
-                raise StorageUnavailable(f"S3 does not hold chunk {chunk.number} as recorded")
-            state.parts.append({"n": chunk.number, "etag": part["ETag"], "size": chunk.size})
-        await self._complete(info.id, state)
+
+    async def _sha256(self, key: str) -> str:
+        response = await self._call("get_object", Bucket=self.bucket, Key=key)
+        return await self._run(_sha256_of, response["Body"])
 
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
         """Join finished uploads with UploadPartCopy. Only pieces too small to be an S3 part
@@ -556,6 +594,17 @@ class _Spool:
         self.file.close()
 
 
+def _sha256_of(body: Any) -> str:
+    """Read a streaming S3 body to its end and hash it (runs on the pool: one hop)."""
+    digest = hashlib.sha256()
+    try:
+        while block := body.read(READ_BLOCK):
+            digest.update(block)
+    finally:
+        body.close()
+    return digest.hexdigest()
+
+
 def _split(blocks: Sequence[bytes], count: int) -> tuple[list[bytes], list[bytes]]:
     """The first `count` bytes of `blocks`, and the rest."""
     head: list[bytes] = []
@@ -677,7 +726,6 @@ class _PartWriter:
         if spool is not None:
             spool.close()
         await self._s3._save(self._id, state)
-        self._s3._remember(self._id, state)  # for `finish`, right after
         self._committed_parts, self._new_parts = list(state.parts), []
         self._tail_pending = state.tail_size > 0
         if self._original_tail and self._original_tail != state.tail_key:
@@ -729,8 +777,15 @@ class _ChunkWriter:
         await self._s3._run(self._spool.write, blocks)
 
     async def commit(self, chunk: StoredChunk) -> None:
-        await self._s3._upload_part(self._id, self._state, self._number, self._spool.body(), self._spool.size)
-        marker = self._s3._key(self._id, f".chunks/{chunk.number}.{chunk.size}.{chunk.sha256}")
+        try:
+            part = await self._s3._upload_part(
+                self._id, self._state, self._number, self._spool.body(), self._spool.size
+            )
+        except StorageUnavailable:
+            await self._s3._load(self._id)  # UploadNotFound if the session was aborted meanwhile
+            raise
+        etag = part["etag"].strip('"')  # names these bytes: `assemble` completes only with them
+        marker = self._s3._key(self._id, f".chunks/{chunk.number}.{chunk.size}.{chunk.sha256}.{etag}")
         await self._s3._call("put_object", Bucket=self._s3.bucket, Key=marker, Body=b"")
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from tests.conftest import TUS, Server, raw_request, sha256, wait_for
+from tests.conftest import TUS, Server, raw_request, read_response, sha256, wait_for
 from uploadsrv.client import ChunkClient
 
 SMALL = 64 << 10  #: a chunk size wish; the server raises it to what the backend needs
@@ -191,6 +191,9 @@ async def test_bad_requests_get_clear_errors(client: httpx.AsyncClient, server: 
     for spec in ({"size": -1}, {"size": "1"}, {"size": 1, "metadata": {"a": 1}}, {"size": 1, "sha256": "zz"}):
         assert (await client.post(server.url + "/chunks/", json=spec)).status_code == 400
     assert (await client.post(server.url + "/chunks/", content=b"{not json")).status_code == 400
+    assert (await client.post(server.url + "/chunks/", content=b"[" * 100_000)).status_code in (400, 413)
+    deep = b"[" * 20_000 + b"]" * 20_000  # within the size limit, too deep for the parser
+    assert (await client.post(server.url + "/chunks/", content=deep)).status_code == 400
     assert (await client.post(server.url + "/chunks/", json={"size": 1 << 50})).status_code == 413
     unknown = server.url + "/chunks/" + "0" * 32
     assert (await client.get(unknown)).status_code == 404
@@ -216,6 +219,56 @@ async def test_chunk_size_follows_backend_and_chunk_limits(client: httpx.AsyncCl
     empty = await new_session(client, server, 0)
     assert empty["state"] == "complete" and empty["chunk_count"] == 0
     assert (await client.get(empty["upload_url"])).content == b""
+
+
+async def test_a_chunk_arriving_while_its_session_is_aborted_is_a_404(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    session = await new_session(client, server, 10_000)
+    path = chunk_url(session, 1).split(str(server.port), 1)[1]
+    body = os.urandom(10_000)
+    sock = raw_request(
+        server.port, f"PUT {path} HTTP/1.1\nHost: x\nContent-Length: 10000\n", body[:4000], close=False
+    )
+    try:
+        assert (await client.delete(session["url"])).status_code == 204
+        sock.sendall(body[4000:])
+        status, _, problem = read_response(sock)
+    finally:
+        sock.close()
+    assert status == 404, problem
+    assert not server.exists(session["upload_url"])
+
+
+async def test_more_than_ten_thousand_chunks_is_refused(client: httpx.AsyncClient, start_server) -> None:
+    srv = start_server("--max-size", "100T")
+    refused = await client.post(srv.url + "/chunks/", json={"size": 60 << 40})
+    assert refused.status_code == 413, refused.text
+
+
+async def test_completing_again_after_a_crash_between_s3_completion_and_its_record(
+    client: httpx.AsyncClient, start_server
+) -> None:
+    """The multipart upload was completed, then the server died before writing it down."""
+    srv = start_server(backend="s3")
+    data = os.urandom((5 << 20) + 4321)
+    session = await new_session(client, srv, len(data), sha256=sha256(data))
+    for n in (1, 2):
+        assert (await put_chunk(client, session, n, piece(data, session, n))).status_code == 201
+    assert srv.moto is not None
+    key = srv.prefix + session["id"]
+    state = srv._s3_info(session["upload_url"])
+    parts = srv.moto.client.list_parts(Bucket=srv.bucket, Key=key, UploadId=state["multipart_id"])["Parts"]
+    srv.moto.client.complete_multipart_upload(
+        Bucket=srv.bucket,
+        Key=key,
+        UploadId=state["multipart_id"],
+        MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in parts]},
+    )
+    assert (await status(client, session))["state"] == "incomplete"
+    done = await client.post(session["complete_url"])
+    assert done.status_code == 200, done.text
+    assert sha256((await client.get(session["upload_url"])).content) == sha256(data)
 
 
 async def test_whole_file_digest_mismatch_removes_the_session(

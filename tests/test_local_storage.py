@@ -14,6 +14,7 @@ import pytest
 from storage.local import LocalStorage
 from uploadsrv.core import UploadService, errors
 from uploadsrv.core.model import UploadInfo, new_upload_id
+from uploadsrv.core.pump import pump
 
 HOLDER = textwrap.dedent(
     """
@@ -119,6 +120,31 @@ async def test_a_newer_append_preempts_a_stalled_one_in_the_same_process(storage
     with pytest.raises(errors.Superseded):
         await first
     assert b"".join([b async for b in service.read(state, 0, 10)]) == b"1234567890"
+
+
+async def test_a_cancelled_pump_still_waits_for_the_write_in_flight():
+    """The disk thread cannot be stopped: the file must stay open until its write is done."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    written: list[bytes] = []
+
+    class SlowWriter:
+        async def write(self, blocks):
+            entered.set()
+            await release.wait()
+            written.extend(blocks)
+
+    async def body():
+        yield b"abc"
+
+    task = asyncio.create_task(pump(body(), SlowWriter(), limit=10, digester=None))
+    await entered.wait()  # the pump hands over its last batch, in its `finally`
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=0.2)
+    assert not done  # cancelled, and still waiting for the write
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert written == [b"abc"]
 
 
 async def test_expiry_removes_idle_unfinished_uploads_only(storage):

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 RETRY_STATUS = {423, 429, 500, 502, 503, 504}
+MAX_RETRY_AFTER = 60.0  #: seconds; a server asking for longer is not waited for that long
 PIECE = 256 << 10  #: bytes per body piece handed to httpx
 
 
@@ -132,7 +133,12 @@ class ChunkClient:
                         on_progress(confirmed, session["chunk_count"])
 
         missing = [n for first, last in session["missing"] for n in range(first, last + 1)]
-        await asyncio.gather(*(send(n) for n in missing))
+        try:
+            async with asyncio.TaskGroup() as group:  # one chunk failing for good stops the others
+                for number in missing:
+                    group.create_task(send(number))
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
 
     async def request(self, kind: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One HTTP request; `kind` names it ("create", "chunk", "status", "complete")."""
@@ -197,7 +203,7 @@ class ChunkClient:
 
 def _retry_after(response: httpx.Response, default: float) -> float:
     value = response.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else default
+    return min(float(value), MAX_RETRY_AFTER) if value.isdigit() else default
 
 
 def _pread(path: Path, start: int, end: int) -> bytes:

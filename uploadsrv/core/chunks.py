@@ -10,7 +10,6 @@ this server. The result is an ordinary upload: downloadable, listed, expired lik
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from .errors import (
     ChunksMissing,
     InvalidRequest,
     NotAppendable,
+    TooLarge,
     UploadComplete,
 )
 from .model import UploadInfo
@@ -97,12 +97,15 @@ class ChunkSessions:
             raise InvalidRequest("chunk size must be positive")
         if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
             raise InvalidRequest("sha256 must be 64 lowercase hex digits")
+        size = self.chunk_size_for(max(length, 0), chunk_size)
+        if -(-length // size) > MAX_CHUNKS:
+            raise TooLarge(f"{length} bytes do not fit in {MAX_CHUNKS} chunks of at most {size} bytes")
         return await self._service.create(
             length=length,
             metadata=metadata,
             owner=owner,
             protocol="chunks",
-            chunk_size=self.chunk_size_for(max(length, 0), chunk_size),
+            chunk_size=size,
             sha256=sha256,
         )
 
@@ -169,15 +172,19 @@ class ChunkSessions:
                     f"{info.chunk_count - len(status.chunks)} of {info.chunk_count} chunks are missing",
                     missing=status.missing,
                 )
-            await self._storage.assemble(info, status.chunks)
-            info.offset = status.stored_bytes
-            intact = info.sha256 is None or await self._sha256(info) == info.sha256
+            try:
+                await self._storage.assemble(info, status.chunks, info.sha256)
+            except ChecksumMismatch:
+                intact = False
+            else:
+                intact = True
+                info.offset = status.stored_bytes
+                await self._service.finish(info)
         if not intact:
             await self._service.terminate(session_id)
             raise ChecksumMismatch(
                 "the assembled file does not match the declared sha256; the session was removed"
             )
-        await self._service.finish(info)
         return info
 
     def expires_at(self, info: UploadInfo) -> float | None:
@@ -207,12 +214,6 @@ class ChunkSessions:
         if info.chunk_size is None:
             raise NotAppendable("this upload is not a chunk session")
         return info
-
-    async def _sha256(self, info: UploadInfo) -> str:
-        digest = hashlib.sha256()
-        async for block in self._service.read(info, 0, info.offset):
-            await asyncio.to_thread(digest.update, block)
-        return digest.hexdigest()
 
     def _on_event(self, event: str, info: UploadInfo) -> None:
         if info.chunk_size is not None and event in ("completed", "expired", "terminated"):

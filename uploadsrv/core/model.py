@@ -46,6 +46,9 @@ class UploadInfo:
     chunk_size: int | None = None
     #: The whole file's sha256 (hex) the client declared, checked on completion.
     sha256: str | None = None
+    #: The backend's own state, read together with this record (S3: the info object), so
+    #: the later steps of one request under one lock need not read it again. Never stored.
+    stored_state: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_complete(self) -> bool:
@@ -86,8 +89,8 @@ class UploadInfo:
 
     def to_record(self) -> dict[str, object]:
         """The persisted form; `offset` is left out because backends derive it from the bytes."""
-        record = dataclasses.asdict(self)
-        del record["offset"]
+        record = dataclasses.asdict(dataclasses.replace(self, stored_state=None))
+        del record["offset"], record["stored_state"]
         return record
 
     @classmethod

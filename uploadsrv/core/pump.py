@@ -66,8 +66,26 @@ async def pump(
         # Runs on every exit, cancellation included: wait for the write in flight, then
         # hand over what is left, so nothing that arrived is dropped.
         if writing is not None:
-            await writing
+            await _settle(writing)
         if batch_size:
-            await write(batch)
+            await _settle(asyncio.ensure_future(write(batch)))
             copied += batch_size
     return copied
+
+
+async def _settle(write: asyncio.Future[None]) -> None:
+    """Wait for `write` to end even if this task is cancelled meanwhile.
+
+    Its bytes are on their way to a disk thread that cannot be stopped; returning early
+    would let the caller close the file (and release the upload) under it. A cancellation
+    that arrives here is raised once the write is done.
+    """
+    cancelled = False
+    while not write.done():
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
+    write.result()

@@ -158,10 +158,13 @@ class ChunkProtocol:
                 return
             seen = {c.number: c.size for c in status.chunks}
             yield _event("status", self._session(request, status))
+            loop = asyncio.get_running_loop()
+            poll_at = loop.time() + POLL_SECONDS
             while not status.info.is_complete:
                 try:
-                    kind, subject = await asyncio.wait_for(queue.get(), POLL_SECONDS)
+                    kind, subject = await asyncio.wait_for(queue.get(), max(0.0, poll_at - loop.time()))
                 except TimeoutError:
+                    poll_at = loop.time() + POLL_SECONDS
                     try:
                         status = await self.sessions.status(session_id)
                     except e.UploadError as error:
@@ -231,7 +234,7 @@ async def _json_object(request: Request) -> dict[str, object]:
             raise e.TooLarge(f"a session description is at most {MAX_JSON} bytes")
     try:
         spec = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise e.InvalidRequest("the body must be a JSON object") from None
     if not isinstance(spec, dict):
         raise e.InvalidRequest("the body must be a JSON object")
