@@ -280,15 +280,21 @@ class LocalStorage:
             os.close(fd)  # closing releases the flock
 
 
-class _Writer:
-    """The storage `Writer`: each call is one hop to the disk threads."""
+class _Writing:
+    """Writes to a file on the disk threads, one hop per call."""
 
-    def __init__(self, storage: LocalStorage, file: _FileWriter) -> None:
+    def __init__(self, storage: LocalStorage, file: _FileWriter | _ChunkFile) -> None:
         self._run = storage._run
         self._file = file
 
     async def write(self, blocks: Sequence[bytes]) -> None:
         await self._run(self._file.write, blocks)
+
+
+class _Writer(_Writing):
+    """The storage `Writer`."""
+
+    _file: _FileWriter
 
     async def commit(self) -> int:
         return await self._run(self._file.commit)
@@ -300,15 +306,10 @@ class _Writer:
         await self._run(self._file.discard)
 
 
-class _ChunkWriter:
-    """The storage `ChunkWriter`: each call is one hop to the disk threads."""
+class _ChunkWriter(_Writing):
+    """The storage `ChunkWriter`."""
 
-    def __init__(self, storage: LocalStorage, file: _ChunkFile) -> None:
-        self._run = storage._run
-        self._file = file
-
-    async def write(self, blocks: Sequence[bytes]) -> None:
-        await self._run(self._file.write, blocks)
+    _file: _ChunkFile
 
     async def commit(self, chunk: StoredChunk) -> None:
         try:

@@ -29,6 +29,15 @@ async def new_session(client: httpx.AsyncClient, server: Server, size: int, **sp
     return session
 
 
+async def file_session(
+    client: httpx.AsyncClient, server: Server, chunks: int, extra: int = 0
+) -> tuple[dict, bytes]:
+    """A session for random bytes: `chunks` whole chunks of the size the server picks, plus `extra`."""
+    probe = await new_session(client, server, 1)
+    data = os.urandom(chunks * probe["chunk_size"] + extra)
+    return await new_session(client, server, len(data)), data
+
+
 def piece(data: bytes, session: dict, number: int) -> bytes:
     size = session["chunk_size"]
     return data[(number - 1) * size : number * size]
@@ -97,9 +106,7 @@ async def test_parallel_chunks_out_of_order_assemble_to_the_file(
 async def test_repeated_chunk_same_bytes_succeeds_other_bytes_conflict(
     client: httpx.AsyncClient, server: Server
 ) -> None:
-    probe = await new_session(client, server, 1)
-    data = os.urandom(probe["chunk_size"] + 1000)
-    session = await new_session(client, server, len(data))
+    session, data = await file_session(client, server, 1, 1000)
     first = piece(data, session, 1)
     assert (await put_chunk(client, session, 1, first)).status_code == 201
     repeat = await put_chunk(client, session, 1, first)
@@ -134,9 +141,7 @@ async def test_digest_mismatch_stores_nothing(client: httpx.AsyncClient, server:
 async def test_chunk_cut_off_mid_body_is_not_recorded_and_can_be_resent(
     client: httpx.AsyncClient, server: Server
 ) -> None:
-    probe = await new_session(client, server, 1)
-    data = os.urandom(2 * probe["chunk_size"])
-    session = await new_session(client, server, len(data))
+    session, data = await file_session(client, server, 2)
     first = piece(data, session, 1)
     path = chunk_url(session, 1).split(str(server.port), 1)[1]
     sock = raw_request(
@@ -159,10 +164,7 @@ async def test_chunk_cut_off_mid_body_is_not_recorded_and_can_be_resent(
 
 
 async def test_complete_with_chunks_missing_lists_them(client: httpx.AsyncClient, server: Server) -> None:
-    probe = await new_session(client, server, 1)
-    size = probe["chunk_size"]
-    session = await new_session(client, server, 4 * size + 10)
-    data = os.urandom(4 * size + 10)
+    session, data = await file_session(client, server, 4, 10)
     for n in (1, 2, 4):
         assert (await put_chunk(client, session, n, piece(data, session, n))).status_code == 201
     refused = await client.post(session["complete_url"])
@@ -298,9 +300,7 @@ async def sse(response: httpx.Response) -> AsyncIterator[tuple[str, dict]]:
 async def test_events_arrive_in_order_and_end_with_completion(
     client: httpx.AsyncClient, server: Server
 ) -> None:
-    probe = await new_session(client, server, 1)
-    data = os.urandom(3 * probe["chunk_size"])
-    session = await new_session(client, server, len(data))
+    session, data = await file_session(client, server, 3)
     async with client.stream("GET", session["events_url"]) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         events = sse(stream)
@@ -359,8 +359,7 @@ async def test_an_idle_session_expires_and_its_watchers_hear_it(
 async def test_python_client_uploads_a_file_and_resumes_only_what_is_missing(
     client: httpx.AsyncClient, server: Server, tmp_path: Path
 ) -> None:
-    probe = await new_session(client, server, 1)
-    data = os.urandom(5 * probe["chunk_size"] + 777)
+    _, data = await file_session(client, server, 5, 777)
     source = tmp_path / "source.bin"
     source.write_bytes(data)
     seen: list[tuple[int, int]] = []
