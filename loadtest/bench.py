@@ -40,6 +40,7 @@ from .procs import (
 )
 
 TUS = {"Tus-Resumable": "1.0.0"}
+ROUNDS = 2  #: single-stream runs per side; the best counts, as a noisy disk only slows runs down
 
 
 def start_sink(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -86,7 +87,11 @@ async def tus_upload(http: httpx.AsyncClient, url: str, length: int, body: objec
 
 
 async def verify(http: httpx.AsyncClient, locations: list[str], expect: str) -> None:
-    """Outside the timed part: every stored upload must have the sha256 of what was sent."""
+    """Outside the timed part: every stored upload must have the sha256 of what was sent.
+
+    Verified uploads are deleted, so each measurement starts from the same disk, as the
+    sink's does (this VM's disk writes a new file slower while earlier ones remain).
+    """
     for location in locations:
         digest = hashlib.sha256()
         async with http.stream("GET", location) as download:
@@ -94,6 +99,7 @@ async def verify(http: httpx.AsyncClient, locations: list[str], expect: str) -> 
                 digest.update(block)
         if digest.hexdigest() != expect:
             raise RuntimeError(f"{location} is corrupted")
+        (await http.delete(location, headers=TUS)).raise_for_status()
     locations.clear()
 
 
@@ -127,16 +133,24 @@ async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str,
                 timeout=600, limits=httpx.Limits(max_connections=args.streams + 4)
             ) as http:
                 done: list[str] = []
-                sink_s = await timed(lambda i: sink_upload(http, sink_url, file_body(big)), 1, 1)
-                ours_s = await timed(lambda i: tus_upload(http, url, args.single, file_body(big), done), 1, 1)
-                await verify(http, done, big_sha)
+                sink_s = ours_s = float("inf")
+                for _ in range(ROUNDS):  # alternating, each from the same disk state; best of each
+                    sink_s = min(
+                        sink_s, await timed(lambda i: sink_upload(http, sink_url, file_body(big)), 1, 1)
+                    )
+                    _clear(work / "sink")
+                    ours_s = min(
+                        ours_s,
+                        await timed(lambda i: tus_upload(http, url, args.single, file_body(big), done), 1, 1),
+                    )
+                    await verify(http, done, big_sha)
                 rows.append(_row("single stream", args.single / sink_s, args.single / ours_s, 0.9, "MB/s"))
-                _clear(work / "sink")
 
                 total = args.streams * args.stream_size
                 sink_s = await timed(
                     lambda i: sink_upload(http, sink_url, stream), args.streams, args.streams
                 )
+                _clear(work / "sink")
                 rss_before = peak_rss_mb(pid)
                 ours_s = await timed(
                     lambda i: tus_upload(http, url, args.stream_size, stream, done),
@@ -148,7 +162,6 @@ async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str,
                 rows.append(
                     ("  server peak RSS", f"{max(rss_before, peak_rss_mb(pid)):.0f} MB", "", "< 100 MB")
                 )
-                _clear(work / "sink")
 
                 small = os.urandom(1024)
                 small_sha = hashlib.sha256(small).hexdigest()
