@@ -11,7 +11,7 @@ from .errors import TooLarge
 
 #: Bytes collected before one hand-off to the writer. At most two batches per request
 #: are in memory: one being written while the next one fills, so disk and network overlap.
-BATCH_BYTES = 1 << 20
+BATCH_BYTES = 512 << 10
 
 
 class Sink(Protocol):
