@@ -119,6 +119,20 @@ async def test_inspect_shows_the_storage_details(client, srv):
         assert "data" in details["storage"]["files"]
 
 
+async def test_inspect_shows_a_chunk_sessions_stored_chunks(client, srv):
+    created = await client.post(srv.url + "/chunks/", json={"size": 12 * 1024 * 1024})
+    session = created.json()
+    first = os.urandom(session["chunk_size"])
+    assert (await client.put(session["url"] + "/1", content=first)).status_code == 201
+    details = _json(srv.cli("inspect", session["id"], "--json"))
+    assert details["protocol"] == "chunks" and details["chunk_size"] == session["chunk_size"]
+    assert details["chunks"] == {
+        "count": session["chunk_count"],
+        "stored": 1,
+        "bytes_stored": session["chunk_size"],
+    }
+
+
 def test_inspect_of_an_unknown_upload_fails_naming_it(srv):
     result = srv.cli("inspect", "0" * 32)
     assert result.returncode == 1

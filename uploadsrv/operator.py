@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from storage.base import Housekeeping
+from storage.base import Chunked, Housekeeping
 
 from .core import UploadInfo, UploadService
 from .core.errors import UploadError
@@ -41,6 +41,7 @@ def describe(service: UploadService, info: UploadInfo) -> dict[str, Any]:
         "metadata": info.metadata,
         "partial": info.partial,
         "parts": info.parts,
+        "chunk_size": info.chunk_size,
     }
 
 
@@ -95,6 +96,13 @@ def print_uploads(rows: list[dict[str, Any]], console: Console) -> None:
 async def inspect(service: UploadService, upload_id: str) -> dict[str, Any]:
     info = await service.peek_any(upload_id)
     details = describe(service, info)
+    if info.chunk_size is not None and isinstance(service.storage, Chunked):
+        stored = await service.storage.stored_chunks(info)
+        details["chunks"] = {
+            "count": info.chunk_count,
+            "stored": len(stored),
+            "bytes_stored": sum(chunk.size for chunk in stored),
+        }
     if isinstance(service.storage, Housekeeping):
         details["storage"] = await service.storage.describe(upload_id)
     return details
