@@ -130,6 +130,8 @@ class StoredChunk:
     number: int  #: 1-based, like S3 part numbers
     size: int
     sha256: str  #: hex
+    #: When it was stored (seconds since the epoch): activity that keeps a session alive.
+    stored_at: float = field(default=0.0, compare=False)
 
 
 class ChunkWriter(Protocol):

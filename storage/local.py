@@ -420,9 +420,10 @@ def _stored_chunks(directory: Path, number: int | None) -> list[StoredChunk]:
     for name in names:
         try:
             size, _, sha256 = os.readlink(directory / name).partition(".")
+            stored_at = os.lstat(directory / name).st_mtime
         except FileNotFoundError:
             continue
-        chunks.append(StoredChunk(int(name), int(size), sha256))
+        chunks.append(StoredChunk(int(name), int(size), sha256, stored_at))
     return sorted(chunks, key=lambda c: c.number)
 
 

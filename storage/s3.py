@@ -185,9 +185,6 @@ class S3Storage:
         state = await self._load(upload_id)
         info = state.info()
         info.stored_state = state
-        if info.chunk_size is not None and not state.completed:  # a stored chunk is activity too
-            for _, _, stored_at in await self._chunk_listing(upload_id):
-                info.updated_at = max(info.updated_at, stored_at)
         return info
 
     async def _state_of(self, info: UploadInfo) -> _State:
@@ -307,20 +304,20 @@ class S3Storage:
 
     async def _chunk_listing(
         self, upload_id: str, number: int | None = None
-    ) -> list[tuple[StoredChunk, str, float]]:
-        """The chunk markers (all, or chunk `number`'s): the chunk, the ETag of the part its
-        bytes became, and when it was stored."""
+    ) -> list[tuple[StoredChunk, str]]:
+        """The chunk markers (all, or chunk `number`'s), oldest first for each number, with
+        the ETag of the part each chunk's bytes became."""
         prefix = self._key(upload_id, ".chunks/" + ("" if number is None else f"{number}."))
         found = []
         async for obj in self._objects(prefix):
             n, size, sha256, etag = obj["Key"].rpartition("/")[2].split(".")
-            found.append((StoredChunk(int(n), int(size), sha256), etag, obj["LastModified"].timestamp()))
-        return sorted(found, key=lambda item: (item[0].number, item[2]))
+            found.append((StoredChunk(int(n), int(size), sha256, obj["LastModified"].timestamp()), etag))
+        return sorted(found, key=lambda item: (item[0].number, item[0].stored_at))
 
     async def stored_chunks(self, info: UploadInfo, number: int | None = None) -> list[StoredChunk]:
         # Two markers for one chunk need two instances writing it at once after a lease
         # expired; the newer one is shown, and `assemble` goes by the part S3 holds.
-        newest = {chunk.number: chunk for chunk, _, _ in await self._chunk_listing(info.id, number)}
+        newest = {chunk.number: chunk for chunk, _ in await self._chunk_listing(info.id, number)}
         return list(newest.values())
 
     @asynccontextmanager
@@ -347,7 +344,7 @@ class S3Storage:
         key = self._key(info.id)
         uploaded = await self._uploaded_parts(info.id, state)
         recorded: dict[int, dict[str, StoredChunk]] = {}
-        for chunk, etag, _ in await self._chunk_listing(info.id):
+        for chunk, etag in await self._chunk_listing(info.id):
             recorded.setdefault(chunk.number, {})[etag] = chunk
         parts = []
         for number in (chunk.number for chunk in chunks):

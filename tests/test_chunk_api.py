@@ -341,6 +341,21 @@ async def test_events_see_chunks_stored_through_another_instance(
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
+async def test_a_stored_chunk_is_activity_that_keeps_a_session_alive(
+    client: httpx.AsyncClient, start_server, backend: str
+) -> None:
+    srv = start_server("--expiry", "1h", "--expiry-interval", "never", backend=backend)
+    session, data = await file_session(client, srv, 2)
+    assert (await put_chunk(client, session, 1, piece(data, session, 1))).status_code == 201
+    srv.age(session["upload_url"], 2 * 3600)  # the record says idle for 2 h; the chunk is fresh
+    alive = await status(client, session)
+    assert alive["state"] == "incomplete" and alive["chunks_stored"] == 1
+    assert json.loads(srv.cli("prune", "--json").stdout)["sessions_removed"] == 0
+    assert (await put_chunk(client, session, 2, piece(data, session, 2))).status_code == 201
+    assert (await client.post(session["complete_url"])).status_code == 200
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
 async def test_an_idle_session_expires_and_its_watchers_hear_it(
     client: httpx.AsyncClient, start_server, backend: str
 ) -> None:

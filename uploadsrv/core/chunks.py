@@ -154,6 +154,7 @@ class ChunkSessions:
     async def status(self, session_id: str) -> ChunkStatus:
         info = await self._session(session_id)
         chunks = await self._storage.stored_chunks(info)
+        info.updated_at = max([info.updated_at, *(c.stored_at for c in chunks)])  # for the expiry
         return ChunkStatus(info, chunks)
 
     async def complete(self, session_id: str) -> UploadInfo:

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from storage.base import Concatenating, Presigning, Storage, Writer
+from storage.base import Chunked, Concatenating, Presigning, Storage, Writer
 
 from .checksums import ALGORITHMS, Checksum, Digester
 from .errors import (
@@ -260,9 +260,12 @@ class UploadService:
         """Every upload the storage holds, for listings."""
         async for upload_id in self.storage.upload_ids():
             try:
-                yield await self.storage.get(upload_id)
+                info = await self.storage.get(upload_id)
+                if self.is_expired(info):
+                    await self._note_chunk_activity(info)
             except UploadNotFound:
                 continue  # removed while listing
+            yield info
 
     async def prune(
         self, idle_for: float, *, include_complete: bool = False, dry_run: bool = False
@@ -279,6 +282,8 @@ class UploadService:
             try:
                 async with self.locks.hold(upload_id, preempt=False):
                     info = await self.storage.get(upload_id)
+                    if info.updated_at <= cutoff:
+                        await self._note_chunk_activity(info)
                     if info.updated_at > cutoff or (info.is_complete and not include_complete):
                         continue
                     if not dry_run:
@@ -335,8 +340,18 @@ class UploadService:
     async def _live(self, upload_id: str) -> UploadInfo:
         info = await self.storage.get(self._known(upload_id))
         if self.is_expired(info):
-            raise UploadGone()
+            await self._note_chunk_activity(info)
+            if self.is_expired(info):
+                raise UploadGone()
         return info
+
+    async def _note_chunk_activity(self, info: UploadInfo) -> None:
+        """A chunk session's stored chunks are activity its record does not show (they
+        arrive in parallel, and a shared record would need a write per chunk). Asked only
+        when the record alone says the session is idle, so it costs nothing on busy ones."""
+        if info.chunk_size is not None and isinstance(self.storage, Chunked):
+            for chunk in await self.storage.stored_chunks(info):
+                info.updated_at = max(info.updated_at, chunk.stored_at)
 
     def _check_length(self, length: int) -> None:
         if length < 0:
