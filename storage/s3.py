@@ -118,7 +118,7 @@ class S3Storage:
             s3={"addressing_style": "path" if path_style else "auto"},
             retries={"mode": "standard", "max_attempts": 3},
             connect_timeout=3,
-            read_timeout=30,
+            read_timeout=120,  # CompleteMultipartUpload of a large object can take minutes
             max_pool_connections=io_threads,
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
