@@ -357,6 +357,8 @@ class _FileWriter:
         self._record = path / "info.json"
         self._staging = path / "staging" if transactional else None
         self._committed = offset
+        #: The record and directory entries were synced with the upload's first bytes.
+        self._synced = offset > 0
         if self._staging is None:
             self._fd = os.open(self._data, os.O_WRONLY)
             self._position = offset
@@ -370,16 +372,21 @@ class _FileWriter:
     def commit(self) -> int:
         if self._staging is None:
             os.fsync(self._fd)
-            _sync_upload(self._record.parent)
+            self._sync_upload_once()
             self._committed = self._position
             return self._committed
         with open(self._data, "r+b") as data:
             _copy_range(self._fd, data.fileno(), 0, self._committed, self._position)
             os.fsync(data.fileno())
-        _sync_upload(self._record.parent)
+        self._sync_upload_once()
         self._committed += self._position
         self.discard()
         return self._committed
+
+    def _sync_upload_once(self) -> None:
+        if not self._synced:
+            _sync_upload(self._record.parent)
+            self._synced = True
 
     def discard(self) -> None:
         if self._staging is not None:
@@ -503,11 +510,12 @@ def _sync_upload(path: Path) -> None:
     """Make an upload's record and the directory entries leading to it durable.
 
     Creation writes them without a flush; the first commit of bytes makes them durable
-    with the bytes. Nearly free on later commits, when nothing is left unwritten.
+    with the bytes.
     """
     _sync(path / "info.json")
     _sync(path)
     _sync(path.parent)
+    _sync(path.parent.parent)
 
 
 def _sync(path: Path) -> None:

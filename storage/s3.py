@@ -55,6 +55,8 @@ LEASE_SECONDS = 30.0  #: a lock whose holder died frees itself after this long
 LEASE_POLL_SECONDS = 0.1
 PREEMPT_POLL_SECONDS = 3.0  #: how often a lease holder looks for a waiter's marker
 NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+SLOW_OPERATIONS = {"complete_multipart_upload", "upload_part_copy"}
+SLOW_READ_SECONDS = 600
 
 
 def part_size_for(length: int | None, preferred: int, max_size: int) -> int:
@@ -118,10 +120,15 @@ class S3Storage:
             s3={"addressing_style": "path" if path_style else "auto"},
             retries={"mode": "standard", "max_attempts": 3},
             connect_timeout=3,
-            read_timeout=120,  # CompleteMultipartUpload of a large object can take minutes
+            read_timeout=30,  # a hung request must not outlive a lease (LEASE_SECONDS)
             max_pool_connections=io_threads,
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        #: For calls S3 may take minutes to answer (it keeps the connection alive meanwhile):
+        #: with the short timeout, botocore would retry them while they still run.
+        self._slow_client = boto3.client(
+            "s3", endpoint_url=endpoint_url, config=config.merge(Config(read_timeout=SLOW_READ_SECONDS))
+        )
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3")
         #: Names this process in leases; see `_Lease._take_over_stale`.
         self.instance = secrets.token_hex(8)
@@ -131,7 +138,8 @@ class S3Storage:
 
     async def _call(self, operation: str, **params: Any) -> Any:
         """One boto3 call on the bounded pool; outages become StorageUnavailable."""
-        method: Callable[..., Any] = getattr(self.client, operation)
+        client = self._slow_client if operation in SLOW_OPERATIONS else self.client
+        method: Callable[..., Any] = getattr(client, operation)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: method(**params))
         except ClientError as exc:
@@ -207,31 +215,63 @@ class S3Storage:
         await self._complete(info.id, await self._state_of(info))
 
     async def _complete(self, upload_id: str, state: _State) -> None:
-        """CompleteMultipartUpload (idempotent): the upload becomes one ordinary object."""
+        """CompleteMultipartUpload (idempotent): the upload becomes one ordinary object.
+
+        Bytes still in the tail (a length declared only after they arrived) become the
+        last part, copied inside S3. An earlier attempt may have completed the multipart
+        upload and died before saying so: the finished object then answers for it.
+        """
         if state.completed:
             return
         key = self._key(upload_id)
-        if state.parts:
-            parts = [{"PartNumber": p["n"], "ETag": p["etag"]} for p in state.parts]
-            await self._call(
-                "complete_multipart_upload",
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=state.multipart_id,
-                MultipartUpload={"Parts": parts},
-            )
-        elif state.info().length:
-            raise StorageUnavailable(f"upload {upload_id} has no parts to complete")
-        else:  # zero bytes: S3 wants at least one part, so store an empty object instead
-            await self._call(
-                "put_object", Bucket=self.bucket, Key=key, Body=b"", **_object_headers(state.info())
-            )
-            with suppress(UploadNotFound):
+        tail = state.tail_key
+        try:
+            if tail is not None:
+                last = await self._copy_part(upload_id, state, tail, 0, state.tail_size)
+                state.parts = [*(state.parts or []), last]
+                state.tail_key, state.tail_size = None, 0
+            if state.parts:
+                parts = [{"PartNumber": p["n"], "ETag": p["etag"]} for p in state.parts]
                 await self._call(
-                    "abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=state.multipart_id
+                    "complete_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=state.multipart_id,
+                    MultipartUpload={"Parts": parts},
                 )
+            elif state.info().length:
+                raise StorageUnavailable(f"upload {upload_id} has no parts to complete")
+            else:  # zero bytes: S3 wants at least one part, so store an empty object instead
+                await self._call(
+                    "put_object", Bucket=self.bucket, Key=key, Body=b"", **_object_headers(state.info())
+                )
+                with suppress(UploadNotFound):
+                    await self._call(
+                        "abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=state.multipart_id
+                    )
+        except UploadNotFound:
+            await self._call("head_object", Bucket=self.bucket, Key=key)  # UploadNotFound if truly gone
         state.completed = True
         await self._save(upload_id, state)
+        if tail is not None:
+            with suppress(StorageUnavailable, UploadNotFound):
+                await self._call("delete_object", Bucket=self.bucket, Key=tail)
+
+    async def _copy_part(
+        self, upload_id: str, state: _State, source: str, start: int, end: int
+    ) -> dict[str, Any]:
+        """Bytes [start, end) of the object `source` as the next part, copied inside S3."""
+        number = len(state.parts or []) + 1
+        response = await self._call(
+            "upload_part_copy",
+            Bucket=self.bucket,
+            Key=self._key(upload_id),
+            UploadId=state.multipart_id,
+            PartNumber=number,
+            CopySource={"Bucket": self.bucket, "Key": source},
+            CopySourceRange=f"bytes={start}-{end - 1}",
+        )
+        return {"n": number, "etag": response["CopyPartResult"]["ETag"], "size": end - start}
 
     async def delete(self, upload_id: str) -> None:
         with suppress(UploadNotFound):
@@ -354,13 +394,16 @@ class S3Storage:
                 raise StorageUnavailable(f"S3 does not hold chunk {number} as recorded")
             parts.append({"n": number, "etag": etag, "size": markers[etag.strip('"')].size})
         if uploaded is not None:
-            await self._call(
-                "complete_multipart_upload",
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=state.multipart_id,
-                MultipartUpload={"Parts": [{"PartNumber": p["n"], "ETag": p["etag"]} for p in parts]},
-            )
+            try:
+                await self._call(
+                    "complete_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=state.multipart_id,
+                    MultipartUpload={"Parts": [{"PartNumber": p["n"], "ETag": p["etag"]} for p in parts]},
+                )
+            except UploadNotFound:  # a retry of a completion that went through
+                await self._call("head_object", Bucket=self.bucket, Key=key)
         if sha256 is not None and await self._sha256(key) != sha256:
             raise ChecksumMismatch("the assembled file does not match the declared sha256")
         state.parts, state.completed = parts, True
@@ -809,20 +852,8 @@ class _Joiner:
             self._buffer += await self._s3._get_range(key, position, size)
 
     async def _copy(self, key: str, start: int, end: int) -> None:
-        number = len(self._state.parts or []) + 1
-        response = await self._s3._call(
-            "upload_part_copy",
-            Bucket=self._s3.bucket,
-            Key=self._s3._key(self._id),
-            UploadId=self._state.multipart_id,
-            PartNumber=number,
-            CopySource={"Bucket": self._s3.bucket, "Key": key},
-            CopySourceRange=f"bytes={start}-{end - 1}",
-        )
         assert self._state.parts is not None
-        self._state.parts.append(
-            {"n": number, "etag": response["CopyPartResult"]["ETag"], "size": end - start}
-        )
+        self._state.parts.append(await self._s3._copy_part(self._id, self._state, key, start, end))
 
     async def flush(self) -> None:
         if self._buffer:

@@ -84,6 +84,18 @@ async def test_deferred_length_is_declared_by_a_later_patch(client, server):
     assert await download(client, url) == b"abcdef"
 
 
+@pytest.mark.parametrize("size", [1000, 6 * 1024 * 1024 + 5])
+async def test_a_length_declared_after_the_last_bytes_completes_the_upload(client, server, size):
+    """On S3 the bytes that did not fill a part are still in the tail when the length comes."""
+    data = os.urandom(size)
+    url = await create(client, server, None)
+    assert (await patch(client, url, 0, data)).status_code == 204
+    response = await patch(client, url, size, b"", **{"Upload-Length": str(size)})
+    assert response.status_code == 204, response.text
+    assert sha256(await download(client, url)) == sha256(data)
+    assert server.stored_size(url) == size
+
+
 async def test_declaring_a_length_below_the_stored_bytes_is_rejected(client, server):
     url = await create(client, server, None)
     await patch(client, url, 0, b"abcdef")

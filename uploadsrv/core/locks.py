@@ -56,7 +56,9 @@ class Hold:
             await asyncio.wait({task})
         except asyncio.CancelledError:
             task.cancel()
-            await asyncio.wait({task})
+            while not task.done():  # however often this is cancelled: its writes must end first
+                with suppress(asyncio.CancelledError):
+                    await asyncio.wait({task})
             raise
         finally:
             watcher.cancel()
