@@ -159,6 +159,9 @@ class Chunked(Protocol):
     async def stored_chunks(self, info: UploadInfo, number: int | None = None) -> list[StoredChunk]:
         """Every stored chunk (or only chunk `number`, if stored), by number."""
 
+    async def chunks_busy(self, info: UploadInfo) -> bool:
+        """Whether a chunk of the session is being written right now, by any process."""
+
     def chunk_writer(self, info: UploadInfo, number: int) -> AbstractAsyncContextManager[ChunkWriter]:
         """A writer for chunk `number`; leaving it without `commit` stores nothing."""
 

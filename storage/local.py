@@ -182,6 +182,9 @@ class LocalStorage:
         except FileNotFoundError:
             raise UploadNotFound() from None
 
+    async def chunks_busy(self, info: UploadInfo) -> bool:
+        return await self._run(_chunks_busy, self._dir(info.id) / "chunks")
+
     @asynccontextmanager
     async def chunk_writer(self, info: UploadInfo, number: int) -> AsyncIterator[_ChunkWriter]:
         assert info.chunk_size is not None
@@ -432,6 +435,20 @@ def _stored_chunks(directory: Path, number: int | None) -> list[StoredChunk]:
             continue
         chunks.append(StoredChunk(int(name), int(size), sha256, stored_at))
     return sorted(chunks, key=lambda c: c.number)
+
+
+def _chunks_busy(directory: Path) -> bool:
+    """Whether another open file holds the flock of any chunk's lock file."""
+    for name in _list_dir(directory):
+        if name.endswith(".lock"):
+            with suppress(FileNotFoundError):
+                fd = os.open(directory / name, os.O_RDONLY)
+                try:
+                    if not _try_flock(fd):
+                        return True
+                finally:
+                    os.close(fd)
+    return False
 
 
 def _assemble(path: Path, length: int, sha256: str | None) -> None:

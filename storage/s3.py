@@ -360,6 +360,14 @@ class S3Storage:
         newest = {chunk.number: chunk for chunk, _ in await self._chunk_listing(info.id, number)}
         return list(newest.values())
 
+    async def chunks_busy(self, info: UploadInfo) -> bool:
+        """A chunk lease renewed within its lifetime belongs to a request still writing."""
+        fresh = time.time() - LEASE_SECONDS
+        async for obj in self._objects(self._key(info.id, ".chunk-")):
+            if obj["Key"].endswith(".lock") and obj["LastModified"].timestamp() > fresh:
+                return True
+        return False
+
     @asynccontextmanager
     async def chunk_writer(self, info: UploadInfo, number: int) -> AsyncIterator[_ChunkWriter]:
         state = await self._state_of(info)

@@ -355,6 +355,38 @@ async def test_a_stored_chunk_is_activity_that_keeps_a_session_alive(
     assert (await client.post(session["complete_url"])).status_code == 200
 
 
+def chunk_locked(srv: Server, session: dict, number: int) -> bool:
+    """Whether the server holds chunk `number`'s lock (a request is writing it)."""
+    if srv.moto is None:
+        return (srv.upload_dir(session["upload_url"]) / "chunks" / f"{number}.lock").exists()
+    key = f"{srv.prefix}{session['id']}.chunk-{number}.lock"
+    return "Contents" in srv.moto.client.list_objects_v2(Bucket=srv.bucket, Prefix=key)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+async def test_prune_spares_a_session_whose_chunk_is_arriving(
+    client: httpx.AsyncClient, start_server, backend: str
+) -> None:
+    srv = start_server("--expiry-interval", "never", backend=backend)
+    session = await new_session(client, srv, 10_000)
+    path = chunk_url(session, 1).split(str(srv.port), 1)[1]
+    body = os.urandom(10_000)
+    sock = raw_request(
+        srv.port, f"PUT {path} HTTP/1.1\nHost: x\nContent-Length: 10000\n", body[:4000], close=False
+    )
+    try:
+        wait_for(lambda: chunk_locked(srv, session, 1), what="the chunk's lock")
+        srv.age(session["upload_url"], 3 * 3600)  # idle by its record, but a chunk is arriving
+        report = json.loads(srv.cli("prune", "--older-than", "1h", "--json").stdout)
+        assert report["sessions_removed"] == 0 and report["busy"] == [session["id"]]
+        sock.sendall(body[4000:])
+        code, _, answer = read_response(sock)
+    finally:
+        sock.close()
+    assert code == 201, answer
+    assert (await client.post(session["complete_url"])).status_code == 200
+
+
 @pytest.mark.parametrize("backend", ["local", "s3"])
 async def test_an_idle_session_expires_and_its_watchers_hear_it(
     client: httpx.AsyncClient, start_server, backend: str

@@ -286,6 +286,8 @@ class UploadService:
                         await self._note_chunk_activity(info)
                     if info.updated_at > cutoff or (info.is_complete and not include_complete):
                         continue
+                    if await self._chunks_busy(info):  # chunks take their own locks, not this one
+                        raise UploadBusy()
                     if not dry_run:
                         await self.storage.delete(upload_id)
             except UploadBusy:
@@ -344,6 +346,13 @@ class UploadService:
             if self.is_expired(info):
                 raise UploadGone()
         return info
+
+    async def _chunks_busy(self, info: UploadInfo) -> bool:
+        return (
+            info.chunk_size is not None
+            and isinstance(self.storage, Chunked)
+            and await self.storage.chunks_busy(info)
+        )
 
     async def _note_chunk_activity(self, info: UploadInfo) -> None:
         """A chunk session's stored chunks are activity its record does not show (they
