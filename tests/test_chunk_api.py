@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,6 +54,13 @@ async def put_chunk(
     digest = base64.b64encode(hashlib.sha256(body).digest()).decode()
     headers = {"Content-Digest": f"sha-256=:{digest}:", **headers}
     return await client.put(chunk_url(session, number), content=body, headers=headers)
+
+
+def partial_put(srv: Server, session: dict, number: int, body: bytes, sent: int) -> socket.socket:
+    """A chunk PUT over a raw socket that has sent only `sent` bytes of `body` so far."""
+    path = chunk_url(session, number).split(str(srv.port), 1)[1]
+    head = f"PUT {path} HTTP/1.1\nHost: x\nContent-Length: {len(body)}\n"
+    return raw_request(srv.port, head, body[:sent], close=False)
 
 
 async def status(client: httpx.AsyncClient, session: dict) -> dict:
@@ -143,14 +151,7 @@ async def test_chunk_cut_off_mid_body_is_not_recorded_and_can_be_resent(
 ) -> None:
     session, data = await file_session(client, server, 2)
     first = piece(data, session, 1)
-    path = chunk_url(session, 1).split(str(server.port), 1)[1]
-    sock = raw_request(
-        server.port,
-        f"PUT {path} HTTP/1.1\nHost: x\nContent-Length: {len(first)}\n",
-        first[: len(first) // 2],
-        close=False,
-    )
-    sock.close()  # the network drops the rest
+    partial_put(server, session, 1, first, len(first) // 2).close()  # the network drops the rest
     # The retry preempts the cut request if the server still waits for its bytes.
     assert (await put_chunk(client, session, 2, piece(data, session, 2))).status_code == 201
     progress = await status(client, session)
@@ -227,11 +228,8 @@ async def test_a_chunk_arriving_while_its_session_is_aborted_is_a_404(
     client: httpx.AsyncClient, server: Server
 ) -> None:
     session = await new_session(client, server, 10_000)
-    path = chunk_url(session, 1).split(str(server.port), 1)[1]
     body = os.urandom(10_000)
-    sock = raw_request(
-        server.port, f"PUT {path} HTTP/1.1\nHost: x\nContent-Length: 10000\n", body[:4000], close=False
-    )
+    sock = partial_put(server, session, 1, body, 4000)
     try:
         assert (await client.delete(session["url"])).status_code == 204
         sock.sendall(body[4000:])
@@ -369,11 +367,8 @@ async def test_prune_spares_a_session_whose_chunk_is_arriving(
 ) -> None:
     srv = start_server("--expiry-interval", "never", backend=backend)
     session = await new_session(client, srv, 10_000)
-    path = chunk_url(session, 1).split(str(srv.port), 1)[1]
     body = os.urandom(10_000)
-    sock = raw_request(
-        srv.port, f"PUT {path} HTTP/1.1\nHost: x\nContent-Length: 10000\n", body[:4000], close=False
-    )
+    sock = partial_put(srv, session, 1, body, 4000)
     try:
         wait_for(lambda: chunk_locked(srv, session, 1), what="the chunk's lock")
         srv.age(session["upload_url"], 3 * 3600)  # idle by its record, but a chunk is arriving
