@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TUS, Server, raw_request, read_response, sha256, wait_for
 from uploadsrv.client import ChunkClient
@@ -442,3 +443,29 @@ async def test_openapi_description_is_valid_and_covers_the_chunk_api(
         "/chunks/{id}/complete",
         "/chunks/{id}/events",
     }
+
+
+def events_counted(metrics: str, event: str, protocol: str) -> float:
+    """The value of uploadsrv_upload_events_total for one event and protocol (0 if absent)."""
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "uploadsrv_upload_events_total" and sample.labels == {
+                "event": event,
+                "protocol": protocol,
+            }:
+                return sample.value
+    return 0.0
+
+
+async def test_metrics_count_stored_chunks_and_finished_sessions(
+    client: httpx.AsyncClient, server: Server
+) -> None:
+    before = (await client.get(server.url + "/metrics")).text
+    session, data = await file_session(client, server, 2)
+    for n in (1, 2):
+        assert (await put_chunk(client, session, n, piece(data, session, n))).status_code == 201
+    assert (await put_chunk(client, session, 1, piece(data, session, 1))).status_code == 200
+    assert (await client.post(session["complete_url"])).status_code == 200
+    after = (await client.get(server.url + "/metrics")).text
+    for event, count in (("created", 2), ("chunk", 2), ("completed", 1)):  # created: also the probe
+        assert events_counted(after, event, "chunks") - events_counted(before, event, "chunks") == count

@@ -148,6 +148,7 @@ class ChunkSessions:
                 size = await hold.run(pump(body, writer, limit=expected, digester=digester))
                 chunk = _verified(number, size, expected, digester, checksum)
                 await writer.commit(chunk)
+        self._service.emit("chunk", info)
         self._notify(session_id, ("chunk", chunk))
         return chunk, True
 

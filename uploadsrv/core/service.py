@@ -35,7 +35,7 @@ log = logging.getLogger("uploadsrv.core")
 PROGRESS_BYTES = 4 << 20  #: report durable progress at least every this many bytes...
 PROGRESS_SECONDS = 1.0  #: ...or this often, whichever comes first
 
-#: Called with an event name ("created", "appended", "completed", "terminated",
+#: Called with an event name ("created", "appended", "chunk", "completed", "terminated",
 #: "expired") and the upload; metrics and progress streams subscribe here.
 Listener = Callable[[str, UploadInfo], None]
 
@@ -61,7 +61,8 @@ class UploadService:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def _emit(self, event: str, info: UploadInfo) -> None:
+    def emit(self, event: str, info: UploadInfo) -> None:
+        """Tell the listeners (metrics, event streams) what happened to an upload."""
         for listener in self._listeners:
             listener(event, info)
 
@@ -87,7 +88,7 @@ class UploadService:
             length, metadata, owner, protocol, partial=partial, chunk_size=chunk_size, sha256=sha256
         )
         await self.storage.create(info)
-        self._emit("created", info)
+        self.emit("created", info)
         log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": protocol})
         if info.is_complete:  # a zero-byte upload is done at once
             await self.finish(info)
@@ -124,7 +125,7 @@ class UploadService:
             await self.storage.delete(info.id)
             raise
         info.offset = total
-        self._emit("created", info)
+        self.emit("created", info)
         await self.finish(info)
         return info
 
@@ -223,7 +224,7 @@ class UploadService:
         async with self.locks.hold(self._known(upload_id)):
             info = await self.storage.get(upload_id)
             await self.storage.delete(upload_id)
-        self._emit("terminated", info)
+        self.emit("terminated", info)
         log.info("upload terminated", extra={"upload_id": upload_id})
 
     def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
@@ -305,7 +306,7 @@ class UploadService:
         async for info, deleted in self.prune(self.expiry):
             if deleted and isinstance(info, UploadInfo):
                 removed.append(info.id)
-                self._emit("expired", info)
+                self.emit("expired", info)
                 log.info("upload expired", extra={"upload_id": info.id})
         return removed
 
@@ -382,12 +383,12 @@ class UploadService:
 
     def _after_append(self, info: UploadInfo) -> None:
         info.updated_at = self._clock()
-        self._emit("appended", info)
+        self.emit("appended", info)
 
     async def finish(self, info: UploadInfo) -> None:
         """The upload reached its length: let the backend finalise it, and tell listeners."""
         await self.storage.finish(info)
-        self._emit("completed", info)
+        self.emit("completed", info)
         log.info("upload completed", extra={"upload_id": info.id, "length": info.length})
 
 
