@@ -31,7 +31,15 @@ from uploadsrv.core import Checksum, UploadInfo
 from uploadsrv.core import errors as e
 from uploadsrv.core.chunks import ChunkSessions, ChunkStatus
 
-from .common import ERROR_STATUS, error_headers, error_problem, parse_content_digest, parse_offset, public_url
+from .common import (
+    ERROR_STATUS,
+    content_length,
+    error_headers,
+    error_problem,
+    parse_content_digest,
+    parse_offset,
+    public_url,
+)
 
 PATH = "/chunks/"
 MAX_JSON = 64 << 10  #: a session's JSON description is small; anything bigger is refused
@@ -112,7 +120,7 @@ class ChunkProtocol:
             request.path_params["session_id"],
             number,
             RequestBody(request.scope, request.receive),
-            content_length=_content_length(request),
+            content_length=content_length(request),
             checksum=_chunk_checksum(request),
         )
         return JSONResponse(_chunk(chunk), 201 if new else 200)
@@ -239,11 +247,6 @@ async def _json_object(request: Request) -> dict[str, object]:
     if not isinstance(spec, dict):
         raise e.InvalidRequest("the body must be a JSON object")
     return spec
-
-
-def _content_length(request: Request) -> int | None:
-    value = request.headers.get("content-length")
-    return None if value is None else parse_offset(value, "Content-Length")
 
 
 def _chunk_checksum(request: Request) -> Checksum | None:

@@ -95,6 +95,12 @@ def http_date(timestamp: float) -> str:
     return formatdate(timestamp, usegmt=True)
 
 
+def content_length(request: Request) -> int | None:
+    """The request's Content-Length, if it has one (a chunked body has none)."""
+    value = request.headers.get("content-length")
+    return None if value is None else parse_offset(value, "Content-Length")
+
+
 def parse_offset(text: str | None, name: str) -> int:
     """A non-negative decimal header value; anything else is the client's error."""
     if text is None:

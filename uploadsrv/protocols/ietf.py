@@ -26,6 +26,7 @@ from uploadsrv.uvicorn_protocols import ABORT, INFORMATIONAL
 from .common import (
     ERROR_STATUS,
     PROBLEM_TYPE,
+    content_length,
     error_headers,
     parse_content_digest,
     parse_offset,
@@ -197,7 +198,7 @@ class IetfProtocol:
             upload_id,
             offset,
             RequestBody(x.request.scope, x.request.receive),
-            content_length=_content_length(headers.get("content-length")),
+            content_length=content_length(x.request),
             length=x.declared_length(complete),
             checksum=parse_content_digest(
                 headers.get("content-digest") or _whole_in_one(headers, offset, complete)
@@ -296,7 +297,7 @@ class _Exchange:
         if "upload-length" in headers:
             return parse_offset(headers["upload-length"], "Upload-Length")
         if complete and "upload-offset" not in headers:  # creation with all the data
-            return _content_length(headers.get("content-length"))
+            return content_length(self.request)
         return None
 
     async def informational(self, headers: dict[str, str]) -> None:
@@ -310,10 +311,6 @@ class _Exchange:
     async def abort(self) -> None:
         if self._can_abort:
             await self._send({"type": ABORT})
-
-
-def _content_length(value: str | None) -> int | None:
-    return None if value is None else parse_offset(value, "Content-Length")
 
 
 def _whole_in_one(headers: object, offset: int, complete: bool) -> str | None:

@@ -20,7 +20,16 @@ from uploadsrv.config import Settings
 from uploadsrv.core import ALGORITHMS, Checksum, UploadInfo, UploadService, is_upload_id
 from uploadsrv.core import errors as e
 
-from .common import ERROR_STATUS, error_headers, error_problem, http_date, parse_offset, problem, public_url
+from .common import (
+    ERROR_STATUS,
+    content_length,
+    error_headers,
+    error_problem,
+    http_date,
+    parse_offset,
+    problem,
+    public_url,
+)
 from .download import download
 
 VERSION = "1.0.0"
@@ -192,7 +201,7 @@ class TusProtocol:
             upload_id,
             offset,
             body,
-            content_length=_content_length(request),
+            content_length=content_length(request),
             length=None if length_header is None else parse_offset(length_header, "Upload-Length"),
             checksum=parse_checksum(headers["upload-checksum"]) if "upload-checksum" in headers else None,
             trailer_checksum=(lambda: _trailer_checksum(body)) if trailer else None,
@@ -285,12 +294,7 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _content_length(request: Request) -> int | None:
-    value = request.headers.get("content-length")
-    return None if value is None else parse_offset(value, "Content-Length")
-
-
 def _has_body(request: Request) -> bool:
-    return _content_length(request) not in (None, 0) or "chunked" in request.headers.get(
+    return content_length(request) not in (None, 0) or "chunked" in request.headers.get(
         "transfer-encoding", ""
     )
