@@ -92,7 +92,10 @@ class LocalStorage:
 
     def _create(self, info: UploadInfo) -> None:
         path = self._dir(info.id)
-        path.mkdir(parents=True)
+        if not path.parent.is_dir():  # a new shard: one of 256, so syncing its entry is rare
+            path.parent.mkdir(exist_ok=True)
+            _sync(self._uploads)
+        path.mkdir()
         (path / "data").touch()
         if info.chunk_size is not None:
             (path / "chunks").mkdir()
@@ -527,12 +530,11 @@ def _sync_upload(path: Path) -> None:
     """Make an upload's record and the directory entries leading to it durable.
 
     Creation writes them without a flush; the first commit of bytes makes them durable
-    with the bytes.
+    with the bytes. (A new shard's own entry is synced when the shard is made.)
     """
     _sync(path / "info.json")
     _sync(path)
     _sync(path.parent)
-    _sync(path.parent.parent)
 
 
 def _sync(path: Path) -> None:
