@@ -117,8 +117,6 @@ class LocalStorage:
         stat = os.stat(path / "data")
         info = UploadInfo.from_record(record, offset=stat.st_size)
         info.updated_at = max(info.updated_at, stat.st_mtime)
-        if info.chunk_size is not None:  # a stored chunk (a new entry) is activity too
-            info.updated_at = max(info.updated_at, os.stat(path / "chunks").st_mtime)
         return info
 
     async def update(self, info: UploadInfo) -> None:

@@ -221,8 +221,6 @@ class Server:
             record["created_at"] = record["updated_at"] = past
             info.write_text(json.dumps(record))
             os.utime(self.upload_dir(upload_url) / "data", (past, past))
-            if (self.upload_dir(upload_url) / "chunks").exists():  # a chunk session's last chunk
-                os.utime(self.upload_dir(upload_url) / "chunks", (past, past))
             return
         state = self._s3_info(upload_url)
         state["record"]["created_at"] = state["record"]["updated_at"] = past
