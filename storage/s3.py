@@ -122,6 +122,12 @@ class S3Storage:
             connect_timeout=3,
             read_timeout=30,  # a hung request must not outlive a lease (LEASE_SECONDS)
             max_pool_connections=io_threads,
+            # One integrity check per part: over plain HTTP, SigV4 signs the body's sha256
+            # (S3 checks it), so a CRC32 as well would hash every byte twice; over HTTPS,
+            # botocore sends a CRC32 instead of signing the body.
+            request_checksum_calculation=(
+                "when_required" if (endpoint_url or "").startswith("http://") else "when_supported"
+            ),
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
         #: For calls S3 may take minutes to answer (it keeps the connection alive meanwhile):
