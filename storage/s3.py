@@ -638,7 +638,10 @@ class _Spool:
 
     def write(self, blocks: Sequence[bytes]) -> None:
         for block in blocks:
-            self.size += os.write(self.file.fileno(), block)
+            view = memoryview(block)
+            while view:  # a short write (a disk filling up) must not leave a gap
+                view = view[os.write(self.file.fileno(), view) :]
+            self.size += len(block)
 
     def body(self) -> BinaryIO:
         self.file.seek(0)
