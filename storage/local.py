@@ -109,9 +109,11 @@ class LocalStorage:
         os.close(os.open(path / "data", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         if info.chunk_size is not None:
             (path / "chunks").mkdir()
-        # Not fsynced here: the first commit of bytes syncs the record with them. Until then
-        # a crash can lose an empty upload (the client starts again), never a stored byte.
-        _write_atomically(path / "info.json", json.dumps(info.to_record()).encode(), sync=False)
+        # Written in place (nothing older can be torn) and not fsynced: the first commit of
+        # bytes syncs the record with them. Until then a crash can lose or cut short an empty
+        # upload's record (`get` says: create it again), never a stored byte.
+        with open(path / "info.json", "xb") as record:
+            record.write(json.dumps(info.to_record()).encode())
         return new_shard
 
     async def get(self, upload_id: str) -> UploadInfo:
@@ -545,13 +547,12 @@ def _concatenate(target: Path, sources: list[Path]) -> None:
         os.fsync(out.fileno())
 
 
-def _write_atomically(path: Path, content: bytes, *, sync: bool = True) -> None:
+def _write_atomically(path: Path, content: bytes) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         f.write(content)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

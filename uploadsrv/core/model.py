@@ -88,12 +88,20 @@ class UploadInfo:
         return quote(name.encode("utf-8", "surrogateescape"), safe="") if name else None
 
     def to_record(self) -> dict[str, object]:
-        """The persisted form; `offset` is left out because backends derive it from the bytes."""
-        record = dataclasses.asdict(dataclasses.replace(self, stored_state=None))
-        del record["offset"], record["stored_state"]
+        """The persisted form; `offset` is left out because backends derive it from the bytes.
+
+        Copies one level deep (the metadata dict, the parts list): the fields hold nothing
+        deeper, and `dataclasses.asdict` cost more than the rest of a create."""
+        record = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        record["metadata"] = dict(self.metadata)
+        if self.parts is not None:
+            record["parts"] = list(self.parts)
         return record
 
     @classmethod
     def from_record(cls, record: dict[str, object], offset: int) -> UploadInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in names}, offset=offset)  # type: ignore[arg-type]
+
+
+_RECORD_FIELDS = [f.name for f in dataclasses.fields(UploadInfo) if f.name not in ("offset", "stored_state")]
