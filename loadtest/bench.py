@@ -6,6 +6,8 @@ In one run, on one machine: (1) one upload in a single request, (2) many concurr
 (3) create + 1 KiB append pairs per second, each against a bare sink (loadtest/sink.py:
 reads the body, writes and fsyncs it, on the same uvicorn stack and disk); (4) S3 against
 boto3 directly on the same moto endpoint. Every upload through uploadsrv is verified.
+Small requests are also sent to a tus responder that stores nothing: the client shares
+the cores, so that rate is the most any tus server can show here.
 """
 
 from __future__ import annotations
@@ -43,9 +45,15 @@ TUS = {"Tus-Resumable": "1.0.0"}
 ROUNDS = 2  #: single-stream and small-request runs per side; the best of each counts
 
 
-def start_sink(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_sink(directory: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+    """The bare sink writing into `directory`; without one, the tus responder that stores nothing."""
     port = free_port()
-    directory.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if directory is None:
+        env.pop("SINK_DIR", None)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        env["SINK_DIR"] = str(directory)
     command = [
         sys.executable,
         "-m",
@@ -57,7 +65,7 @@ def start_sink(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
         "httptools",
     ]
     command += ["--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
-    process = subprocess.Popen(command, env={**os.environ, "SINK_DIR": str(directory)})
+    process = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(url + "/", process)
     return process, url
@@ -116,16 +124,14 @@ async def timed(coroutine_factory, count: int, concurrency: int) -> float:  # ty
     return time.perf_counter() - started
 
 
-async def alternating(
-    sink_once: Callable[[], Awaitable[float]], ours_once: Callable[[], Awaitable[float]]
-) -> tuple[float, float]:
-    """The fastest of ROUNDS runs of each, sink and uploadsrv alternating, so a noisy machine
-    (it only ever slows a run down) weighs on both alike."""
-    sink_s = ours_s = float("inf")
+async def best_of_rounds(*runs: Callable[[], Awaitable[float]]) -> list[float]:
+    """The fastest of ROUNDS runs of each, the runs taking turns, so a noisy machine (it
+    only ever slows a run down) weighs on all alike."""
+    best = [float("inf")] * len(runs)
     for _ in range(ROUNDS):
-        sink_s = min(sink_s, await sink_once())
-        ours_s = min(ours_s, await ours_once())
-    return sink_s, ours_s
+        for i, run in enumerate(runs):
+            best[i] = min(best[i], await run())
+    return best
 
 
 async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
@@ -138,6 +144,7 @@ async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str,
     stream = os.urandom(args.stream_size)
     stream_sha = hashlib.sha256(stream).hexdigest()
     sink, sink_url = start_sink(work / "sink")
+    echo, echo_url = start_sink(None)
     rows = []
     try:
         with spawned_server("local", work / "srv") as (url, pid):
@@ -158,7 +165,7 @@ async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str,
                     await verify(http, done, big_sha)
                     return seconds
 
-                sink_s, ours_s = await alternating(sink_single, ours_single)
+                sink_s, ours_s = await best_of_rounds(sink_single, ours_single)
                 rows.append(_row("single stream", args.single / sink_s, args.single / ours_s, 0.9, "MB/s"))
 
                 total = args.streams * args.stream_size
@@ -191,13 +198,25 @@ async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str,
                     await verify(http, done, small_sha)
                     return seconds
 
-                sink_s, ours_s = await alternating(sink_small, ours_small)
+                async def nothing_stored() -> float:
+                    return await timed(lambda i: tus_upload(http, echo_url, 1024, small, []), args.small, 8)
+
+                sink_s, ours_s, echo_s = await best_of_rounds(sink_small, ours_small, nothing_stored)
                 rows.append(
                     _row("small uploads", args.small / sink_s, args.small / ours_s, 0.5, "/s", scale=1)
                 )
+                rows.append(
+                    (
+                        "  tus, nothing stored",
+                        f"{args.small / echo_s:,.1f} /s",
+                        "",
+                        f"{sink_s / echo_s:.2f} (this client's ceiling)",
+                    )
+                )
     finally:
-        sink.kill()
-        sink.wait()
+        for process in (sink, echo):
+            process.kill()
+            process.wait()
     return rows
 
 
