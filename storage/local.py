@@ -7,12 +7,14 @@ the upload's flock target: opening it creates nothing.
 
 The offset of an upload is the size of ``data``: bytes reach the file only in order,
 so the offset can never run ahead of what is stored and never goes down, also after a
-crash. Bulk writes, fsyncs, byte reads and directory walks run on a bounded thread pool
-owned by the backend. Metadata calls on one upload (open, stat, mkdir, rename, reading or
-writing its record of a few hundred bytes without a sync) run on the event loop, as
-nginx runs its opens: they take microseconds, while a hop to a thread and back costs
-0.2-0.3 ms of CPU under the GIL, which was most of the cost of a small upload. A body
-smaller than `SMALL_WRITE` reaches the disk in the same hop as its fsync.
+crash. Bulk writes, fsyncs, byte reads, deletes and directory walks run on a bounded
+thread pool owned by the backend. The metadata calls of a request on one upload (open,
+stat, flock, mkdir, reading its record of a few hundred bytes, writing a new one without
+a sync) run on the event loop, as nginx runs its opens: they take microseconds (up to
+~0.2 ms while the disk threads' fsyncs hold the ext4 journal), while a hop to a thread and
+back costs 0.2-0.3 ms of CPU under the GIL, which was most of the cost of a small upload.
+A slow or remote filesystem (NFS) would stall every request of the worker on them; use a
+local disk. A body smaller than `SMALL_WRITE` reaches the disk in the same hop as its fsync.
 
 A chunk session writes each chunk at its place in ``assembly`` and then records it as
 ``chunks/<n>``, a symlink whose target is ``<size>.<sha256>``: one readlink looks a
@@ -91,30 +93,13 @@ class LocalStorage:
     # -- records -----------------------------------------------------------------
 
     async def create(self, info: UploadInfo) -> None:
+        path = self._dir(info.id)
         with _disk_errors():
-            new_shard = self._create(info)
+            new_shard = _make_directory(path)
         if new_shard:  # one of 256, so syncing its entry is rare
             await self._run(_sync, self._uploads)
-
-    def _create(self, info: UploadInfo) -> bool:
-        """Makes the upload's directory and record; True if its shard was new."""
-        path = self._dir(info.id)
-        try:
-            path.mkdir()
-            new_shard = False
-        except FileNotFoundError:
-            path.parent.mkdir(exist_ok=True)
-            path.mkdir()
-            new_shard = True
-        os.close(os.open(path / "data", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        if info.chunk_size is not None:
-            (path / "chunks").mkdir()
-        # Written in place (nothing older can be torn) and not fsynced: the first commit of
-        # bytes syncs the record with them. Until then a crash can lose or cut short an empty
-        # upload's record (`get` says: create it again), never a stored byte.
-        with open(path / "info.json", "xb") as record:
-            record.write(json.dumps(info.to_record()).encode())
-        return new_shard
+        with _disk_errors():
+            _fill_new_upload(path, info)
 
     async def get(self, upload_id: str) -> UploadInfo:
         try:
@@ -163,8 +148,11 @@ class LocalStorage:
     async def writer(self, info: UploadInfo, *, transactional: bool) -> AsyncIterator[_Writer]:
         path = self._dir(info.id)
         try:
-            with _disk_errors():
-                file = _FileWriter(path, info.offset, transactional)
+            if transactional:  # truncates a staging file a crash may have left, however large
+                file = await self._run(_FileWriter, path, info.offset, transactional)
+            else:
+                with _disk_errors():
+                    file = _FileWriter(path, info.offset, transactional)
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -412,12 +400,15 @@ class _FileWriter:
 
     def commit(self, blocks: Sequence[bytes] = ()) -> int:
         """Write `blocks` (the held small writes), then make everything written durable."""
-        self.write(blocks)
         if self._staging is None:
-            os.fsync(self._fd)
-            self._sync_upload_once()
+            try:
+                self.write(blocks)
+            finally:  # even if they fail (a full disk): what reached the file is made durable
+                os.fsync(self._fd)
+                self._sync_upload_once()
             self._committed = self._position
             return self._committed
+        self.write(blocks)
         with open(self._data, "r+b") as data:
             _copy_range(self._fd, data.fileno(), 0, self._committed, self._position)
             os.fsync(data.fileno())
@@ -545,6 +536,29 @@ def _concatenate(target: Path, sources: list[Path]) -> None:
                 _copy_range(part.fileno(), out.fileno(), 0, offset, size)
                 offset += size
         os.fsync(out.fileno())
+
+
+def _make_directory(path: Path) -> bool:
+    """Make an upload's directory; True if its shard directory was new."""
+    try:
+        path.mkdir()
+    except FileNotFoundError:
+        path.parent.mkdir(exist_ok=True)
+        path.mkdir()
+        return True
+    return False
+
+
+def _fill_new_upload(path: Path, info: UploadInfo) -> None:
+    """A new upload's empty data file and its record."""
+    os.close(os.open(path / "data", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    if info.chunk_size is not None:
+        (path / "chunks").mkdir()
+    # Written in place (nothing older can be torn) and not fsynced: the first commit of
+    # bytes syncs the record with them. Until then a crash can lose or cut short an empty
+    # upload's record (`get` says: create it again), never a stored byte.
+    with open(path / "info.json", "xb") as record:
+        record.write(json.dumps(info.to_record()).encode())
 
 
 def _write_atomically(path: Path, content: bytes) -> None:

@@ -640,8 +640,9 @@ class _Spool:
         for block in blocks:
             view = memoryview(block)
             while view:  # a short write (a disk filling up) must not leave a gap
-                view = view[os.write(self.file.fileno(), view) :]
-            self.size += len(block)
+                written = os.write(self.file.fileno(), view)
+                self.size += written  # counts what is in the file, even if the next write fails
+                view = view[written:]
 
     def body(self) -> BinaryIO:
         self.file.seek(0)

@@ -6,6 +6,7 @@ protocols translate HTTP into these calls and the backend stores the bytes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -280,6 +281,7 @@ class UploadService:
         """
         cutoff = self._clock() - idle_for
         async for upload_id in self.storage.upload_ids():
+            await asyncio.sleep(0)  # a backend may answer without yielding; requests go first
             try:
                 async with self.locks.hold(upload_id, preempt=False):
                     info = await self.storage.get(upload_id)
