@@ -30,7 +30,7 @@ from rich.table import Table
 
 from uploadsrv.config import parse_size
 
-from .bench_s3 import PARALLEL_PARTS, PART, upload_with_boto3, upload_with_tus
+from .bench_s3 import compare, uploadsrv_flags
 from .procs import (
     boto3_credentials,
     free_port,
@@ -42,7 +42,7 @@ from .procs import (
 )
 
 TUS = {"Tus-Resumable": "1.0.0"}
-ROUNDS = 2  #: single-stream and small-request runs per side; the best of each counts
+ROUNDS = 2  #: runs per side for single stream, small requests and S3; the best of each counts
 
 
 def start_sink(directory: Path | None) -> tuple[subprocess.Popen[bytes], str]:
@@ -230,22 +230,8 @@ def s3_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str
     try:
         client = boto3.client("s3", endpoint_url=endpoint, **boto3_credentials())
         client.create_bucket(Bucket="bench")
-        started = time.perf_counter()
-        upload_with_boto3(client, "bench", source, args.s3_uploads)
-        direct_s = time.perf_counter() - started
-        flags = [
-            "--storage",
-            "s3://bench/uploads",
-            "--s3-endpoint-url",
-            endpoint,
-            "--data-dir",
-            str(work / "s3data"),
-        ]
-        flags += ["--s3-part-size", str(PART), "--s3-concurrency", str(PARALLEL_PARTS)]
-        server, url = start_uploadsrv(work / "s3srv.log", *flags)
-        started = time.perf_counter()
-        upload_with_tus(url, source, args.s3_uploads)
-        ours_s = time.perf_counter() - started
+        server, url = start_uploadsrv(work / "s3srv.log", *uploadsrv_flags(endpoint, work / "s3data"))
+        direct_s, ours_s = compare(client, url, source, args.s3_uploads, ROUNDS)
         total = args.s3_size * args.s3_uploads
         return [
             _row(

@@ -4,7 +4,8 @@
 
 Prints aggregate MB/s of (a) boto3's managed multipart upload and (b) tus uploads
 through uploadsrv's S3 backend (one PATCH per file, as background clients send it),
-the ratio b/a, and the server's peak RSS. Both use 8 MiB parts, 4 in parallel per file.
+the ratio b/a, and the server's peak RSS. Both use 8 MiB parts, 4 in parallel per file;
+each side's figure is the best of `--rounds` runs, the sides taking turns.
 """
 
 from __future__ import annotations
@@ -74,6 +75,28 @@ def upload_with_tus(url: str, path: Path, count: int) -> None:
         list(pool.map(one, range(count)))
 
 
+def uploadsrv_flags(endpoint: str, data_dir: Path) -> list[str]:
+    """uploadsrv on the bucket `bench` of `endpoint`, with the direct upload's part size and
+    parallelism."""
+    return [
+        *("--storage", "s3://bench/uploads", "--s3-endpoint-url", endpoint, "--data-dir", str(data_dir)),
+        *("--s3-part-size", str(PART), "--s3-concurrency", str(PARALLEL_PARTS)),
+    ]
+
+
+def compare(client, url: str, source: Path, count: int, rounds: int) -> tuple[float, float]:
+    """Seconds for `count` uploads of `source` with boto3 directly and as tus through
+    uploadsrv at `url`: the best of `rounds` runs of each, taking turns, so a noisy
+    machine (it only ever slows a run down) weighs on both alike."""
+    direct = through = float("inf")
+    for _ in range(rounds):
+        direct = min(direct, timed(lambda: upload_with_boto3(client, "bench", source, count)))
+        empty_bucket(client, "bench")
+        through = min(through, timed(lambda: upload_with_tus(url, source, count)))
+        empty_bucket(client, "bench")
+    return direct, through
+
+
 def empty_bucket(client, bucket: str) -> None:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
@@ -87,6 +110,7 @@ def main() -> None:
     )
     parser.add_argument("--size", type=parse_size, default=parse_size("256M"), help="bytes per file")
     parser.add_argument("--concurrency", type=int, default=16, help="files uploaded at once")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per side; the best of each counts")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
@@ -102,22 +126,8 @@ def main() -> None:
             client = boto3.client("s3", endpoint_url=endpoint, **boto3_credentials())
             client.create_bucket(Bucket="bench")
             total_mb = args.size * args.concurrency / 1e6
-            direct = timed(lambda: upload_with_boto3(client, "bench", source, args.concurrency))
-            empty_bucket(client, "bench")
-            server, url = start_uploadsrv(
-                work / "uploadsrv.log",
-                "--storage",
-                "s3://bench/uploads",
-                "--s3-endpoint-url",
-                endpoint,
-                "--s3-part-size",
-                str(PART),
-                "--s3-concurrency",
-                str(PARALLEL_PARTS),
-                "--data-dir",
-                str(work / "data"),
-            )
-            through = timed(lambda: upload_with_tus(url, source, args.concurrency))
+            server, url = start_uploadsrv(work / "uploadsrv.log", *uploadsrv_flags(endpoint, work / "data"))
+            direct, through = compare(client, url, source, args.concurrency, args.rounds)
             rss = peak_rss_mb(server.pid)
         finally:
             for process in (server, moto):
