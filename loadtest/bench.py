@@ -1,6 +1,6 @@
 """Benchmark: uploadsrv against the limits of this machine, as ratios to a bare sink.
 
-    python -m loadtest.bench [--single 1G] [--streams 64] [--stream-size 16M] [--small 400] [--no-s3]
+    python -m loadtest.bench [--single 1G] [--streams 64] [--stream-size 16M] [--small 1000] [--no-s3]
 
 In one run, on one machine: (1) one upload in a single request, (2) many concurrent uploads,
 (3) create + 1 KiB append pairs per second, each against a bare sink (loadtest/sink.py:
@@ -283,7 +283,7 @@ def main() -> None:
     )
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--stream-size", type=parse_size, default=parse_size("16M"))
-    parser.add_argument("--small", type=int, default=400, help="how many 1 KiB uploads")
+    parser.add_argument("--small", type=int, default=1000, help="how many 1 KiB uploads per run")
     parser.add_argument("--s3-uploads", type=int, default=16)
     parser.add_argument("--s3-size", type=parse_size, default=parse_size("64M"))
     parser.add_argument("--no-s3", action="store_true")
