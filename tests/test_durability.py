@@ -34,15 +34,29 @@ def patch_head(server: Server, url: str, offset: int, length: int, extra: str = 
     )
 
 
-async def test_a_body_cut_off_midway_keeps_what_arrived_and_resumes(client, server):
-    data = os.urandom(5 * 1024 * 1024)
+@pytest.mark.parametrize(
+    ("size", "sent"),
+    [(5 * 1024 * 1024, 3 * 1024 * 1024 + 123), (40_000, 10_001)],
+    ids=["large", "small-held-until-commit"],
+)
+async def test_a_body_cut_off_midway_keeps_what_arrived_and_resumes(client, server, size, sent):
+    data = os.urandom(size)
     url = await create(client, server, len(data))
-    sent = 3 * 1024 * 1024 + 123
     raw_request(server.port, patch_head(server, url, 0, len(data)), data[:sent])  # then closed
     wait_for(lambda: server.stored_size(url) == sent, what="the bytes that arrived to be stored")
     head = await client.head(url, headers=TUS)
     assert head.headers["upload-offset"] == str(sent)
     assert (await patch(client, url, sent, data[sent:])).status_code == 204
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_bytes_buffered_when_the_connection_drops_are_kept_with_h11_too(client, start_server):
+    srv: Server = start_server("--http", "h11")
+    data = os.urandom(40_000)
+    url = await create(client, srv, len(data))
+    raw_request(srv.port, patch_head(srv, url, 0, len(data)), data[:10_001])  # then closed
+    wait_for(lambda: srv.stored_size(url) == 10_001, what="the bytes that arrived to be stored")
+    assert (await patch(client, url, 10_001, data[10_001:])).status_code == 204
     assert sha256(await download(client, url)) == sha256(data)
 
 

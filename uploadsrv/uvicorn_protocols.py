@@ -13,6 +13,11 @@
   ``checksum-trailer``), a list of ``(name, value)`` pairs filled by the time the last
   body message is received.
 
+And one change of behaviour: body bytes that arrived before the client dropped the
+connection are received before ``http.disconnect`` (uvicorn discards what it buffered), so
+the core keeps them and the client resumes after them: a phone losing its network while
+sending a small body would otherwise lose all of it.
+
 `uploadsrv serve` selects these classes for both of uvicorn's parsers (httptools, h11).
 """
 
@@ -65,6 +70,19 @@ def _with_informational(cycle: Any, encode: Callable[[int, list[tuple[bytes, byt
     cycle.send = send_with_informational
 
 
+def _keep_body_on_disconnect(cycle: Any) -> None:
+    """Hand the app the body bytes buffered when the connection dropped, then the disconnect."""
+    receive = cycle.receive
+
+    async def receive_buffered_first() -> dict[str, Any]:
+        if cycle.disconnected and cycle.body:
+            body, cycle.body = bytes(cycle.body), cycle.body[:0]
+            return {"type": "http.request", "body": body, "more_body": True}
+        return await receive()
+
+    cycle.receive = receive_buffered_first
+
+
 def _reason(status: int) -> bytes:
     return REASONS.get(status, b"")
 
@@ -89,6 +107,7 @@ class HttpToolsUploadProtocol(HttpToolsProtocol):
         self._trailers = _start_trailers(self.scope)  # type: ignore[arg-type]
         if self.cycle is not None and self.cycle.scope is self.scope:
             _with_informational(self.cycle, _encode_raw)
+            _keep_body_on_disconnect(self.cycle)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._trailers is None:
@@ -118,6 +137,7 @@ class H11UploadProtocol(H11Protocol):
         super().handle_events()
         if self.cycle is not None and self.cycle is not cycle:  # a new request began
             _with_informational(self.cycle, self._encode_h11)
+            _keep_body_on_disconnect(self.cycle)
 
     def _encode_h11(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
         reason = b"Upload Resumption Supported" if status == 104 else b""
