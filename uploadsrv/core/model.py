@@ -100,8 +100,11 @@ class UploadInfo:
 
     @classmethod
     def from_record(cls, record: dict[str, object], offset: int) -> UploadInfo:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in record.items() if k in names}, offset=offset)  # type: ignore[arg-type]
+        fields = {k: v for k, v in record.items() if k in _RECORD_FIELDS}
+        return cls(**fields, offset=offset)  # type: ignore[arg-type]
 
 
-_RECORD_FIELDS = [f.name for f in dataclasses.fields(UploadInfo) if f.name not in ("offset", "stored_state")]
+#: The stored fields, in both directions: `offset` comes from the bytes, `stored_state` from the backend.
+_RECORD_FIELDS = tuple(
+    f.name for f in dataclasses.fields(UploadInfo) if f.name not in ("offset", "stored_state")
+)
