@@ -30,6 +30,7 @@ class Hold:
     def __init__(self, backend_lock: UploadLock) -> None:
         self._backend_lock = backend_lock
         self._task: asyncio.Task[object] | None = None
+        self._poll: asyncio.TimerHandle | None = None
         self._preempted = False
 
     def preempt(self) -> None:
@@ -51,7 +52,7 @@ class Hold:
             raise Superseded()
         task = asyncio.ensure_future(work)
         self._task = task  # type: ignore[assignment]
-        watcher = asyncio.ensure_future(self._watch_other_processes())
+        self._poll_later()
         try:
             await asyncio.wait({task})
         except asyncio.CancelledError:
@@ -61,16 +62,23 @@ class Hold:
                     await asyncio.wait({task})
             raise
         finally:
-            watcher.cancel()
+            if self._poll is not None:
+                self._poll.cancel()
             self._task = None
         if task.cancelled():
             raise Superseded()
         return task.result()
 
-    async def _watch_other_processes(self) -> None:
-        while not self._backend_lock.preempt_requested():
-            await asyncio.sleep(CROSS_PROCESS_POLL_SECONDS)
-        self.preempt()
+    def _poll_later(self) -> None:
+        """Check for another process's request every CROSS_PROCESS_POLL_SECONDS while
+        `run` copies; a timer, not a task, as most copies (small bodies) end before it fires."""
+        self._poll = asyncio.get_running_loop().call_later(CROSS_PROCESS_POLL_SECONDS, self._check_others)
+
+    def _check_others(self) -> None:
+        if self._backend_lock.preempt_requested():
+            self.preempt()
+        else:
+            self._poll_later()
 
 
 @dataclass
@@ -105,10 +113,13 @@ class UploadLocks:
                 slot.holder.preempt()
             elif slot.lock.locked() and not preempt:
                 raise UploadBusy()
-            try:
-                await asyncio.wait_for(slot.lock.acquire(), self._timeout)
-            except TimeoutError:
-                raise UploadBusy("another request holds this upload; retry shortly") from None
+            if slot.lock.locked():  # else acquire at once, without wait_for's task and timer
+                try:
+                    await asyncio.wait_for(slot.lock.acquire(), self._timeout)
+                except TimeoutError:
+                    raise UploadBusy("another request holds this upload; retry shortly") from None
+            else:
+                await slot.lock.acquire()
             try:
                 async with self._storage.lock(
                     upload_id, timeout=self._timeout, preempt=preempt, chunk=chunk
