@@ -57,6 +57,7 @@ PREEMPT_POLL_SECONDS = 3.0  #: how often a lease holder looks for a waiter's mar
 NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 SLOW_OPERATIONS = {"complete_multipart_upload", "upload_part_copy"}
 SLOW_READ_SECONDS = 600
+CHECKSUM = "CRC32"  #: what S3 checks every part with, as boto3's own transfers do
 
 
 def part_size_for(length: int | None, preferred: int, max_size: int) -> int:
@@ -103,6 +104,7 @@ class S3Storage:
         concurrency: int = 4,
         max_size: int = 5 << 40,
         presign_downloads: bool = False,
+        checksums: bool = True,
         io_threads: int = 32,
         spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -112,6 +114,9 @@ class S3Storage:
         self.concurrency = concurrency
         self.max_size = max_size
         self.presign_downloads = presign_downloads
+        #: New multipart uploads carry a CRC32 of every part (S3 checks each, and keeps
+        #: a composite CRC32 on the object); uploads begun without keep going without.
+        self.checksum = CHECKSUM if checksums else None
         #: Scratch space for parts on their way to S3 (never state: that lives in S3).
         self.spool_dir = Path(spool_dir or tempfile.gettempdir())
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -170,13 +175,19 @@ class S3Storage:
     # -- records -----------------------------------------------------------------
 
     async def create(self, info: UploadInfo) -> None:
+        checksum = {"ChecksumAlgorithm": self.checksum} if self.checksum else {}
         multipart = await self._call(
-            "create_multipart_upload", Bucket=self.bucket, Key=self._key(info.id), **_object_headers(info)
+            "create_multipart_upload",
+            Bucket=self.bucket,
+            Key=self._key(info.id),
+            **_object_headers(info),
+            **checksum,
         )
         state = _State(
             record=info.to_record(),
             multipart_id=multipart["UploadId"],
             part_size=part_size_for(info.length, self.part_size, self.max_size),
+            checksum=self.checksum,
         )
         await self._save(info.id, state)
 
@@ -237,13 +248,12 @@ class S3Storage:
                 state.parts = [*(state.parts or []), last]
                 state.tail_key, state.tail_size = None, 0
             if state.parts:
-                parts = [{"PartNumber": p["n"], "ETag": p["etag"]} for p in state.parts]
                 await self._call(
                     "complete_multipart_upload",
                     Bucket=self.bucket,
                     Key=key,
                     UploadId=state.multipart_id,
-                    MultipartUpload={"Parts": parts},
+                    MultipartUpload={"Parts": _completed_parts(state.parts, state.checksum)},
                 )
             elif state.info().length:
                 raise StorageUnavailable(f"upload {upload_id} has no parts to complete")
@@ -277,7 +287,7 @@ class S3Storage:
             CopySource={"Bucket": self.bucket, "Key": source},
             CopySourceRange=f"bytes={start}-{end - 1}",
         )
-        return {"n": number, "etag": response["CopyPartResult"]["ETag"], "size": end - start}
+        return _part(number, end - start, response["CopyPartResult"], state.checksum)
 
     async def delete(self, upload_id: str) -> None:
         with suppress(UploadNotFound):
@@ -403,10 +413,14 @@ class S3Storage:
         parts = []
         for number in (chunk.number for chunk in chunks):
             markers = recorded.get(number, {})
-            etag = uploaded.get(number, "") if uploaded is not None else next(iter(markers), "")
-            if etag.strip('"') not in markers:  # only bytes whose upload was recorded count
+            if uploaded is None:  # completed already: the marker names the bytes
+                listed = {"ETag": next(iter(markers), "")}
+            else:
+                listed = uploaded.get(number, {"ETag": ""})
+            etag = listed["ETag"].strip('"')
+            if etag not in markers:  # only bytes whose upload was recorded count
                 raise StorageUnavailable(f"S3 does not hold chunk {number} as recorded")
-            parts.append({"n": number, "etag": etag, "size": markers[etag.strip('"')].size})
+            parts.append(_part(number, markers[etag].size, listed, state.checksum))
         if uploaded is not None:
             try:
                 await self._call(
@@ -414,7 +428,7 @@ class S3Storage:
                     Bucket=self.bucket,
                     Key=key,
                     UploadId=state.multipart_id,
-                    MultipartUpload={"Parts": [{"PartNumber": p["n"], "ETag": p["etag"]} for p in parts]},
+                    MultipartUpload={"Parts": _completed_parts(parts, state.checksum)},
                 )
             except UploadNotFound:  # a retry of a completion that went through
                 await self._call("head_object", Bucket=self.bucket, Key=key)
@@ -423,9 +437,10 @@ class S3Storage:
         state.parts, state.completed = parts, True
         await self._save(info.id, state)
 
-    async def _uploaded_parts(self, upload_id: str, state: _State) -> dict[int, str] | None:
-        """Part number -> ETag of the multipart upload; None if it was completed already."""
-        uploaded: dict[int, str] = {}
+    async def _uploaded_parts(self, upload_id: str, state: _State) -> dict[int, dict[str, Any]] | None:
+        """Part number -> ListParts' entry (ETag, checksum) of the multipart upload; None if
+        it was completed already."""
+        uploaded: dict[int, dict[str, Any]] = {}
         marker: dict[str, int] = {}
         while True:
             try:
@@ -439,7 +454,7 @@ class S3Storage:
             except UploadNotFound:
                 await self._call("head_object", Bucket=self.bucket, Key=self._key(upload_id))  # else: gone
                 return None
-            uploaded.update({p["PartNumber"]: p["ETag"] for p in page.get("Parts", [])})
+            uploaded.update({p["PartNumber"]: p for p in page.get("Parts", [])})
             if not page.get("IsTruncated"):
                 return uploaded
             marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
@@ -470,8 +485,9 @@ class S3Storage:
             PartNumber=number,
             Body=body,
             ContentLength=size,
+            **({"ChecksumAlgorithm": state.checksum} if state.checksum else {}),
         )
-        return {"n": number, "etag": response["ETag"], "size": size}
+        return _part(number, size, response, state.checksum)
 
     async def _copy_object_into(self, key: str, spool: _Spool) -> None:
         """Stream a (tail) object into a spool file, a block at a time."""
@@ -595,6 +611,26 @@ def _object_headers(info: UploadInfo) -> dict[str, str]:
     return headers
 
 
+def _part(number: int, size: int, response: dict[str, Any], checksum: str | None) -> dict[str, Any]:
+    """A part as the state records it, from S3's answer (UploadPart, UploadPartCopy, ListParts)."""
+    part = {"n": number, "etag": response["ETag"], "size": size}
+    if checksum and f"Checksum{checksum}" in response:
+        part["checksum"] = response[f"Checksum{checksum}"]
+    return part
+
+
+def _completed_parts(parts: Sequence[dict[str, Any]], checksum: str | None) -> list[dict[str, Any]]:
+    """CompleteMultipartUpload's part list; S3 wants each part's checksum when the upload
+    was created with an algorithm."""
+    completed = []
+    for part in parts:
+        entry = {"PartNumber": part["n"], "ETag": part["etag"]}
+        if checksum and "checksum" in part:
+            entry[f"Checksum{checksum}"] = part["checksum"]
+        completed.append(entry)
+    return completed
+
+
 @dataclass
 class _State:
     """What the info object holds: the upload record plus where its bytes are in S3."""
@@ -606,6 +642,8 @@ class _State:
     tail_key: str | None = None
     tail_size: int = 0
     completed: bool = False
+    #: The multipart upload's checksum algorithm; None for uploads begun without one.
+    checksum: str | None = None
 
     def __post_init__(self) -> None:
         self.parts = self.parts or []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import zlib
 
 import httpx
 import pytest
@@ -88,6 +90,41 @@ async def test_termination_leaves_no_object_and_no_multipart_upload(client, s3_s
     assert not s3_server.exists(url)
     uploads = s3_server.moto.client.list_multipart_uploads(Bucket=s3_server.bucket)
     assert not uploads.get("Uploads")
+
+
+def _crc32(data: bytes) -> bytes:
+    return zlib.crc32(data).to_bytes(4, "big")
+
+
+async def test_s3_checks_a_crc32_of_every_part_and_keeps_a_composite_one(client, s3_server):
+    data = os.urandom(12 * MiB + 7)
+    url = await create(client, s3_server, len(data))
+    assert (await patch(client, url, 0, data[: 3 * MiB])).status_code == 204  # a tail first
+    assert (await patch(client, url, 3 * MiB, data[3 * MiB :])).status_code == 204
+    parts = s3_server._s3_info(url)["parts"]
+    bounds = list(itertools.pairwise(itertools.accumulate([p["size"] for p in parts], initial=0)))
+    assert len(parts) == 3 and bounds[-1][1] == len(data)
+    # What CompleteMultipartUpload was given: the CRC32 S3 confirmed for each part.
+    assert [p["checksum"] for p in parts] == [base64.b64encode(_crc32(data[a:b])).decode() for a, b in bounds]
+    key = s3_server.prefix + Server.upload_id(url)
+    head = s3_server.moto.client.head_object(Bucket=s3_server.bucket, Key=key, ChecksumMode="ENABLED")
+    composite = base64.b64encode(_crc32(b"".join(_crc32(data[a:b]) for a, b in bounds))).decode()
+    assert head["ChecksumCRC32"].partition("-")[0] == composite  # S3 adds "-3", moto does not
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_checksums_can_be_turned_off_for_stores_without_them(client, start_server):
+    srv: Server = start_server("--s3-checksums", "false", backend="s3")
+    data = os.urandom(6 * MiB)
+    url = await create(client, srv, len(data))
+    assert (await patch(client, url, 0, data)).status_code == 204
+    state = srv._s3_info(url)
+    assert state["checksum"] is None and all("checksum" not in p for p in state["parts"])
+    head = srv.moto.client.head_object(
+        Bucket=srv.bucket, Key=srv.prefix + Server.upload_id(url), ChecksumMode="ENABLED"
+    )
+    assert "ChecksumCRC32" not in head
+    assert sha256(await download(client, url)) == sha256(data)
 
 
 def test_part_size_fits_any_upload_in_ten_thousand_parts():

@@ -23,5 +23,6 @@ def open_storage(settings: Settings) -> Storage:
         concurrency=settings.s3_concurrency,
         max_size=settings.max_size,
         presign_downloads=settings.s3_presign_downloads,
+        checksums=settings.s3_checksums,
         spool_dir=settings.data_dir / "spool",
     )

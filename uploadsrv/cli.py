@@ -44,6 +44,7 @@ SERVE_FLAGS = {
     "s3_part_size": "preferred S3 part size, at least 5M",
     "s3_concurrency": "S3 parts of one request uploaded in parallel",
     "s3_presign_downloads": "redirect downloads to presigned S3 URLs (true/false)",
+    "s3_checksums": "CRC32 of every S3 part, checked by S3 (true/false); false for stores without checksums",
     "chunk_size": "chunk size of a chunk session whose client names none",
     "base_path": "URL path of the tus endpoint",
     "cors_origins": "comma-separated origins allowed by CORS, or *",

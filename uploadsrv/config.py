@@ -64,6 +64,9 @@ class Settings:
     s3_part_size: int = 8 << 20
     #: Parts of one request uploaded in parallel (memory: about part size x this).
     s3_concurrency: int = 4
+    #: Send a CRC32 of every part for S3 to check, as AWS SDKs do; the finished object
+    #: keeps a composite CRC32. False for S3-compatible stores without checksum support.
+    s3_checksums: bool = True
     #: Answer downloads with a redirect to a presigned S3 URL instead of streaming.
     s3_presign_downloads: bool = False
     #: Chunk size of a chunk session whose client names none (raised where S3 or the
@@ -103,6 +106,7 @@ class Settings:
         "chunk_size": parse_size,
         "s3_concurrency": int,
         "s3_presign_downloads": _parse_bool,
+        "s3_checksums": _parse_bool,
     }
 
     @classmethod
