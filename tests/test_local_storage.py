@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from storage.local import LocalStorage
 from uploadsrv.core import UploadService, errors
+from uploadsrv.core.locks import UploadLocks
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.core.pump import pump
 
@@ -120,6 +122,38 @@ async def test_a_newer_append_preempts_a_stalled_one_in_the_same_process(storage
     with pytest.raises(errors.Superseded):
         await first
     assert b"".join([b async for b in service.read(state, 0, 10)]) == b"1234567890"
+
+
+async def test_a_request_arriving_as_the_lock_changes_hands_still_gives_up_in_time(storage):
+    """Right after a holder lets go, the lock looks free while the woken waiter has not run
+    yet. A newcomer in that moment queues behind it; if that waiter then stalls (a client
+    that stopped sending), the newcomer must still give up after the timeout."""
+    info = await _new_upload(storage)
+    locks = UploadLocks(storage, timeout=0.5)
+    release = asyncio.Event()
+
+    async def first() -> None:
+        async with locks.hold(info.id):
+            await release.wait()
+        with pytest.raises(errors.UploadBusy):  # the moment the lock changes hands
+            async with locks.hold(info.id):
+                pass
+
+    async def stalled() -> None:
+        async with locks.hold(info.id) as hold:
+            await hold.run(asyncio.Event().wait())
+
+    holder = asyncio.create_task(first())
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(stalled())
+    await asyncio.sleep(0.05)
+    release.set()
+    try:
+        await asyncio.wait_for(holder, 5)
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError, errors.Superseded):
+            await waiter
 
 
 async def test_a_cancelled_pump_still_waits_for_the_write_in_flight():

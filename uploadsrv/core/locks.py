@@ -113,13 +113,11 @@ class UploadLocks:
                 slot.holder.preempt()
             elif slot.lock.locked() and not preempt:
                 raise UploadBusy()
-            if slot.lock.locked():  # else acquire at once, without wait_for's task and timer
-                try:
-                    await asyncio.wait_for(slot.lock.acquire(), self._timeout)
-                except TimeoutError:
-                    raise UploadBusy("another request holds this upload; retry shortly") from None
-            else:
-                await slot.lock.acquire()
+            try:
+                async with asyncio.timeout(self._timeout):  # no task per request, as wait_for has
+                    await slot.lock.acquire()
+            except TimeoutError:
+                raise UploadBusy("another request holds this upload; retry shortly") from None
             try:
                 async with self._storage.lock(
                     upload_id, timeout=self._timeout, preempt=preempt, chunk=chunk
