@@ -33,6 +33,7 @@ from uploadsrv.config import parse_size
 from .bench_s3 import compare, uploadsrv_flags
 from .procs import (
     boto3_credentials,
+    cpu_seconds,
     free_port,
     peak_rss_mb,
     spawned_server,
@@ -188,13 +189,19 @@ async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str,
                 small = os.urandom(1024)
                 small_sha = hashlib.sha256(small).hexdigest()
 
+                cpu = {sink.pid: 0.0, pid: 0.0}  #: server CPU seconds over every small run
+
                 async def sink_small() -> float:
+                    started = cpu_seconds(sink.pid)
                     seconds = await timed(lambda i: sink_upload(http, sink_url, small), args.small, 8)
+                    cpu[sink.pid] += cpu_seconds(sink.pid) - started
                     _clear(work / "sink")
                     return seconds
 
                 async def ours_small() -> float:
+                    started = cpu_seconds(pid)
                     seconds = await timed(lambda i: tus_upload(http, url, 1024, small, done), args.small, 8)
+                    cpu[pid] += cpu_seconds(pid) - started
                     await verify(http, done, small_sha)
                     return seconds
 
@@ -211,6 +218,15 @@ async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str,
                         f"{args.small / echo_s:,.1f} /s",
                         "",
                         f"{sink_s / echo_s:.2f} (this client's ceiling)",
+                    )
+                )
+                per_upload = {p: 1000 * seconds / (ROUNDS * args.small) for p, seconds in cpu.items()}
+                rows.append(
+                    (
+                        "  server CPU per upload",
+                        f"{per_upload[pid]:.2f} ms",
+                        f"{per_upload[sink.pid]:.2f} ms (sink)",
+                        "",
                     )
                 )
     finally:

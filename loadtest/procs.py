@@ -97,6 +97,12 @@ def boto3_credentials() -> dict[str, str]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident set (VmHWM), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

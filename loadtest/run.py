@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
 from uploadsrv.client import ChunkUploadFailed
 
 from .clients import PROTOCOLS, Trouble
+from .procs import cpu_seconds, peak_rss_mb
 from .report import Report
 
 
@@ -38,19 +37,13 @@ class ServerProbe:
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
-        self._cpu_start = self._cpu() if pid else None
-
-    def _cpu(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        self._cpu_start = cpu_seconds(pid) if pid else None
 
     def finish(self, report: Report) -> None:
         if not self.pid or self._cpu_start is None:
             return
-        report.server_cpu_seconds = round(self._cpu() - self._cpu_start, 2)
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                report.server_peak_rss_mb = round(int(line.split()[1]) / 1024, 1)
+        report.server_cpu_seconds = round(cpu_seconds(self.pid) - self._cpu_start, 2)
+        report.server_peak_rss_mb = round(peak_rss_mb(self.pid), 1)
 
 
 async def run(
