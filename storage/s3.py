@@ -127,9 +127,10 @@ class S3Storage:
             connect_timeout=3,
             read_timeout=30,  # a hung request must not outlive a lease (LEASE_SECONDS)
             max_pool_connections=io_threads,
-            # One integrity check per part: over plain HTTP, SigV4 signs the body's sha256
-            # (S3 checks it), so a CRC32 as well would hash every byte twice; over HTTPS,
-            # botocore sends a CRC32 instead of signing the body.
+            # For bodies without an algorithm of their own (info, tail and lease objects):
+            # over plain HTTP SigV4 signs the body's sha256, which S3 checks, so no CRC32
+            # on top; over HTTPS botocore sends a CRC32 instead of signing the body. Parts
+            # always carry the multipart upload's algorithm (`checksum`).
             request_checksum_calculation=(
                 "when_required" if (endpoint_url or "").startswith("http://") else "when_supported"
             ),
