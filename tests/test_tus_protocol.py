@@ -5,12 +5,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 import zlib
 
 import httpx
 import pytest
 
-from .conftest import BACKENDS, TUS, Server, create, download, patch, sha256, wait_for
+from .conftest import (
+    BACKENDS,
+    TUS,
+    Server,
+    create,
+    download,
+    patch,
+    raw_request,
+    read_response,
+    sha256,
+    wait_for,
+)
 
 OCTETS = "application/offset+octet-stream"
 
@@ -436,3 +448,18 @@ def test_problem_bodies_are_short_json(server):
         server.files + "0" * 32, headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS}
     ).json()
     assert body["status"] == 404 and body["type"].endswith("not-found") and len(str(body)) < 300
+
+
+def test_an_idle_connection_stays_open_for_the_keep_alive_setting(start_server):
+    """The server closes an idle connection after --keep-alive seconds (uvicorn's own
+    default would be 5; uploadsrv's is 75, above load balancers' idle timeouts)."""
+    srv: Server = start_server("--keep-alive", "1")
+    sock = raw_request(srv.port, "GET /healthz HTTP/1.1\nHost: uploads\n", close=False)
+    try:
+        assert read_response(sock)[0] == 200
+        answered = time.monotonic()
+        sock.settimeout(10)
+        assert sock.recv(1) == b""  # closed by the server
+        assert 0.8 < time.monotonic() - answered < 4
+    finally:
+        sock.close()

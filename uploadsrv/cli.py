@@ -55,6 +55,7 @@ SERVE_FLAGS = {
     "http": "HTTP implementation: httptools or h11",
     "log_level": "debug, info, warning or error",
     "access_log": "log every request (true/false)",
+    "keep_alive": "seconds an idle connection stays open; keep it above your load balancer's idle timeout",
 }
 
 
@@ -98,6 +99,7 @@ def serve_command(args: argparse.Namespace) -> int:
         access_log=settings.access_log,
         proxy_headers=settings.trust_proxy,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.keep_alive,
     )
     return 0
 

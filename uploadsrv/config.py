@@ -88,6 +88,10 @@ class Settings:
     http: str = "httptools"
     log_level: str = "info"
     access_log: bool = False
+    #: Seconds an idle keep-alive connection stays open. Longer than clients' pools and
+    #: load balancers keep theirs (AWS ALB: 60 s), so the other side always closes first:
+    #: when the server closes a connection a client is about to reuse, that request fails.
+    keep_alive: float = 75.0
 
     _parsers = {  # noqa: RUF012  (a class-level table, not a field)
         "port": int,
@@ -101,6 +105,7 @@ class Settings:
         "io_threads": int,
         "workers": int,
         "access_log": _parse_bool,
+        "keep_alive": float,
         "s3_path_style": _parse_bool,
         "s3_part_size": parse_size,
         "chunk_size": parse_size,
