@@ -469,3 +469,19 @@ async def test_metrics_count_stored_chunks_and_finished_sessions(
     after = (await client.get(server.url + "/metrics")).text
     for event, count in (("created", 2), ("chunk", 2), ("completed", 1)):  # created: also the probe
         assert events_counted(after, event, "chunks") - events_counted(before, event, "chunks") == count
+
+
+async def test_a_session_expired_by_another_instance_is_reported_as_expired(
+    client: httpx.AsyncClient, start_server
+) -> None:
+    """The watcher's instance learns of the removal only by polling; the session was past
+    its expiry, so its watchers hear "expired", not "aborted"."""
+    sweeper = start_server("--expiry", "3s", "--expiry-interval", "1s")
+    watcher = start_server("--expiry", "3s", "--expiry-interval", "never", data_dir=sweeper.data_dir)
+    session = await new_session(client, watcher, 10_000)
+    async with client.stream("GET", session["events_url"]) as stream:
+        events = sse(stream)
+        assert (await anext(events))[0] == "status"
+        received = [kind async for kind, _ in events]
+    assert received == ["expired"]
+    assert not sweeper.exists(session["upload_url"])

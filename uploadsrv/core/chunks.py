@@ -192,6 +192,9 @@ class ChunkSessions:
     def expires_at(self, info: UploadInfo) -> float | None:
         return self._service.expires_at(info)
 
+    def is_expired(self, info: UploadInfo) -> bool:
+        return self._service.is_expired(info)
+
     async def abort(self, session_id: str) -> None:
         await self._session(session_id)
         await self._service.terminate(session_id)

@@ -176,7 +176,9 @@ class ChunkProtocol:
                     try:
                         status = await self.sessions.status(session_id)
                     except e.UploadError as error:
-                        yield _event(_ending(error), {"id": session_id})
+                        # Gone past its expiry: another instance expired it between two polls.
+                        expired = self.sessions.is_expired(status.info)
+                        yield _event("expired" if expired else _ending(error), {"id": session_id})
                         return
                     for chunk in status.chunks:
                         if chunk.number not in seen:
