@@ -176,13 +176,12 @@ class S3Storage:
     # -- records -----------------------------------------------------------------
 
     async def create(self, info: UploadInfo) -> None:
-        checksum = {"ChecksumAlgorithm": self.checksum} if self.checksum else {}
         multipart = await self._call(
             "create_multipart_upload",
             Bucket=self.bucket,
             Key=self._key(info.id),
             **_object_headers(info),
-            **checksum,
+            **_algorithm(self.checksum),
         )
         state = _State(
             record=info.to_record(),
@@ -486,7 +485,7 @@ class S3Storage:
             PartNumber=number,
             Body=body,
             ContentLength=size,
-            **({"ChecksumAlgorithm": state.checksum} if state.checksum else {}),
+            **_algorithm(state.checksum),
         )
         return _part(number, size, response, state.checksum)
 
@@ -610,6 +609,11 @@ def _object_headers(info: UploadInfo) -> dict[str, str]:
     if info.filename:
         headers["ContentDisposition"] = f"attachment; filename*=UTF-8''{info.quoted_filename}"
     return headers
+
+
+def _algorithm(checksum: str | None) -> dict[str, str]:
+    """The ChecksumAlgorithm parameter of CreateMultipartUpload and UploadPart, if any."""
+    return {"ChecksumAlgorithm": checksum} if checksum else {}
 
 
 def _part(number: int, size: int, response: dict[str, Any], checksum: str | None) -> dict[str, Any]:
