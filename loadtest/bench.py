@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,7 @@ from .procs import (
 
 TUS = {"Tus-Resumable": "1.0.0"}
 ROUNDS = 2  #: runs per side for single stream, small requests and S3; the best of each counts
+SMALL_IN_FLIGHT = 8  #: small uploads in flight at a time
 
 
 def start_sink(directory: Path | None) -> tuple[subprocess.Popen[bytes], str]:
@@ -135,105 +137,140 @@ async def best_of_rounds(*runs: Callable[[], Awaitable[float]]) -> list[float]:
     return best
 
 
+def client(connections: int) -> httpx.AsyncClient:
+    """A client whose pool holds at most `connections`, so connections left over from one
+    measurement never weigh on another: httpx checks every pooled connection on every
+    request (a socket poll each), which costs it more CPU than many servers do."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(timeout=600, limits=limits)
+
+
 async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
+    sink, sink_url = start_sink(work / "sink")
+    echo, echo_url = start_sink(None)
+    try:
+        with spawned_server("local", work / "srv") as (url, pid):
+            servers = Servers(sink.pid, sink_url, echo_url, pid, url)
+            return [
+                *await single_stream(args, work, servers),
+                *await many_streams(args, work, servers),
+                *await small_uploads(args, work, servers),
+            ]
+    finally:
+        for process in (sink, echo):
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Servers:
+    """The processes one local benchmark run measures."""
+
+    sink_pid: int
+    sink_url: str
+    echo_url: str  #: the tus responder that stores nothing
+    pid: int
+    url: str
+
+
+async def single_stream(args: argparse.Namespace, work: Path, at: Servers) -> list[tuple[str, str, str, str]]:
     big = work / "single.bin"
     with open(big, "wb") as f:
         for _ in range(0, args.single, 1 << 20):
             f.write(os.urandom(1 << 20))
         f.truncate(args.single)
-    big_sha = hashlib.sha256(big.read_bytes()).hexdigest()
+    with open(big, "rb") as f:
+        big_sha = hashlib.file_digest(f, "sha256").hexdigest()
+    done: list[str] = []
+    async with client(2) as http:
+
+        async def sink_single() -> float:
+            seconds = await timed(lambda i: sink_upload(http, at.sink_url, file_body(big)), 1, 1)
+            _clear(work / "sink")
+            return seconds
+
+        async def ours_single() -> float:
+            seconds = await timed(lambda i: tus_upload(http, at.url, args.single, file_body(big), done), 1, 1)
+            await verify(http, done, big_sha)
+            return seconds
+
+        sink_s, ours_s = await best_of_rounds(sink_single, ours_single)
+    big.unlink()
+    return [_row("single stream", args.single / sink_s, args.single / ours_s, 0.9, "MB/s")]
+
+
+async def many_streams(args: argparse.Namespace, work: Path, at: Servers) -> list[tuple[str, str, str, str]]:
     stream = os.urandom(args.stream_size)
     stream_sha = hashlib.sha256(stream).hexdigest()
-    sink, sink_url = start_sink(work / "sink")
-    echo, echo_url = start_sink(None)
-    rows = []
-    try:
-        with spawned_server("local", work / "srv") as (url, pid):
-            async with httpx.AsyncClient(
-                timeout=600, limits=httpx.Limits(max_connections=args.streams + 4)
-            ) as http:
-                done: list[str] = []
+    total = args.streams * args.stream_size
+    done: list[str] = []
+    async with client(args.streams) as http:
+        sink_s = await timed(lambda i: sink_upload(http, at.sink_url, stream), args.streams, args.streams)
+    _clear(work / "sink")
+    rss_before = peak_rss_mb(at.pid)
+    async with client(args.streams) as http:
+        ours_s = await timed(
+            lambda i: tus_upload(http, at.url, args.stream_size, stream, done), args.streams, args.streams
+        )
+        await verify(http, done, stream_sha)
+    return [
+        _row(f"{args.streams} streams", total / sink_s, total / ours_s, 0.8, "MB/s"),
+        ("  server peak RSS", f"{max(rss_before, peak_rss_mb(at.pid)):.0f} MB", "", "< 100 MB"),
+    ]
 
-                async def sink_single() -> float:
-                    seconds = await timed(lambda i: sink_upload(http, sink_url, file_body(big)), 1, 1)
-                    _clear(work / "sink")
-                    return seconds
 
-                async def ours_single() -> float:
-                    seconds = await timed(
-                        lambda i: tus_upload(http, url, args.single, file_body(big), done), 1, 1
-                    )
-                    await verify(http, done, big_sha)
-                    return seconds
+async def small_uploads(args: argparse.Namespace, work: Path, at: Servers) -> list[tuple[str, str, str, str]]:
+    """Create + 1 KiB append pairs, `SMALL_IN_FLIGHT` at a time, each server with a client of its own."""
+    small = os.urandom(1024)
+    small_sha = hashlib.sha256(small).hexdigest()
+    cpu = {at.sink_pid: 0.0, at.pid: 0.0}  #: server CPU seconds over every small run
+    done: list[str] = []
+    async with (
+        client(SMALL_IN_FLIGHT) as to_sink,
+        client(SMALL_IN_FLIGHT) as to_ours,
+        client(SMALL_IN_FLIGHT) as to_echo,
+    ):
 
-                sink_s, ours_s = await best_of_rounds(sink_single, ours_single)
-                rows.append(_row("single stream", args.single / sink_s, args.single / ours_s, 0.9, "MB/s"))
+        async def sink_small() -> float:
+            started = cpu_seconds(at.sink_pid)
+            seconds = await timed(
+                lambda i: sink_upload(to_sink, at.sink_url, small), args.small, SMALL_IN_FLIGHT
+            )
+            cpu[at.sink_pid] += cpu_seconds(at.sink_pid) - started
+            _clear(work / "sink")
+            return seconds
 
-                total = args.streams * args.stream_size
-                sink_s = await timed(
-                    lambda i: sink_upload(http, sink_url, stream), args.streams, args.streams
-                )
-                _clear(work / "sink")
-                rss_before = peak_rss_mb(pid)
-                ours_s = await timed(
-                    lambda i: tus_upload(http, url, args.stream_size, stream, done),
-                    args.streams,
-                    args.streams,
-                )
-                await verify(http, done, stream_sha)
-                rows.append(_row(f"{args.streams} streams", total / sink_s, total / ours_s, 0.8, "MB/s"))
-                rows.append(
-                    ("  server peak RSS", f"{max(rss_before, peak_rss_mb(pid)):.0f} MB", "", "< 100 MB")
-                )
+        async def ours_small() -> float:
+            started = cpu_seconds(at.pid)
+            seconds = await timed(
+                lambda i: tus_upload(to_ours, at.url, 1024, small, done), args.small, SMALL_IN_FLIGHT
+            )
+            cpu[at.pid] += cpu_seconds(at.pid) - started
+            await verify(to_ours, done, small_sha)
+            return seconds
 
-                small = os.urandom(1024)
-                small_sha = hashlib.sha256(small).hexdigest()
+        async def nothing_stored() -> float:
+            return await timed(
+                lambda i: tus_upload(to_echo, at.echo_url, 1024, small, []), args.small, SMALL_IN_FLIGHT
+            )
 
-                cpu = {sink.pid: 0.0, pid: 0.0}  #: server CPU seconds over every small run
-
-                async def sink_small() -> float:
-                    started = cpu_seconds(sink.pid)
-                    seconds = await timed(lambda i: sink_upload(http, sink_url, small), args.small, 8)
-                    cpu[sink.pid] += cpu_seconds(sink.pid) - started
-                    _clear(work / "sink")
-                    return seconds
-
-                async def ours_small() -> float:
-                    started = cpu_seconds(pid)
-                    seconds = await timed(lambda i: tus_upload(http, url, 1024, small, done), args.small, 8)
-                    cpu[pid] += cpu_seconds(pid) - started
-                    await verify(http, done, small_sha)
-                    return seconds
-
-                async def nothing_stored() -> float:
-                    return await timed(lambda i: tus_upload(http, echo_url, 1024, small, []), args.small, 8)
-
-                sink_s, ours_s, echo_s = await best_of_rounds(sink_small, ours_small, nothing_stored)
-                rows.append(
-                    _row("small uploads", args.small / sink_s, args.small / ours_s, 0.5, "/s", scale=1)
-                )
-                rows.append(
-                    (
-                        "  tus, nothing stored",
-                        f"{args.small / echo_s:,.1f} /s",
-                        "",
-                        f"{sink_s / echo_s:.2f} (this client's ceiling)",
-                    )
-                )
-                per_upload = {p: 1000 * seconds / (ROUNDS * args.small) for p, seconds in cpu.items()}
-                rows.append(
-                    (
-                        "  server CPU per upload",
-                        f"{per_upload[pid]:.2f} ms",
-                        f"{per_upload[sink.pid]:.2f} ms (sink)",
-                        "",
-                    )
-                )
-    finally:
-        for process in (sink, echo):
-            process.kill()
-            process.wait()
-    return rows
+        sink_s, ours_s, echo_s = await best_of_rounds(sink_small, ours_small, nothing_stored)
+    per_upload = {p: 1000 * seconds / (ROUNDS * args.small) for p, seconds in cpu.items()}
+    return [
+        _row("small uploads", args.small / sink_s, args.small / ours_s, 0.5, "/s", scale=1),
+        (
+            "  tus, nothing stored",
+            f"{args.small / echo_s:,.1f} /s",
+            "",
+            f"{sink_s / echo_s:.2f} (this client's ceiling)",
+        ),
+        (
+            "  server CPU per upload",
+            f"{per_upload[at.pid]:.2f} ms",
+            f"{per_upload[at.sink_pid]:.2f} ms (sink)",
+            "",
+        ),
+    ]
 
 
 def s3_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
