@@ -6,8 +6,9 @@ In one run, on one machine: (1) one upload in a single request, (2) many concurr
 (3) create + 1 KiB append pairs per second, each against a bare sink (loadtest/sink.py:
 reads the body, writes and fsyncs it, on the same uvicorn stack and disk); (4) S3 against
 boto3 directly on the same moto endpoint. Every upload through uploadsrv is verified.
-Small requests are also sent to a tus responder that stores nothing: the client shares
-the cores, so that rate is the most any tus server can show here.
+Small requests are also sent to a tus responder that stores nothing (the client shares
+the cores, so that rate is the most any tus server can show here), and to uploadsrv as
+one request each (creation-with-upload), the way most clients send a small file.
 """
 
 from __future__ import annotations
@@ -95,6 +96,20 @@ async def tus_upload(http: httpx.AsyncClient, url: str, length: int, body: objec
     if response.status_code != 204:
         raise RuntimeError(f"PATCH {response.status_code}: {response.text}")
     done.append(location)
+
+
+async def tus_upload_in_one(http: httpx.AsyncClient, url: str, body: bytes, done: list[str]) -> None:
+    """The whole upload in its creation request (tus creation-with-upload), as tus-js-client
+    with `uploadDataDuringCreation` and iOS 17's URLSession (the IETF draft) send small files."""
+    headers = {
+        **TUS,
+        "Upload-Length": str(len(body)),
+        "Content-Type": "application/offset+octet-stream",
+    }
+    created = await http.post(url + "/files/", headers=headers, content=body)
+    if created.status_code != 201 or created.headers["upload-offset"] != str(len(body)):
+        raise RuntimeError(f"POST {created.status_code}: {created.text}")
+    done.append(created.headers["location"])
 
 
 async def verify(http: httpx.AsyncClient, locations: list[str], expect: str) -> None:
@@ -254,7 +269,16 @@ async def small_uploads(args: argparse.Namespace, work: Path, at: Servers) -> li
                 lambda i: tus_upload(to_echo, at.echo_url, 1024, small, []), args.small, SMALL_IN_FLIGHT
             )
 
-        sink_s, ours_s, echo_s = await best_of_rounds(sink_small, ours_small, nothing_stored)
+        async def ours_in_one() -> float:
+            seconds = await timed(
+                lambda i: tus_upload_in_one(to_ours, at.url, small, done), args.small, SMALL_IN_FLIGHT
+            )
+            await verify(to_ours, done, small_sha)
+            return seconds
+
+        sink_s, ours_s, echo_s, one_s = await best_of_rounds(
+            sink_small, ours_small, nothing_stored, ours_in_one
+        )
     per_upload = {p: 1000 * seconds / (ROUNDS * args.small) for p, seconds in cpu.items()}
     return [
         _row("small uploads", args.small / sink_s, args.small / ours_s, 0.5, "/s", scale=1),
@@ -265,7 +289,13 @@ async def small_uploads(args: argparse.Namespace, work: Path, at: Servers) -> li
             f"{sink_s / echo_s:.2f} (this client's ceiling)",
         ),
         (
-            "  server CPU per upload",
+            "  each in one request",
+            f"{args.small / one_s:,.1f} /s",
+            "",
+            f"{sink_s / one_s:.2f} (creation-with-upload)",
+        ),
+        (
+            "  server CPU per pair",
             f"{per_upload[at.pid]:.2f} ms",
             f"{per_upload[at.sink_pid]:.2f} ms (sink)",
             "",
