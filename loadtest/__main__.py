@@ -1,8 +1,8 @@
-"""python -m loadtest: many concurrent clients against an uploadsrv, every upload verified.
+"""python -m uploadsrv.loadtest: many concurrent clients against an uploadsrv, every upload verified.
 
-    python -m loadtest --spawn local                 # start a server on local disk and load it
-    python -m loadtest --spawn s3                    # ... on a moto S3 endpoint
-    python -m loadtest --url http://host:1080/files/ --clients 32 --uploads 10 --interrupt 0.2
+    python -m uploadsrv.loadtest --spawn local                 # start a server on local disk and load it
+    python -m uploadsrv.loadtest --spawn s3                    # ... on a moto S3 endpoint
+    python -m uploadsrv.loadtest --url http://host:1080/files/ --clients 32 --uploads 10 --interrupt 0.2
 
 Exits 1 if a single upload is corrupted or lost, whatever the throughput.
 """
@@ -43,7 +43,9 @@ def _mix(text: str) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m uploadsrv.loadtest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="the server's upload endpoint, e.g. http://127.0.0.1:1080/files/")

@@ -1,6 +1,7 @@
 """Benchmark: uploadsrv against the limits of this machine, as ratios to a bare sink.
 
-    python -m loadtest.bench [--single 1G] [--streams 64] [--stream-size 16M] [--small 1000] [--no-s3]
+    python -m uploadsrv.loadtest.bench [--single 1G] [--streams 64] [--stream-size 16M]
+        [--small 1000] [--no-s3]
 
 In one run, on one machine: (1) one upload in a single request, (2) many concurrent uploads,
 (3) create + 1 KiB append pairs per second, each against a bare sink (loadtest/sink.py:
@@ -62,7 +63,7 @@ def start_sink(directory: Path | None) -> tuple[subprocess.Popen[bytes], str]:
         sys.executable,
         "-m",
         "uvicorn",
-        "loadtest.sink:app",
+        "uploadsrv.loadtest.sink:app",
         "--port",
         str(port),
         "--http",

@@ -1,6 +1,6 @@
 """S3 benchmark: the same file to the same moto endpoint, directly with boto3 and through uploadsrv.
 
-    python -m loadtest.bench_s3 [--size 256M] [--concurrency 16]
+    python -m uploadsrv.loadtest.bench_s3 [--size 256M] [--concurrency 16]
 
 Prints aggregate MB/s of (a) boto3's managed multipart upload and (b) tus uploads
 through uploadsrv's S3 backend (one PATCH per file, as background clients send it),

@@ -1,7 +1,7 @@
 """The bare sink the benchmark measures uploadsrv against: reads a body, writes it, fsyncs.
 
 No protocol, no batching, no checks: the least a server must do to accept an upload, on the
-same uvicorn stack and the same disk. Run by `python -m loadtest.bench`.
+same uvicorn stack and the same disk. Run by `python -m uploadsrv.loadtest.bench`.
 
 `SINK_DIR` unset, it stores nothing and answers tus creates and appends at once: the
 fastest a tus server could be, which bounds what the benchmark's client can measure.

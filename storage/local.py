@@ -38,7 +38,6 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
-from storage.base import Orphan, StoredChunk
 from uploadsrv.core.errors import (
     ChecksumMismatch,
     StorageFull,
@@ -47,6 +46,8 @@ from uploadsrv.core.errors import (
     UploadNotFound,
 )
 from uploadsrv.core.model import UploadInfo, is_upload_id
+
+from .base import Orphan, StoredChunk
 
 T = TypeVar("T")
 

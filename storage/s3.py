@@ -40,9 +40,10 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from storage.base import Orphan, StoredChunk
 from uploadsrv.core.errors import ChecksumMismatch, StorageUnavailable, UploadBusy, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
+
+from .base import Orphan, StoredChunk
 
 T = TypeVar("T")
 log = logging.getLogger("uploadsrv.s3")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.report import Report, percentile
+from uploadsrv.loadtest.report import Report, percentile
 
 from .conftest import Server, free_port, spawn
 
@@ -45,7 +45,7 @@ def test_latencies_are_reported_per_request_type():
 
 def run_loadtest(url: str, tmp_path: Path, *extra: str) -> tuple[int, dict]:
     out = tmp_path / "report.json"
-    command = [sys.executable, "-m", "loadtest", "--url", url, "--json", str(out), *extra]
+    command = [sys.executable, "-m", "uploadsrv.loadtest", "--url", url, "--json", str(out), *extra]
     command += ["--clients", "3", "--uploads", "2", "--min-size", "100K", "--max-size", "1500K"]
     command += ["--chunk-size", "512K", "--pause-seconds", "0.05"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)

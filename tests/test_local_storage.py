@@ -12,16 +12,16 @@ import time
 
 import pytest
 
-from storage.local import LocalStorage
 from uploadsrv.core import UploadService, errors
 from uploadsrv.core.locks import UploadLocks
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.core.pump import pump
+from uploadsrv.storage.local import LocalStorage
 
 HOLDER = textwrap.dedent(
     """
     import asyncio, sys
-    from storage.local import LocalStorage
+    from uploadsrv.storage.local import LocalStorage
 
     async def main():
         storage = LocalStorage(sys.argv[1])

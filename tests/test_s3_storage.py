@@ -15,7 +15,7 @@ import zlib
 import httpx
 import pytest
 
-from storage.s3 import MAX_PARTS, MIN_PART, part_size_for
+from uploadsrv.storage.s3 import MAX_PARTS, MIN_PART, part_size_for
 
 from .conftest import TUS, Moto, Server, create, download, free_port, patch, sha256
 

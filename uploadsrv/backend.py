@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from storage.base import Storage
-from storage.local import LocalStorage
+from uploadsrv.storage.base import Storage
+from uploadsrv.storage.local import LocalStorage
 
 from .config import Settings
 
@@ -12,7 +12,7 @@ def open_storage(settings: Settings) -> Storage:
     """The backend the settings name: local disk by default, S3 for s3:// URLs."""
     if not settings.storage:
         return LocalStorage(settings.data_dir, io_threads=settings.io_threads)
-    from storage.s3 import S3Storage
+    from uploadsrv.storage.s3 import S3Storage
 
     return S3Storage(
         settings.storage,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from storage.base import Chunked, StoredChunk
+from uploadsrv.storage.base import Chunked, StoredChunk
 
 from .checksums import Checksum, Digester
 from .errors import (

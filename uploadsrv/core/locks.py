@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from storage.base import Storage, UploadLock
+from uploadsrv.storage.base import Storage, UploadLock
 
 from .errors import Superseded, UploadBusy
 

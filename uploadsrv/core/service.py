@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from storage.base import Chunked, Concatenating, Presigning, Storage, Writer
+from uploadsrv.storage.base import Chunked, Concatenating, Presigning, Storage, Writer
 
 from .checksums import ALGORITHMS, Checksum, Digester
 from .errors import (

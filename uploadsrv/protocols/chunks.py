@@ -24,12 +24,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from storage.base import StoredChunk
 from uploadsrv.body import RequestBody
 from uploadsrv.config import Settings
 from uploadsrv.core import Checksum, UploadInfo
 from uploadsrv.core import errors as e
 from uploadsrv.core.chunks import ChunkSessions, ChunkStatus
+from uploadsrv.storage.base import StoredChunk
 
 from .common import (
     ERROR_STATUS,
