@@ -1,5 +1,5 @@
-"""Storage backends: where an upload's bytes and record live."""
+"""Storage backends: where an upload's bytes and record live.
 
-from .base import Concatenating, Housekeeping, Orphan, Presigning, Storage, UploadLock, Writer
-
-__all__ = ["Concatenating", "Housekeeping", "Orphan", "Presigning", "Storage", "UploadLock", "Writer"]
+Each backend implements the contract in `uploadsrv.core.storage`; `uploadsrv.backend`
+picks one from the settings.
+"""

@@ -46,8 +46,7 @@ from uploadsrv.core.errors import (
     UploadNotFound,
 )
 from uploadsrv.core.model import UploadInfo, is_upload_id
-
-from .base import Orphan, StoredChunk
+from uploadsrv.core.storage import Orphan, StoredChunk
 
 T = TypeVar("T")
 

@@ -42,8 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from uploadsrv.core.errors import ChecksumMismatch, StorageUnavailable, UploadBusy, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
-
-from .base import Orphan, StoredChunk
+from uploadsrv.core.storage import Orphan, StoredChunk
 
 T = TypeVar("T")
 log = logging.getLogger("uploadsrv.s3")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from uploadsrv.storage.base import Storage
+from uploadsrv.core.storage import Storage
 from uploadsrv.storage.local import LocalStorage
 
 from .config import Settings

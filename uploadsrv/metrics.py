@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from uploadsrv.core import UploadInfo
+from uploadsrv.core import UploadEvent, UploadInfo
 
 
 class Metrics:
@@ -29,7 +29,7 @@ class Metrics:
             registry=self.registry,
         )
 
-    def on_event(self, event: str, info: UploadInfo) -> None:
+    def on_event(self, event: UploadEvent, info: UploadInfo) -> None:
         self.events.labels(event, info.protocol).inc()
 
     async def endpoint(self, request: Request) -> Response:

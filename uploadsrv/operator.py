@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from uploadsrv.storage.base import Chunked, Housekeeping
+from uploadsrv.core.storage import Chunked, Housekeeping
 
 from .core import UploadInfo, UploadService
 from .core.errors import UploadError

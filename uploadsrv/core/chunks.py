@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from uploadsrv.storage.base import Chunked, StoredChunk
-
 from .checksums import Checksum, Digester
 from .errors import (
     ChecksumMismatch,
@@ -27,16 +25,19 @@ from .errors import (
     TooLarge,
     UploadComplete,
 )
+from .events import UploadEvent
 from .model import UploadInfo
 from .pump import pump
 from .service import UploadService
+from .storage import Chunked, StoredChunk
 
 MAX_CHUNKS = 10_000  #: S3's limit on parts, kept on every backend so sessions can move
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
-#: What a session's watchers receive: ("chunk", StoredChunk) or (event, UploadInfo) for
-#: "completed", "expired" and "terminated".
-ChunkEvent = tuple[str, StoredChunk | UploadInfo]
+#: The events that end a chunk session.
+SESSION_ENDINGS = frozenset({UploadEvent.COMPLETED, UploadEvent.EXPIRED, UploadEvent.TERMINATED})
+#: What a session's watchers receive: (CHUNK, StoredChunk) or (one of SESSION_ENDINGS, UploadInfo).
+ChunkEvent = tuple[UploadEvent, StoredChunk | UploadInfo]
 
 
 @dataclass
@@ -148,8 +149,8 @@ class ChunkSessions:
                 size = await hold.run(pump(body, writer, limit=expected, digester=digester))
                 chunk = _verified(number, size, expected, digester, checksum)
                 await writer.commit(chunk)
-        self._service.emit("chunk", info)
-        self._notify(session_id, ("chunk", chunk))
+        self._service.emit(UploadEvent.CHUNK, info)
+        self._notify(session_id, (UploadEvent.CHUNK, chunk))
         return chunk, True
 
     async def status(self, session_id: str) -> ChunkStatus:
@@ -220,8 +221,8 @@ class ChunkSessions:
             raise NotAppendable("this upload is not a chunk session")
         return info
 
-    def _on_event(self, event: str, info: UploadInfo) -> None:
-        if info.chunk_size is not None and event in ("completed", "expired", "terminated"):
+    def _on_event(self, event: UploadEvent, info: UploadInfo) -> None:
+        if info.chunk_size is not None and event in SESSION_ENDINGS:
             self._notify(info.id, (event, info))
 
     def _notify(self, session_id: str, event: ChunkEvent) -> None:

@@ -15,9 +15,8 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from uploadsrv.storage.base import Storage, UploadLock
-
 from .errors import Superseded, UploadBusy
+from .storage import Storage, UploadLock
 
 T = TypeVar("T")
 

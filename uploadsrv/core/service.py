@@ -11,8 +11,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from uploadsrv.storage.base import Chunked, Concatenating, Presigning, Storage, Writer
-
 from .checksums import ALGORITHMS, Checksum, Digester
 from .errors import (
     ChecksumMismatch,
@@ -27,18 +25,16 @@ from .errors import (
     UploadGone,
     UploadNotFound,
 )
+from .events import Listener, UploadEvent
 from .locks import UploadLocks
 from .model import UploadInfo, is_upload_id, new_upload_id
 from .pump import pump
+from .storage import Chunked, Concatenating, Presigning, Storage, Writer
 
 log = logging.getLogger("uploadsrv.core")
 
 PROGRESS_BYTES = 4 << 20  #: report durable progress at least every this many bytes...
 PROGRESS_SECONDS = 1.0  #: ...or this often, whichever comes first
-
-#: Called with an event name ("created", "appended", "chunk", "completed", "terminated",
-#: "expired") and the upload; metrics and progress streams subscribe here.
-Listener = Callable[[str, UploadInfo], None]
 
 
 class UploadService:
@@ -62,7 +58,7 @@ class UploadService:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def emit(self, event: str, info: UploadInfo) -> None:
+    def emit(self, event: UploadEvent, info: UploadInfo) -> None:
         """Tell the listeners (metrics, event streams) what happened to an upload."""
         for listener in self._listeners:
             listener(event, info)
@@ -89,7 +85,7 @@ class UploadService:
             length, metadata, owner, protocol, partial=partial, chunk_size=chunk_size, sha256=sha256
         )
         await self.storage.create(info)
-        self.emit("created", info)
+        self.emit(UploadEvent.CREATED, info)
         log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": protocol})
         if info.is_complete:  # a zero-byte upload is done at once
             await self.finish(info)
@@ -126,7 +122,7 @@ class UploadService:
             await self.storage.delete(info.id)
             raise
         info.offset = total
-        self.emit("created", info)
+        self.emit(UploadEvent.CREATED, info)
         await self.finish(info)
         return info
 
@@ -225,7 +221,7 @@ class UploadService:
         async with self.locks.hold(self._known(upload_id)):
             info = await self.storage.get(upload_id)
             await self.storage.delete(upload_id)
-        self.emit("terminated", info)
+        self.emit(UploadEvent.TERMINATED, info)
         log.info("upload terminated", extra={"upload_id": upload_id})
 
     def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
@@ -308,7 +304,7 @@ class UploadService:
         async for info, deleted in self.prune(self.expiry):
             if deleted and isinstance(info, UploadInfo):
                 removed.append(info.id)
-                self.emit("expired", info)
+                self.emit(UploadEvent.EXPIRED, info)
                 log.info("upload expired", extra={"upload_id": info.id})
         return removed
 
@@ -385,12 +381,12 @@ class UploadService:
 
     def _after_append(self, info: UploadInfo) -> None:
         info.updated_at = self._clock()
-        self.emit("appended", info)
+        self.emit(UploadEvent.APPENDED, info)
 
     async def finish(self, info: UploadInfo) -> None:
         """The upload reached its length: let the backend finalise it, and tell listeners."""
         await self.storage.finish(info)
-        self.emit("completed", info)
+        self.emit(UploadEvent.COMPLETED, info)
         log.info("upload completed", extra={"upload_id": info.id, "length": info.length})
 
 

@@ -26,10 +26,10 @@ from starlette.routing import Route
 
 from uploadsrv.body import RequestBody
 from uploadsrv.config import Settings
-from uploadsrv.core import Checksum, UploadInfo
+from uploadsrv.core import Checksum, UploadEvent, UploadInfo
 from uploadsrv.core import errors as e
 from uploadsrv.core.chunks import ChunkSessions, ChunkStatus
-from uploadsrv.storage.base import StoredChunk
+from uploadsrv.core.storage import StoredChunk
 
 from .common import (
     ERROR_STATUS,
@@ -48,6 +48,13 @@ POLL_SECONDS = 5.0
 
 #: A chunk's number on another kind of upload is not a session either.
 STATUS = {**ERROR_STATUS, e.NotAppendable: 404, e.ChecksumMismatch: 400}
+
+#: The SSE event that tells a watcher how its session ended: a DELETE is "aborted".
+SSE_ENDINGS = {
+    UploadEvent.COMPLETED: "completed",
+    UploadEvent.EXPIRED: "expired",
+    UploadEvent.TERMINATED: "aborted",
+}
 
 #: Request headers a browser must be allowed to send beyond the draft's (Content-Digest).
 REQUEST_HEADERS = ["Content-MD5"]
@@ -191,8 +198,7 @@ class ChunkProtocol:
                         seen[subject.number] = subject.size
                         yield _event("chunk", _progress(subject, seen, status.info))
                     continue
-                name = {"completed": "completed", "expired": "expired"}.get(kind, "aborted")
-                yield _event(name, self._ending_body(request, subject))
+                yield _event(SSE_ENDINGS[kind], self._ending_body(request, subject))
                 return
             yield _event("completed", self._ending_body(request, status.info))
 

@@ -1,9 +1,12 @@
 """The contract between the upload core and a storage backend.
 
-A backend stores bytes and upload records and knows nothing of HTTP or tus. The core
-contract is `Storage`; optional powers are separate protocols a backend opts into, and
-the core checks them once at start-up (`isinstance`), so what a server advertises is
-always what its backend really implements.
+It lives in the core, beside the model and the errors, as tusd's `DataStore` lives in
+its handler package: a backend imports this vocabulary (`model`, `errors`, `storage`)
+and nothing else of the core, and the core imports no backend. A backend stores bytes
+and upload records and knows nothing of HTTP or tus. The core contract is `Storage`;
+optional powers are separate protocols a backend opts into, and the core checks them
+once at start-up (`isinstance`), so what a server advertises is always what its backend
+really implements.
 """
 
 from __future__ import annotations
@@ -11,10 +14,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # the core imports this module; at runtime only the shapes matter
-    from uploadsrv.core.model import UploadInfo
+from .model import UploadInfo
 
 
 class Writer(Protocol):
