@@ -14,8 +14,6 @@ are `application/problem+json` from the core's error types.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -36,6 +34,7 @@ from .common import (
     content_length,
     error_headers,
     error_problem,
+    parse_base64,
     parse_content_digest,
     parse_offset,
     public_url,
@@ -262,10 +261,7 @@ def _chunk_checksum(request: Request) -> Checksum | None:
     if "content-digest" in request.headers:
         return parse_content_digest(request.headers["content-digest"])
     if "content-md5" in request.headers:
-        try:
-            return Checksum("md5", base64.b64decode(request.headers["content-md5"], validate=True))
-        except binascii.Error:
-            raise e.InvalidRequest("Content-MD5 must be base64") from None
+        return Checksum("md5", parse_base64(request.headers["content-md5"], "Content-MD5"))
     return None
 
 

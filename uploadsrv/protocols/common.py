@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from email.utils import formatdate
@@ -108,6 +109,14 @@ def parse_offset(text: str | None, name: str) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > 19:
         raise InvalidRequest(f"{name} must be a non-negative integer, got {text[:40]!r}")
     return int(text)
+
+
+def parse_base64(text: str, name: str) -> bytes:
+    """Strict base64 from a header; non-ASCII text is as malformed as a bad padding."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error, or non-ASCII characters in a str
+        raise InvalidRequest(f"{name} is not base64") from None
 
 
 def parse_content_digest(header: str | None) -> Checksum | None:

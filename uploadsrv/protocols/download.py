@@ -20,7 +20,7 @@ from .common import problem
 INLINE_TYPES = re.compile(
     r"(image/(png|jpeg|gif|webp|heic|avif)|video/.+|audio/.+|application/pdf|text/plain)"
 )
-RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII)
 
 
 async def download(service: UploadService, info: UploadInfo, request: Request) -> Response:

@@ -112,7 +112,7 @@ class IetfProtocol:
     async def handle(self, request: Request, send: Send) -> Response:
         """Entry point from the router for any method on the collection or an upload."""
         raw = request.headers[HEADER]
-        interop = VERSIONS.get(int(raw)) if raw.isdigit() else None
+        interop = VERSIONS.get(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) < 4 else None
         if interop is None:
             return problem(
                 400, f"unsupported {HEADER} {raw[:10]!r}; supported: {', '.join(map(str, VERSIONS))}"

@@ -8,7 +8,6 @@ mapping from core errors to tus status codes lives in `STATUS`, in one place.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -26,6 +25,7 @@ from .common import (
     error_headers,
     error_problem,
     http_date,
+    parse_base64,
     parse_offset,
     problem,
     public_url,
@@ -257,10 +257,7 @@ def parse_metadata(header: str) -> dict[str, str | None]:
         if len(fields) == 1:
             metadata[key] = None
             continue
-        try:
-            value = base64.b64decode(fields[1], validate=True)
-        except binascii.Error:
-            raise e.InvalidRequest(f"Upload-Metadata value of {key!r} is not base64") from None
+        value = parse_base64(fields[1], f"Upload-Metadata value of {key[:60]!r}")
         metadata[key] = value.decode("utf-8", "surrogateescape")
     return metadata
 
@@ -279,10 +276,7 @@ def parse_checksum(header: str) -> Checksum:
     algorithm, _, encoded = header.strip().partition(" ")
     if algorithm not in ALGORITHMS:
         raise e.UnsupportedChecksum(f"checksum algorithm {algorithm[:20]!r} is not supported")
-    try:
-        return Checksum(algorithm, base64.b64decode(encoded.strip(), validate=True))
-    except binascii.Error:
-        raise e.InvalidRequest("Upload-Checksum digest is not base64") from None
+    return Checksum(algorithm, parse_base64(encoded.strip(), "Upload-Checksum digest"))
 
 
 def _trailer_checksum(body: RequestBody) -> Checksum | None:
