@@ -86,6 +86,18 @@ class LocalStorage:
         with _disk_errors():
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def _run_owned(self, fn: Callable[..., T], close: Callable[[T], object], *args: object) -> T:
+        """`fn` on a disk thread, for a result holding a descriptor. If the request is
+        cancelled meanwhile (its client went away), the result is closed when the thread
+        delivers it; a plain descriptor number would otherwise stay open for good."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            with _disk_errors():
+                return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda done: _close_result(done, close))
+            raise
+
     def _dir(self, upload_id: str) -> str:
         # Ids are validated by the core; checked again because a path is built from them.
         if not is_upload_id(upload_id):
@@ -152,7 +164,7 @@ class LocalStorage:
         path = self._dir(info.id)
         try:
             if transactional:  # truncates a staging file a crash may have left, however large
-                file = await self._run(_FileWriter, path, info.offset, transactional)
+                file = await self._run_owned(_FileWriter, _FileWriter.close, path, info.offset, transactional)
             else:
                 with _disk_errors():
                     file = _FileWriter(path, info.offset, transactional)
@@ -168,7 +180,7 @@ class LocalStorage:
 
     async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
         try:
-            fd = await self._run(os.open, f"{self._dir(info.id)}/data", os.O_RDONLY)
+            fd = await self._run_owned(os.open, os.close, f"{self._dir(info.id)}/data", os.O_RDONLY)
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -197,7 +209,7 @@ class LocalStorage:
         assert info.chunk_size is not None
         offset = (number - 1) * info.chunk_size
         try:
-            file = await self._run(_ChunkFile, self._dir(info.id), offset)
+            file = await self._run_owned(_ChunkFile, _ChunkFile.close, self._dir(info.id), offset)
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -378,6 +390,12 @@ def _try_flock(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _close_result(done: asyncio.Future[T], close: Callable[[T], object]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        with suppress(OSError):
+            close(done.result())
 
 
 class _FileWriter:

@@ -7,7 +7,7 @@ import os
 import httpx
 import pytest
 
-from tests.conftest import TUS, Server, create, patch
+from tests.conftest import TUS, Server, create, patch, raw_request, wait_for
 
 OCTETS = "application/offset+octet-stream"
 NON_ASCII = "é²€".encode()  # the server decodes header bytes as latin-1: never ASCII, never digits
@@ -57,3 +57,32 @@ async def test_a_range_of_absurd_numbers_is_ignored(client, server, range_):
     assert (await patch(client, url, 0, data)).status_code == 204
     response = await client.get(url, headers={"Range": range_.encode("latin-1")})
     assert response.status_code == 200 and response.content == data
+
+
+def upload_fds(srv: Server) -> list[str]:
+    """The server's open descriptors on files under its data directory."""
+    assert srv.process is not None
+    fd_dir = f"/proc/{srv.process.pid}/fd"
+    targets = []
+    for name in os.listdir(fd_dir):
+        try:
+            targets.append(os.readlink(f"{fd_dir}/{name}"))
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return [t for t in targets if t.startswith(str(srv.data_dir))]
+
+
+def test_aborted_downloads_leave_no_descriptors_open(start_server):
+    srv: Server = start_server()
+    data = os.urandom(4 << 20)  # more than the socket buffers take: the server is mid-response
+    url = httpx.post(srv.files, headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+    done = httpx.patch(url, content=data, headers={**TUS, "Upload-Offset": "0", "Content-Type": OCTETS})
+    assert done.status_code == 204
+    path = url.split(str(srv.port), 1)[1]
+    for n in range(300):
+        sock = raw_request(srv.port, f"GET {path} HTTP/1.1\nHost: x\n", close=False)
+        if n % 2:
+            sock.recv(1)  # half of them after the response began
+        sock.close()
+    assert httpx.get(srv.url + "/healthz").status_code == 200
+    wait_for(lambda: not upload_fds(srv), 20, f"descriptors to close: {len(upload_fds(srv))} open")

@@ -7,9 +7,11 @@ protocol made it.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from uploadsrv.core import UploadInfo, UploadService
 
@@ -56,7 +58,23 @@ async def download(service: UploadService, info: UploadInfo, request: Request) -
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{length}"
     headers["Content-Length"] = str(end - start)
-    return StreamingResponse(service.read(info, start, end), status_code=status, headers=headers)
+    return _Download(service.read(info, start, end), status_code=status, headers=headers)
+
+
+class _Download(StreamingResponse):
+    """Closes the storage's reader however the response ends.
+
+    A client that goes away cancels the response between two blocks; left to the garbage
+    collector, the suspended reader would keep its file (or S3 stream) open for good.
+    """
+
+    body_iterator: AsyncGenerator[bytes, None]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def _content_type(info: UploadInfo) -> str:
