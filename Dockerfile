@@ -5,10 +5,11 @@ RUN useradd --system --uid 10001 --no-create-home uploadsrv \
     && mkdir /data && chown uploadsrv /data
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY uploadsrv ./uploadsrv
 COPY storage ./storage
-RUN pip install --no-cache-dir .
+COPY loadtest ./loadtest
+RUN pip install --no-cache-dir ".[s3,redis]"
 
 USER uploadsrv
 ENV UPLOADSRV_HOST=0.0.0.0 \

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import boto3
 import httpx
 
 S3_CREDENTIALS = {
@@ -74,6 +73,8 @@ def spawned_server(backend: str, work: Path, *flags: str) -> Iterator[tuple[str,
     try:
         storage: list[str] = []
         if backend == "s3":
+            import boto3  # only here: a disk-only install has no boto3
+
             moto, endpoint = start_moto(work / "moto.log")
             processes.append(moto)
             boto3.client("s3", endpoint_url=endpoint, **boto3_credentials()).create_bucket(Bucket="loadtest")

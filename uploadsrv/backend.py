@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from uploadsrv.core.storage import Storage
 from uploadsrv.storage.local import LocalStorage
 
 from .config import Settings
 
 
+class MissingDependency(RuntimeError):
+    """The configured storage needs a package this installation lacks."""
+
+
+def require_backend(settings: Settings) -> None:
+    """Fail in one line, before any worker starts, if the storage's packages are missing."""
+    if settings.storage and importlib.util.find_spec("boto3") is None:
+        raise MissingDependency(f"--storage {settings.storage} needs boto3: pip install 'uploadsrv[s3]'")
+
+
 def open_storage(settings: Settings) -> Storage:
     """The backend the settings name: local disk by default, S3 for s3:// URLs."""
     if not settings.storage:
         return LocalStorage(settings.data_dir, io_threads=settings.io_threads)
+    require_backend(settings)
     from uploadsrv.storage.s3 import S3Storage
 
     return S3Storage(

@@ -1,5 +1,6 @@
-"""The `uploadsrv` console script: `serve`, and the operator commands `list`, `inspect`,
-`prune` and `stats`, which take the same storage flags and environment as the server.
+"""The `uploadsrv` console script: `serve`, the operator commands `list`, `inspect`,
+`prune` and `stats`, which take the same storage flags and environment as the server,
+and `loadtest`.
 
 Exit codes: 0 success, 1 a command failed (the message names the upload and the cause),
 2 bad usage.
@@ -21,6 +22,10 @@ if TYPE_CHECKING:  # the operator commands import these lazily, to keep `serve` 
     from rich.console import Console
 
     from .core import UploadService
+
+#: uvicorn minor versions `uvicorn_protocols.py`, which subclasses uvicorn's private
+#: protocol classes, is tested against; pyproject.toml pins the same range.
+TESTED_UVICORN = ("0.54",)
 
 PROTOCOL_CLASSES = {
     "httptools": "uploadsrv.uvicorn_protocols:HttpToolsUploadProtocol",
@@ -75,14 +80,30 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(**overrides)
 
 
+def untested_uvicorn(version: str) -> str | None:
+    """Why `version` of uvicorn must not run uploadsrv, or None if it is a tested one."""
+    if ".".join(version.split(".")[:2]) in TESTED_UVICORN:
+        return None
+    tested = ", ".join(v + ".x" for v in TESTED_UVICORN)
+    return f"uvicorn {version} is untested with uploadsrv's protocol classes; install uvicorn {tested}"
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .backend import MissingDependency, require_backend
     from .logs import configure
 
+    problem = untested_uvicorn(uvicorn.__version__)
+    if problem:
+        sys.exit(f"uploadsrv: {problem}")
     settings = _settings(args)
     if settings.http not in PROTOCOL_CLASSES:
         sys.exit(f"uploadsrv: --http must be one of {', '.join(PROTOCOL_CLASSES)}")
+    try:
+        require_backend(settings)
+    except MissingDependency as missing:
+        sys.exit(f"uploadsrv: {missing}")
     settings.data_dir = settings.data_dir.resolve()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Workers rebuild the settings from the environment, so one path serves 1 or N.
@@ -258,12 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_operator(stats_command))
 
+    # Listed for --help; `main` hands everything after it to the load test's own parser.
+    commands.add_parser("loadtest", help="load a server and verify every upload (see loadtest --help)")
+
     for sub in (listing, inspect, prune, stats):
         _add_settings(sub, STORAGE_FLAGS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:
+        from .loadtest.__main__ import main as loadtest
+
+        return loadtest(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
 
