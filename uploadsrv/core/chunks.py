@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from .caller import Caller
 from .checksums import Checksum, Digester
 from .errors import (
     ChecksumMismatch,
@@ -91,7 +92,7 @@ class ChunkSessions:
         length: int,
         chunk_size: int | None = None,
         metadata: dict[str, str | None] | None = None,
-        owner: str | None = None,
+        caller: Caller | None = None,
         sha256: str | None = None,
     ) -> UploadInfo:
         if chunk_size is not None and chunk_size < 1:
@@ -104,8 +105,7 @@ class ChunkSessions:
         return await self._service.create(
             length=length,
             metadata=metadata,
-            owner=owner,
-            protocol="chunks",
+            caller=caller,
             chunk_size=size,
             sha256=sha256,
         )
@@ -116,6 +116,7 @@ class ChunkSessions:
         number: int,
         body: AsyncIterator[bytes],
         *,
+        caller: Caller | None = None,
         content_length: int | None = None,
         checksum: Checksum | None = None,
     ) -> tuple[StoredChunk, bool]:
@@ -126,7 +127,7 @@ class ChunkSessions:
         or the chunk's size, stores nothing. A newer request for the same chunk (a retry
         after a lost connection) preempts an older one still waiting for its bytes.
         """
-        info = await self._session(session_id)
+        info = await self._session(session_id, caller)
         if info.is_complete:
             raise UploadComplete("the session is complete; its chunks can no longer change")
         if not 1 <= number <= info.chunk_count:
@@ -137,7 +138,7 @@ class ChunkSessions:
                 f"chunk {number} has {expected} bytes, not {content_length}", expected_size=expected
             )
         digester = Digester({"sha256"} | ({checksum.algorithm} if checksum else set()))
-        async with self._service.locks.hold(session_id, chunk=number) as hold:
+        async with self._service.hold(session_id, caller, chunk=number) as hold:
             stored = await self._storage.stored_chunks(info, number)
             if stored:
                 size = await hold.run(pump(body, _NOWHERE, limit=expected, digester=digester))
@@ -153,20 +154,20 @@ class ChunkSessions:
         self._notify(session_id, (UploadEvent.CHUNK, chunk))
         return chunk, True
 
-    async def status(self, session_id: str) -> ChunkStatus:
-        info = await self._session(session_id)
+    async def status(self, session_id: str, caller: Caller | None = None) -> ChunkStatus:
+        info = await self._session(session_id, caller)
         chunks = await self._storage.stored_chunks(info)
         info.updated_at = max([info.updated_at, *(c.stored_at for c in chunks)])  # for the expiry
         return ChunkStatus(info, chunks)
 
-    async def complete(self, session_id: str) -> UploadInfo:
+    async def complete(self, session_id: str, caller: Caller | None = None) -> UploadInfo:
         """Assemble a session whose chunks are all stored; again, the same answer.
 
         A declared whole-file sha256 that does not match means no single chunk can be
         blamed or replaced: the session is removed and the client starts over.
         """
-        async with self._service.locks.hold(session_id):
-            info = await self._session(session_id)
+        async with self._service.hold(session_id, caller):
+            info = await self._session(session_id, caller)
             if info.is_complete:
                 return info
             status = ChunkStatus(info, await self._storage.stored_chunks(info))
@@ -196,9 +197,9 @@ class ChunkSessions:
     def is_expired(self, info: UploadInfo) -> bool:
         return self._service.is_expired(info)
 
-    async def abort(self, session_id: str) -> None:
-        await self._session(session_id)
-        await self._service.terminate(session_id)
+    async def abort(self, session_id: str, caller: Caller | None = None) -> None:
+        await self._session(session_id, caller)
+        await self._service.terminate(session_id, caller)
 
     @asynccontextmanager
     async def watch(self, session_id: str) -> AsyncIterator[asyncio.Queue[ChunkEvent]]:
@@ -215,8 +216,8 @@ class ChunkSessions:
 
     # -- internals ---------------------------------------------------------------
 
-    async def _session(self, session_id: str) -> UploadInfo:
-        info = await self._service.peek(session_id)
+    async def _session(self, session_id: str, caller: Caller | None) -> UploadInfo:
+        info = await self._service.peek(session_id, caller)
         if info.chunk_size is None:
             raise NotAppendable("this upload is not a chunk session")
         return info

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 
+from .caller import Caller
 from .checksums import ALGORITHMS, Checksum, Digester
 from .errors import (
     ChecksumMismatch,
@@ -26,7 +29,7 @@ from .errors import (
     UploadNotFound,
 )
 from .events import Listener, UploadEvent
-from .locks import UploadLocks
+from .locks import Hold, UploadLocks
 from .model import UploadInfo, is_upload_id, new_upload_id
 from .pump import pump
 from .storage import Chunked, Concatenating, Presigning, Storage, Writer
@@ -35,6 +38,7 @@ log = logging.getLogger("uploadsrv.core")
 
 PROGRESS_BYTES = 4 << 20  #: report durable progress at least every this many bytes...
 PROGRESS_SECONDS = 1.0  #: ...or this often, whichever comes first
+OWNED_CACHE = 16384  #: (owner, upload id) pairs remembered, so an owner's requests skip a record read
 
 
 class UploadService:
@@ -45,15 +49,19 @@ class UploadService:
         max_size: int,
         expiry: float | None,
         lock_timeout: float = 10.0,
+        enforce_owners: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """With `enforce_owners` (auth is on), an upload is visible only to its owner."""
         self.storage = storage
         self.max_size = max_size
         self.expiry = expiry
         self.can_concatenate = isinstance(storage, Concatenating)
         self.locks = UploadLocks(storage, timeout=lock_timeout)
+        self.enforce_owners = enforce_owners
         self._clock = clock
         self._listeners: list[Listener] = []
+        self._owned: OrderedDict[tuple[str | None, str], None] = OrderedDict()
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -70,23 +78,20 @@ class UploadService:
         *,
         length: int | None,
         metadata: dict[str, str | None] | None = None,
-        owner: str | None = None,
-        protocol: str = "tus",
+        caller: Caller | None = None,
         partial: bool = False,
         chunk_size: int | None = None,
         sha256: str | None = None,
     ) -> UploadInfo:
-        """Register a new, empty upload; `length=None` defers the length.
+        """Register a new, empty upload owned by the caller; `length=None` defers the length.
 
         With `chunk_size` it is a chunk session (see `ChunkSessions`), whose declared
         `sha256` is checked on completion.
         """
-        info = self._new(
-            length, metadata, owner, protocol, partial=partial, chunk_size=chunk_size, sha256=sha256
-        )
+        info = self._new(length, metadata, caller, partial=partial, chunk_size=chunk_size, sha256=sha256)
         await self.storage.create(info)
         self.emit(UploadEvent.CREATED, info)
-        log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": protocol})
+        log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": info.protocol})
         if info.is_complete:  # a zero-byte upload is done at once
             await self.finish(info)
         return info
@@ -96,10 +101,11 @@ class UploadService:
         part_ids: Sequence[str],
         *,
         metadata: dict[str, str | None] | None = None,
-        owner: str | None = None,
-        protocol: str = "tus",
+        caller: Caller | None = None,
     ) -> UploadInfo:
-        """A new, complete upload made of finished partial uploads, joined by the backend."""
+        """A new, complete upload made of finished partial uploads, joined by the backend.
+
+        A part the caller may not see is reported exactly as one that does not exist."""
         if not isinstance(self.storage, Concatenating):
             raise InvalidRequest("this storage cannot concatenate uploads")
         if not part_ids:
@@ -107,14 +113,14 @@ class UploadService:
         parts = []
         for part_id in part_ids:
             try:
-                part = await self._live(part_id)
+                part = await self._live(part_id, caller)
             except (UploadNotFound, UploadGone):
                 raise InvalidRequest(f"part {part_id} does not exist") from None
             if not (part.partial and part.is_complete):
                 raise InvalidRequest(f"part {part_id} is not a finished partial upload")
             parts.append(part)
         total = sum(part.offset for part in parts)
-        info = self._new(total, metadata, owner, protocol, parts=list(part_ids))
+        info = self._new(total, metadata, caller, parts=list(part_ids))
         await self.storage.create(info)
         try:
             await self.storage.concatenate(info, parts)
@@ -126,18 +132,28 @@ class UploadService:
         await self.finish(info)
         return info
 
-    async def get(self, upload_id: str) -> UploadInfo:
+    async def get(self, upload_id: str, caller: Caller | None = None) -> UploadInfo:
         """The upload's state; a stale request still holding it is stopped first."""
-        async with self.locks.hold(self._known(upload_id)):
-            return await self._live(upload_id)
+        async with self.hold(upload_id, caller):
+            return await self._live(upload_id, caller)
 
     async def peek_any(self, upload_id: str) -> UploadInfo:
         """The upload's state, expired or not (for operators)."""
         return await self.storage.get(self._known(upload_id))
 
-    async def peek(self, upload_id: str) -> UploadInfo:
+    async def peek(self, upload_id: str, caller: Caller | None = None) -> UploadInfo:
         """The upload's state without taking its lock (downloads, listings)."""
-        return await self._live(self._known(upload_id))
+        return await self._live(upload_id, caller)
+
+    @asynccontextmanager
+    async def hold(
+        self, upload_id: str, caller: Caller | None, *, chunk: int | None = None
+    ) -> AsyncIterator[Hold]:
+        """The upload's lock, for a caller allowed to act on it: taking the lock stops the
+        request holding it, which only the upload's owner may do."""
+        await self._authorize(self._known(upload_id), caller)
+        async with self.locks.hold(upload_id, chunk=chunk) as held:
+            yield held
 
     async def append(
         self,
@@ -145,6 +161,7 @@ class UploadService:
         offset: int,
         body: AsyncIterator[bytes],
         *,
+        caller: Caller | None = None,
         content_length: int | None = None,
         length: int | None = None,
         checksum: Checksum | None = None,
@@ -163,8 +180,8 @@ class UploadService:
         An upload already complete at `offset` takes an empty or repeated final request
         as a replay and answers its final state.
         """
-        async with self.locks.hold(self._known(upload_id)) as hold:
-            info = await self._live(upload_id)
+        async with self.hold(upload_id, caller) as hold:
+            info = await self._live(upload_id, caller)
             if info.is_final:
                 raise NotAppendable("a concatenated upload cannot be appended to")
             if info.chunk_size is not None:
@@ -216,10 +233,12 @@ class UploadService:
             await self.finish(info)
         return info
 
-    async def terminate(self, upload_id: str) -> None:
-        """Delete the upload and its bytes; a request writing to it is stopped first."""
-        async with self.locks.hold(self._known(upload_id)):
+    async def terminate(self, upload_id: str, caller: Caller | None = None) -> None:
+        """Delete the upload and its bytes, expired or not; a request writing to it is stopped first."""
+        async with self.hold(upload_id, caller):
             info = await self.storage.get(upload_id)
+            if not self._permits(caller, info):
+                raise UploadNotFound()
             await self.storage.delete(upload_id)
         self.emit(UploadEvent.TERMINATED, info)
         log.info("upload terminated", extra={"upload_id": upload_id})
@@ -314,8 +333,7 @@ class UploadService:
         self,
         length: int | None,
         metadata: dict[str, str | None] | None,
-        owner: str | None,
-        protocol: str,
+        caller: Caller | None,
         **kind: object,
     ) -> UploadInfo:
         """A new upload's record, its length checked against the limits."""
@@ -326,20 +344,60 @@ class UploadService:
             id=new_upload_id(),
             length=length,
             metadata=metadata or {},
-            owner=owner,
-            protocol=protocol,
+            owner=caller.owner if caller else None,
+            protocol=caller.protocol if caller else "tus",
             created_at=now,
             updated_at=now,
             **kind,  # type: ignore[arg-type]
         )
+
+    def _permits(self, caller: Caller | None, info: UploadInfo) -> bool:
+        """Whether `caller` may act on the upload: its owner may, and so may a signed URL of
+        the owner's for this upload, until the URL's expiry or the upload's, the later."""
+        if caller is None or not self.enforce_owners:
+            return True
+        if caller.owner is None or caller.owner != info.owner:
+            return False
+        if caller.grant is None or caller.grant_expires is None:
+            return caller.grant in (None, info.id)
+        now = self._clock()
+        upload_expires = self.expires_at(info)
+        return caller.grant == info.id and (
+            caller.grant_expires > now or (upload_expires is not None and upload_expires > now)
+        )
+
+    async def _authorize(self, upload_id: str, caller: Caller | None) -> None:
+        """Check, before its lock is taken, that the caller may act on the upload.
+
+        Only pairs that passed are remembered, so anyone else's request reads the record
+        every time, as it does for an id that does not exist: no faster answer for a real one.
+        """
+        if caller is None or not self.enforce_owners:
+            return
+        key = (caller.owner, upload_id)
+        if key in self._owned and caller.grant in (None, upload_id):
+            self._owned.move_to_end(key)
+            return
+        if not self._permits(caller, await self.storage.get(upload_id)):
+            raise UploadNotFound()
+        self._remember(key)
+
+    def _remember(self, key: tuple[str | None, str]) -> None:
+        self._owned[key] = None
+        if len(self._owned) > OWNED_CACHE:
+            self._owned.popitem(last=False)
 
     def _known(self, upload_id: str) -> str:
         if not is_upload_id(upload_id):
             raise UploadNotFound()
         return upload_id
 
-    async def _live(self, upload_id: str) -> UploadInfo:
+    async def _live(self, upload_id: str, caller: Caller | None = None) -> UploadInfo:
+        """The upload, if it exists, has not expired and the caller may see it: one that
+        the caller may not see is not found, through the same steps as an unknown one."""
         info = await self.storage.get(self._known(upload_id))
+        if not self._permits(caller, info):
+            raise UploadNotFound()
         if self.is_expired(info):
             await self._note_chunk_activity(info)
             if self.is_expired(info):

@@ -26,6 +26,7 @@ from uploadsrv.body import RequestBody
 from uploadsrv.config import Settings
 from uploadsrv.core import Checksum, UploadEvent, UploadInfo
 from uploadsrv.core import errors as e
+from uploadsrv.core.caller import Caller
 from uploadsrv.core.chunks import ChunkSessions, ChunkStatus
 from uploadsrv.core.storage import StoredChunk
 
@@ -34,6 +35,7 @@ from .common import (
     content_length,
     error_headers,
     error_problem,
+    make_caller,
     parse_base64,
     parse_content_digest,
     parse_offset,
@@ -58,7 +60,7 @@ SSE_ENDINGS = {
 #: Request headers a browser must be allowed to send beyond the draft's (Content-Digest).
 REQUEST_HEADERS = ["Content-MD5"]
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Caller], Awaitable[Response]]
 
 
 class ChunkProtocol:
@@ -78,10 +80,10 @@ class ChunkProtocol:
             Route(PATH + "{session_id}/{number}", self._guard(self.put), methods=["PUT"]),
         ]
 
-    def _guard(self, handler: Handler) -> Handler:
+    def _guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
             try:
-                response = await handler(request)
+                response = await handler(request, make_caller(request, "chunks", self.owner_header))
             except e.UploadError as error:
                 response = error_problem(error, STATUS.get(type(error), 500), error_headers(error))
             response.headers["Cache-Control"] = "no-store"
@@ -91,7 +93,7 @@ class ChunkProtocol:
 
     # -- handlers ----------------------------------------------------------------
 
-    async def create(self, request: Request) -> Response:
+    async def create(self, request: Request, caller: Caller) -> Response:
         spec = await _json_object(request)
         size = spec.get("size")
         chunk_size = spec.get("chunk_size")
@@ -109,30 +111,31 @@ class ChunkProtocol:
             length=size,
             chunk_size=chunk_size,
             metadata=metadata,
-            owner=request.headers.get(self.owner_header) if self.owner_header else None,
+            caller=caller,
             sha256=sha256.lower() if sha256 else None,
         )
         body = self._session(request, ChunkStatus(info, []))
         return JSONResponse(body, 201, headers={"Location": body["url"]})
 
-    async def status(self, request: Request) -> Response:
-        status = await self.sessions.status(request.path_params["session_id"])
+    async def status(self, request: Request, caller: Caller) -> Response:
+        status = await self.sessions.status(request.path_params["session_id"], caller)
         return JSONResponse(self._session(request, status))
 
-    async def put(self, request: Request) -> Response:
+    async def put(self, request: Request, caller: Caller) -> Response:
         raw = request.path_params["number"]
         number = parse_offset(raw, "the chunk number")
         chunk, new = await self.sessions.put(
             request.path_params["session_id"],
             number,
             RequestBody(request.scope, request.receive),
+            caller=caller,
             content_length=content_length(request),
             checksum=_chunk_checksum(request),
         )
         return JSONResponse(_chunk(chunk), 201 if new else 200)
 
-    async def complete(self, request: Request) -> Response:
-        info = await self.sessions.complete(request.path_params["session_id"])
+    async def complete(self, request: Request, caller: Caller) -> Response:
+        info = await self.sessions.complete(request.path_params["session_id"], caller)
         url = self._upload_url(request, info)
         body = {
             "id": info.id,
@@ -143,22 +146,22 @@ class ChunkProtocol:
         }
         return JSONResponse(body, headers={"Location": url})
 
-    async def abort(self, request: Request) -> Response:
-        await self.sessions.abort(request.path_params["session_id"])
+    async def abort(self, request: Request, caller: Caller) -> Response:
+        await self.sessions.abort(request.path_params["session_id"], caller)
         return Response(status_code=204)
 
-    async def events(self, request: Request) -> Response:
+    async def events(self, request: Request, caller: Caller) -> Response:
         session_id = request.path_params["session_id"]
-        await self.sessions.status(session_id)  # unknown sessions get a 404, not an empty stream
+        await self.sessions.status(session_id, caller)  # unknown sessions get a 404, not an empty stream
         return StreamingResponse(
-            self._event_stream(request, session_id),
+            self._event_stream(request, caller, session_id),
             media_type="text/event-stream",
             headers={"X-Accel-Buffering": "no"},  # nginx: do not hold events back
         )
 
     # -- translation -------------------------------------------------------------
 
-    async def _event_stream(self, request: Request, session_id: str) -> AsyncIterator[str]:
+    async def _event_stream(self, request: Request, caller: Caller, session_id: str) -> AsyncIterator[str]:
         """A status snapshot, then every change in the order it happened, until the session ends.
 
         Changes made in this process arrive at once; chunks stored through another instance
@@ -166,7 +169,7 @@ class ChunkProtocol:
         """
         async with self.sessions.watch(session_id) as queue:
             try:
-                status = await self.sessions.status(session_id)
+                status = await self.sessions.status(session_id, caller)
             except e.UploadError as error:
                 yield _event(_ending(error), {"id": session_id})
                 return
@@ -180,7 +183,7 @@ class ChunkProtocol:
                 except TimeoutError:
                     poll_at = loop.time() + POLL_SECONDS
                     try:
-                        status = await self.sessions.status(session_id)
+                        status = await self.sessions.status(session_id, caller)
                     except e.UploadError as error:
                         # Gone past its expiry: another instance expired it between two polls.
                         expired = self.sessions.is_expired(status.info)

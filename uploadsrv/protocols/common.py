@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from uploadsrv.core import Checksum
 from uploadsrv.core import errors as e
+from uploadsrv.core.caller import Caller
 from uploadsrv.core.errors import InvalidRequest, UploadError
 
 PROBLEM_TYPE = "urn:uploadsrv:problem:"
@@ -76,6 +77,22 @@ def _title(status: int) -> str:
 
 def error_problem(error: UploadError, status: int, headers: Mapping[str, str] | None = None) -> Response:
     return problem(status, error.detail, type_=PROBLEM_TYPE + error.slug, headers=headers, **error.extra)
+
+
+def make_caller(request: Request, protocol: str, owner_header: str | None) -> Caller:
+    """The core's view of who sends `request`: built once per request, headers in one tuple."""
+    scope = request.scope
+    client = scope.get("client")
+    query = scope.get("query_string")
+    headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"])
+    return Caller(
+        owner=request.headers.get(owner_header) if owner_header else None,
+        protocol=protocol,
+        method=scope["method"],
+        uri=scope["path"] + "?" + query.decode("latin-1") if query else scope["path"],
+        remote_addr=f"{client[0]}:{client[1]}" if client else "",
+        headers=headers,
+    )
 
 
 def public_url(request: Request, path: str, *, trust_proxy: bool) -> str:

@@ -21,6 +21,7 @@ from uploadsrv.body import RequestBody
 from uploadsrv.config import Settings
 from uploadsrv.core import UploadInfo, UploadService
 from uploadsrv.core import errors as e
+from uploadsrv.core.caller import Caller
 from uploadsrv.uvicorn_protocols import ABORT, INFORMATIONAL
 
 from .common import (
@@ -28,6 +29,7 @@ from .common import (
     PROBLEM_TYPE,
     content_length,
     error_headers,
+    make_caller,
     parse_content_digest,
     parse_offset,
     problem,
@@ -122,7 +124,7 @@ class IetfProtocol:
         if handler is None:
             response = problem(405, f"{request.method} is not part of the resumable upload draft here")
         else:
-            exchange = _Exchange(request, send, interop)
+            exchange = _Exchange(request, send, interop, make_caller(request, "ietf", self.owner_header))
             try:
                 response = await handler(exchange)
             except e.UploadError as error:
@@ -151,9 +153,8 @@ class IetfProtocol:
     async def create(self, x: _Exchange) -> Response:
         complete = x.upload_complete(required=True)
         length = x.declared_length(complete)
-        owner = x.request.headers.get(self.owner_header) if self.owner_header else None
         metadata = parse_metadata(x.request.headers.get("upload-metadata", ""))  # tus-js-client sends it
-        info = await self.service.create(length=length, metadata=metadata, owner=owner, protocol="ietf")
+        info = await self.service.create(length=length, metadata=metadata, caller=x.caller)
         x.location = public_url(x.request, self.base_path + info.id, trust_proxy=self.trust_proxy)
         first = {"Location": x.location}
         limit = self._limit(x.interop, info) if x.interop.limit_everywhere else None
@@ -164,7 +165,7 @@ class IetfProtocol:
         return Response(status_code=201, headers={"Location": x.location, **self._state(x.interop, info)})
 
     async def offset(self, x: _Exchange) -> Response:
-        info = await self.service.get(x.request.path_params["upload_id"])
+        info = await self.service.get(x.request.path_params["upload_id"], x.caller)
         headers = self._state(x.interop, info, describe=True)
         return Response(status_code=204, headers={**headers, "Cache-Control": "no-store"})
 
@@ -177,11 +178,11 @@ class IetfProtocol:
         return Response(status_code=204, headers=self._state(x.interop, info))
 
     async def download(self, x: _Exchange) -> Response:
-        info = await self.service.peek(x.request.path_params["upload_id"])
+        info = await self.service.peek(x.request.path_params["upload_id"], x.caller)
         return await download(self.service, info, x.request)
 
     async def cancel(self, x: _Exchange) -> Response:
-        await self.service.terminate(x.request.path_params["upload_id"])
+        await self.service.terminate(x.request.path_params["upload_id"], x.caller)
         return Response(status_code=204)
 
     # -- translation -------------------------------------------------------------
@@ -198,6 +199,7 @@ class IetfProtocol:
             upload_id,
             offset,
             RequestBody(x.request.scope, x.request.receive),
+            caller=x.caller,
             content_length=content_length(x.request),
             length=x.declared_length(complete),
             checksum=parse_content_digest(
@@ -244,7 +246,7 @@ class IetfProtocol:
             await x.abort()  # the client knows where its upload is: let it resume, not give up
             return Response(status_code=503)  # never sent: the connection is gone
         if isinstance(error, (e.OffsetMismatch, e.UploadComplete)) and x.request.path_params.get("upload_id"):
-            finished = await self.service.peek(x.request.path_params["upload_id"])
+            finished = await self.service.peek(x.request.path_params["upload_id"], x.caller)
             if finished.is_complete:  # a repeated final request: replay the final state
                 return Response(status_code=204, headers=self._state(x.interop, finished))
         status = STATUS.get(type(error), 500)
@@ -261,8 +263,9 @@ class IetfProtocol:
 class _Exchange:
     """One request of the draft, and what this server already told its client."""
 
-    def __init__(self, request: Request, send: Send, interop: Interop) -> None:
+    def __init__(self, request: Request, send: Send, interop: Interop, caller: Caller) -> None:
         self.request = request
+        self.caller = caller
         self._send = send
         self.interop = interop
         self.location: str | None = None

@@ -18,6 +18,7 @@ from uploadsrv.body import RequestBody
 from uploadsrv.config import Settings
 from uploadsrv.core import ALGORITHMS, Checksum, UploadInfo, UploadService, is_upload_id
 from uploadsrv.core import errors as e
+from uploadsrv.core.caller import Caller
 
 from .common import (
     ERROR_STATUS,
@@ -25,6 +26,7 @@ from .common import (
     error_headers,
     error_problem,
     http_date,
+    make_caller,
     parse_base64,
     parse_offset,
     problem,
@@ -66,7 +68,7 @@ RESPONSE_HEADERS = [
     "Tus-Checksum-Algorithm",
 ]
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Caller], Awaitable[Response]]
 
 
 class TusProtocol:
@@ -106,7 +108,7 @@ class TusProtocol:
                 headers={"Tus-Version": VERSION, **self._tus_headers()},
             )
         try:
-            response = await handler(request)
+            response = await handler(request, make_caller(request, "tus", self.owner_header))
         except e.UploadError as error:
             response = self._error(error)
         response.headers.update(self._tus_headers())
@@ -127,7 +129,7 @@ class TusProtocol:
 
     # -- handlers ----------------------------------------------------------------
 
-    async def options(self, request: Request) -> Response:
+    async def options(self, request: Request, caller: Caller) -> Response:
         return Response(
             status_code=204,
             headers={
@@ -138,14 +140,13 @@ class TusProtocol:
             },
         )
 
-    async def create(self, request: Request) -> Response:
+    async def create(self, request: Request, caller: Caller) -> Response:
         headers = request.headers
         metadata = parse_metadata(headers.get("upload-metadata", ""))
-        owner = headers.get(self.owner_header) if self.owner_header else None
         concat = headers.get("upload-concat")
         if concat is not None and concat.startswith("final"):
             part_ids = self._parse_final(concat)
-            info = await self.service.concatenate(part_ids, metadata=metadata, owner=owner)
+            info = await self.service.concatenate(part_ids, metadata=metadata, caller=caller)
             return Response(
                 status_code=201, headers={"Location": self._url(request, info), **self._state(info)}
             )
@@ -158,41 +159,41 @@ class TusProtocol:
         else:
             length = parse_offset(headers.get("upload-length"), "Upload-Length")
         info = await self.service.create(
-            length=length, metadata=metadata, owner=owner, partial=concat == "partial"
+            length=length, metadata=metadata, caller=caller, partial=concat == "partial"
         )
         location = {"Location": self._url(request, info)}
         if _has_body(request):
             if _content_type(request) != OFFSET_STREAM:
                 raise e.InvalidRequest(f"a body sent with creation must be {OFFSET_STREAM}")
             try:
-                info = await self._append(request, info.id, 0)
+                info = await self._append(request, caller, info.id, 0)
             except e.UploadError as error:
                 # The upload exists: tell the client where, so it can resume.
                 return self._error(error, location)
         return Response(status_code=201, headers={**location, **self._state(info)})
 
-    async def head(self, request: Request) -> Response:
-        info = await self.service.get(request.path_params["upload_id"])
+    async def head(self, request: Request, caller: Caller) -> Response:
+        info = await self.service.get(request.path_params["upload_id"], caller)
         return Response(status_code=200, headers=self._state(info, describe=True))
 
-    async def patch(self, request: Request) -> Response:
+    async def patch(self, request: Request, caller: Caller) -> Response:
         if _content_type(request) != OFFSET_STREAM:
             return problem(415, f"Content-Type must be {OFFSET_STREAM}")
         offset = parse_offset(request.headers.get("upload-offset"), "Upload-Offset")
-        info = await self._append(request, request.path_params["upload_id"], offset)
+        info = await self._append(request, caller, request.path_params["upload_id"], offset)
         return Response(status_code=204, headers=self._state(info))
 
-    async def delete(self, request: Request) -> Response:
-        await self.service.terminate(request.path_params["upload_id"])
+    async def delete(self, request: Request, caller: Caller) -> Response:
+        await self.service.terminate(request.path_params["upload_id"], caller)
         return Response(status_code=204)
 
-    async def get(self, request: Request) -> Response:
-        info = await self.service.peek(request.path_params["upload_id"])
+    async def get(self, request: Request, caller: Caller) -> Response:
+        info = await self.service.peek(request.path_params["upload_id"], caller)
         return await download(self.service, info, request)
 
     # -- translation -------------------------------------------------------------
 
-    async def _append(self, request: Request, upload_id: str, offset: int) -> UploadInfo:
+    async def _append(self, request: Request, caller: Caller, upload_id: str, offset: int) -> UploadInfo:
         headers = request.headers
         body = RequestBody(request.scope, request.receive)
         length_header = headers.get("upload-length")
@@ -201,6 +202,7 @@ class TusProtocol:
             upload_id,
             offset,
             body,
+            caller=caller,
             content_length=content_length(request),
             length=None if length_header is None else parse_offset(length_header, "Upload-Length"),
             checksum=parse_checksum(headers["upload-checksum"]) if "upload-checksum" in headers else None,
