@@ -99,19 +99,68 @@ class Moto:
         return name
 
 
+class RedisServer:
+    """A real Redis: the Debian package's `redis-server` in its own process, no persistence.
+
+    `stop` and `start` again reuse the port, so servers configured with its URL see an
+    outage and a recovery (with every key gone, as after a restart without persistence).
+    """
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.log.parent)]
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self.ping, STARTUP_SECONDS, f"redis-server on port {self.port} (log: {self.log})")
+        return self
+
+    def ping(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(
+                f"redis-server exited with {self.process.returncode}: {self.log.read_text()}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
 class Server:
     """One `uploadsrv serve` process on a loopback port, on local disk or S3."""
 
-    def __init__(self, data_dir: Path, *args: str, moto: Moto | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        moto: Moto | None = None,
+        bucket: str | None = None,
+        redis: RedisServer | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.moto = moto
+        self.redis = redis
         self.backend = "s3" if moto else "local"
-        self.bucket = moto.new_bucket() if moto else None
+        self.bucket = bucket or (moto.new_bucket() if moto else None)
         self.prefix = "uploads/"
         storage = []
         if moto:
             storage = ["--storage", f"s3://{self.bucket}/{self.prefix}", "--s3-endpoint-url", moto.endpoint]
             storage += ["--s3-part-size", "5M"]
+        if redis:
+            storage += ["--redis-url", redis.url]
         self.args = (*storage, *args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -132,6 +181,8 @@ class Server:
                 "--s3-endpoint-url",
                 self.moto.endpoint,
             ]
+        if self.redis:
+            storage += ["--redis-url", self.redis.url]
         env = {k: v for k, v in os.environ.items() if not k.startswith("UPLOADSRV_")}
         if self.moto:
             env.update(Moto.credentials)
@@ -234,6 +285,22 @@ BACKENDS = ["local", "s3"]
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     server = Moto(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis for the whole run; tests that stop Redis start their own (`own_redis`)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis") / "redis.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, free to be stopped and started again."""
+    server = RedisServer(tmp_path / "redis.log").start()
     yield server
     server.stop()
 
