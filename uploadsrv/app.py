@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from .backend import open_storage
 from .config import Settings
+from .coordination import open_coordinator
 from .core import UploadService
 from .core.chunks import ChunkSessions
 from .metrics import Metrics
@@ -30,8 +31,13 @@ log = logging.getLogger("uploadsrv")
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     storage = open_storage(settings)
+    coordinator = open_coordinator(settings.redis_url)
     service = UploadService(
-        storage, max_size=settings.max_size, expiry=settings.expiry, lock_timeout=settings.lock_timeout
+        storage,
+        max_size=settings.max_size,
+        expiry=settings.expiry,
+        lock_timeout=settings.lock_timeout,
+        coordinator=coordinator,
     )
     metrics = Metrics()
     service.subscribe(metrics.on_event)
@@ -45,14 +51,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await storage.check()
+        if coordinator is not None:
+            await coordinator.start()
         reaper = asyncio.create_task(_expire_periodically(service, settings.expiry_interval))
-        log.info("serving", extra={"storage": repr(storage), "base_path": settings.base_path})
+        log.info(
+            "serving",
+            extra={
+                "storage": repr(storage),
+                "coordinator": repr(coordinator),
+                "base_path": settings.base_path,
+            },
+        )
         try:
             yield
         finally:
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            if coordinator is not None:
+                await coordinator.close()
             await storage.close()
 
     app = Starlette(

@@ -40,6 +40,7 @@ STORAGE_FLAGS = {
     "s3_path_style": "path-style S3 addressing (true/false), for MinIO and the like",
     "expiry": "unfinished uploads idle this long expire, e.g. 12h or 7d; 'never' keeps them",
     "lock_timeout": "seconds a request waits for a busy upload",
+    "redis_url": "Redis shared by several instances (leases, release requests, events): redis://host:port/db",
 }
 SERVE_FLAGS = {
     "host": "address to listen on (0.0.0.0 for every interface)",
@@ -104,6 +105,10 @@ def serve_command(args: argparse.Namespace) -> int:
         require_backend(settings)
     except MissingDependency as missing:
         sys.exit(f"uploadsrv: {missing}")
+    try:
+        _check_redis_url(settings.redis_url)
+    except ValueError as exc:
+        sys.exit(f"uploadsrv: --redis-url: {exc}")
     settings.data_dir = settings.data_dir.resolve()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Workers rebuild the settings from the environment, so one path serves 1 or N.
@@ -125,12 +130,20 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_redis_url(url: str | None) -> None:
+    """Refuse a malformed Redis URL before any worker starts (a ValueError says why)."""
+    from .coordination import open_coordinator
+
+    open_coordinator(url)
+
+
 def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespace], int]:
     """Run an operator command against the configured storage, through the core."""
 
     def command(args: argparse.Namespace) -> int:
         from . import operator
         from .backend import open_storage
+        from .coordination import open_coordinator
         from .core import UploadService
         from .core.errors import UploadError
 
@@ -138,21 +151,27 @@ def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespac
 
         async def main() -> int:
             storage = open_storage(settings)
+            coordinator = open_coordinator(settings.redis_url)
             try:
                 await storage.check()
+                if coordinator is not None:
+                    await coordinator.start()
                 service = UploadService(
                     storage,
                     max_size=settings.max_size,
                     expiry=settings.expiry,
                     lock_timeout=settings.lock_timeout,
+                    coordinator=coordinator,
                 )
                 return await run(service, settings, args, operator.console())
             finally:
+                if coordinator is not None:
+                    await coordinator.close()
                 await storage.close()
 
         try:
             return asyncio.run(main())
-        except (UploadError, RuntimeError) as error:
+        except (UploadError, RuntimeError, ValueError) as error:
             detail = error.detail if isinstance(error, UploadError) else str(error)
             print(f"uploadsrv {args.command}: {detail}", file=sys.stderr)
             return 1

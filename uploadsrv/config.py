@@ -79,6 +79,9 @@ class Settings:
     trust_proxy: bool = False
     #: A request header (set by an auth proxy) whose value is recorded as the upload's owner.
     owner_header: str | None = None
+    #: Redis shared by the instances (redis://, rediss://, redis+sentinel://, redis+cluster://):
+    #: leases with a short TTL, release requests and events pushed between instances.
+    redis_url: str | None = None
     #: Seconds a request waits for an upload held by another request that will not let go.
     lock_timeout: float = 10.0
     #: Threads for blocking disk calls (writes, fsync), shared by all requests.

@@ -14,6 +14,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from .caller import Caller
 from .checksums import Checksum, Digester
@@ -77,6 +78,9 @@ class ChunkSessions:
         self.default_chunk_size = chunk_size
         self._watchers: dict[str, set[asyncio.Queue[ChunkEvent]]] = {}
         service.subscribe(self._on_event)
+        self._coordinator = service.coordinator
+        if self._coordinator is not None:
+            self._coordinator.subscribe(self._on_remote_event)
 
     def chunk_size_for(self, length: int, requested: int | None) -> int:
         """The chunk size to use: the client's wish (or the default) within what the backend
@@ -152,6 +156,11 @@ class ChunkSessions:
                 await writer.commit(chunk)
         self._service.emit(UploadEvent.CHUNK, info)
         self._notify(session_id, (UploadEvent.CHUNK, chunk))
+        self._share(
+            UploadEvent.CHUNK,
+            session_id,
+            {"number": chunk.number, "size": chunk.size, "sha256": chunk.sha256},
+        )
         return chunk, True
 
     async def status(self, session_id: str, caller: Caller | None = None) -> ChunkStatus:
@@ -225,6 +234,22 @@ class ChunkSessions:
     def _on_event(self, event: UploadEvent, info: UploadInfo) -> None:
         if info.chunk_size is not None and event in SESSION_ENDINGS:
             self._notify(info.id, (event, info))
+            self._share(event, info.id, {"record": info.to_record(), "offset": info.offset})
+
+    def _share(self, event: UploadEvent, session_id: str, data: dict[str, object]) -> None:
+        """Event streams on other instances hear of it too (through the coordinator)."""
+        if self._coordinator is not None:
+            self._coordinator.publish(event, session_id, data)
+
+    def _on_remote_event(self, event: str, session_id: str, data: dict[str, Any]) -> None:
+        """What another instance shared, for this instance's watchers of the session."""
+        if session_id not in self._watchers:
+            return
+        kind = UploadEvent(event)
+        if kind is UploadEvent.CHUNK:
+            self._notify(session_id, (kind, StoredChunk(data["number"], data["size"], data["sha256"])))
+        elif kind in SESSION_ENDINGS:
+            self._notify(session_id, (kind, UploadInfo.from_record(data["record"], data["offset"])))
 
     def _notify(self, session_id: str, event: ChunkEvent) -> None:
         for queue in self._watchers.get(session_id, ()):

@@ -4,18 +4,20 @@ A phone that changed networks reconnects while its old request still sits in the
 server waiting for bytes that will never come. The new request must not wait behind
 it: it preempts the holder, whose body copy is cancelled (the bytes it received are
 kept by the core), and takes over. Across worker processes the backend's lock carries
-the same request, which the holder polls for while it copies.
+the same request, which the holder polls for while it copies; with a coordinator
+(Redis), its lease comes first and pushes the request to the holder at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .errors import Superseded, UploadBusy
+from .coordination import Coordinator
+from .errors import StorageUnavailable, Superseded, UploadBusy, UploadError
 from .storage import Storage, UploadLock
 
 T = TypeVar("T")
@@ -26,18 +28,26 @@ CROSS_PROCESS_POLL_SECONDS = 0.2  #: how often a copy checks whether another pro
 class Hold:
     """An exclusive hold on one upload; `run` makes a long body copy preemptible."""
 
-    def __init__(self, backend_lock: UploadLock) -> None:
-        self._backend_lock = backend_lock
+    def __init__(self) -> None:
+        self._locks: list[UploadLock] = []
+        #: The coordinator lease's fencing token, if there is a coordinator.
+        self.fence: int | None = None
         self._task: asyncio.Task[object] | None = None
         self._poll: asyncio.TimerHandle | None = None
         self._preempted = False
+        self._lost = False
 
-    def preempt(self) -> None:
+    def watch(self, lock: UploadLock) -> None:
+        """Stop when `lock` reports a request from another process (polled while copying)."""
+        self._locks.append(lock)
+
+    def preempt(self, lost: bool = False) -> None:
         """Ask the holder to stop; once only, so a copy finishing its last writes is not
-        interrupted again by a second newcomer."""
+        interrupted again by a second newcomer. `lost`: not a newer request, but the
+        coordinator's lease could not be kept (Redis down), so the client should retry."""
         if self._preempted:
             return
-        self._preempted = True
+        self._preempted, self._lost = True, lost
         if self._task is not None:
             self._task.cancel()
 
@@ -48,7 +58,7 @@ class Hold:
         """
         if self._preempted:
             work.close()
-            raise Superseded()
+            raise self._stopped()
         task = asyncio.ensure_future(work)
         self._task = task  # type: ignore[assignment]
         self._poll_later()
@@ -65,8 +75,13 @@ class Hold:
                 self._poll.cancel()
             self._task = None
         if task.cancelled():
-            raise Superseded()
+            raise self._stopped()
         return task.result()
+
+    def _stopped(self) -> UploadError:
+        if self._lost:
+            return StorageUnavailable("this server lost its lease on the upload; the bytes received are kept")
+        return Superseded()
 
     def _poll_later(self) -> None:
         """Check for another process's request every CROSS_PROCESS_POLL_SECONDS while
@@ -74,7 +89,7 @@ class Hold:
         self._poll = asyncio.get_running_loop().call_later(CROSS_PROCESS_POLL_SECONDS, self._check_others)
 
     def _check_others(self) -> None:
-        if self._backend_lock.preempt_requested():
+        if any(lock.preempt_requested() for lock in self._locks):
             self.preempt()
         else:
             self._poll_later()
@@ -88,11 +103,13 @@ class _Slot:
 
 
 class UploadLocks:
-    """Per-upload holds for one process, backed by the storage's cross-process lock."""
+    """Per-upload holds for one process, backed by the coordinator's lease (if any) and
+    the storage's cross-process lock."""
 
-    def __init__(self, storage: Storage, *, timeout: float) -> None:
+    def __init__(self, storage: Storage, *, timeout: float, coordinator: Coordinator | None = None) -> None:
         self._storage = storage
         self._timeout = timeout
+        self._coordinator = coordinator
         self._slots: dict[tuple[str, int | None], _Slot] = {}
 
     @asynccontextmanager
@@ -118,12 +135,10 @@ class UploadLocks:
             except TimeoutError:
                 raise UploadBusy("another request holds this upload; retry shortly") from None
             try:
-                async with self._storage.lock(
-                    upload_id, timeout=self._timeout, preempt=preempt, chunk=chunk
-                ) as backend_lock:
-                    slot.holder = Hold(backend_lock)
+                async with self._cross_process(upload_id, preempt, chunk) as hold:
+                    slot.holder = hold
                     try:
-                        yield slot.holder
+                        yield hold
                     finally:
                         slot.holder = None
             finally:
@@ -133,3 +148,31 @@ class UploadLocks:
             if slot.users == 0:
                 with suppress(KeyError):
                     del self._slots[key]
+
+    @asynccontextmanager
+    async def _cross_process(self, upload_id: str, preempt: bool, chunk: int | None) -> AsyncIterator[Hold]:
+        """The coordinator's lease first (its release requests reach the holder at once),
+        then the backend's lock, both within one timeout."""
+        hold = Hold()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        async with AsyncExitStack() as held:
+            if self._coordinator is not None:
+                lease = await held.enter_async_context(
+                    self._coordinator.lock(
+                        upload_id,
+                        timeout=self._timeout,
+                        preempt=preempt,
+                        chunk=chunk,
+                        on_preempt=hold.preempt,
+                    )
+                )
+                hold.watch(lease)
+                hold.fence = lease.fence
+            backend_lock = await held.enter_async_context(
+                self._storage.lock(
+                    upload_id, timeout=max(0.0, deadline - loop.time()), preempt=preempt, chunk=chunk
+                )
+            )
+            hold.watch(backend_lock)
+            yield hold

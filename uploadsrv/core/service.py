@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from .caller import Caller
 from .checksums import ALGORITHMS, Checksum, Digester
+from .coordination import Coordinator
 from .errors import (
     ChecksumMismatch,
     InvalidRequest,
@@ -51,13 +52,16 @@ class UploadService:
         lock_timeout: float = 10.0,
         enforce_owners: bool = False,
         clock: Callable[[], float] = time.time,
+        coordinator: Coordinator | None = None,
     ) -> None:
         """With `enforce_owners` (auth is on), an upload is visible only to its owner."""
         self.storage = storage
+        #: Shared with other instances (Redis), if configured: leases and events.
+        self.coordinator = coordinator
         self.max_size = max_size
         self.expiry = expiry
         self.can_concatenate = isinstance(storage, Concatenating)
-        self.locks = UploadLocks(storage, timeout=lock_timeout)
+        self.locks = UploadLocks(storage, timeout=lock_timeout, coordinator=coordinator)
         self.enforce_owners = enforce_owners
         self._clock = clock
         self._listeners: list[Listener] = []
@@ -405,11 +409,12 @@ class UploadService:
         return info
 
     async def _chunks_busy(self, info: UploadInfo) -> bool:
-        return (
-            info.chunk_size is not None
-            and isinstance(self.storage, Chunked)
-            and await self.storage.chunks_busy(info)
-        )
+        """A chunk leased through the coordinator, or locked in the backend."""
+        if info.chunk_size is None or not isinstance(self.storage, Chunked):
+            return False
+        if self.coordinator is not None and await self.coordinator.chunks_busy(info.id):
+            return True
+        return await self.storage.chunks_busy(info)
 
     async def _note_chunk_activity(self, info: UploadInfo) -> None:
         """A chunk session's stored chunks are activity its record does not show (they

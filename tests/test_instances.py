@@ -1,0 +1,175 @@
+"""Several instances on one S3 endpoint, with and without Redis: takeover, events, outages.
+
+A client here sends each request to the next instance, as a load balancer without
+stickiness does. Times are measured with margins for a loaded two-core machine, yet
+tight enough that a fallback (a poll, a lease running out) instead of the mechanism
+under test fails them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import TUS, Moto, RedisServer, Server, create, download, patch, raw_request, sha256, wait_for
+
+MiB = 1 << 20
+
+
+class Instances:
+    """Servers on one bucket (and one Redis, if given); `next()` rotates through them."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        self.servers = servers
+        self._turn = 0
+
+    def next(self) -> Server:
+        server = self.servers[self._turn % len(self.servers)]
+        self._turn += 1
+        return server
+
+    def on(self, server: Server, url: str) -> str:
+        """The same upload URL, on `server`."""
+        return server.url + url[url.index("/", len("http://")) :]
+
+
+@pytest.fixture
+def instances(moto: Moto, tmp_path: Path) -> Iterator[Callable[..., Instances]]:
+    started: list[Server] = []
+
+    def start(count: int, redis: RedisServer | None, *args: str) -> Instances:
+        bucket = moto.new_bucket()
+        for n in range(count):
+            server = Server(tmp_path / f"data{n}", *args, moto=moto, bucket=bucket, redis=redis)
+            started.append(server.start())
+        return Instances(started[-count:])
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def stalled_patch(server: Server, url: str, offset: int, body: bytes, total: int):
+    """A PATCH that sent `body` of a `total`-byte body and then went quiet (a phone that lost
+    its network): the socket stays open, nothing more arrives."""
+    head = (
+        f"PATCH {url[url.index('/files/') :]} HTTP/1.1\nHost: 127.0.0.1:{server.port}\n"
+        f"Tus-Resumable: 1.0.0\nUpload-Offset: {offset}\n"
+        f"Content-Type: application/offset+octet-stream\nContent-Length: {total}\n"
+    )
+    return raw_request(server.port, head, body, close=False)
+
+
+@pytest.mark.parametrize("with_redis", [True], ids=["redis"])
+async def test_a_request_on_another_instance_takes_over_a_stalled_upload(
+    client, instances, redis_server, with_redis
+):
+    group = instances(2, redis_server if with_redis else None)
+    a, b = group.servers
+    data = os.urandom(12 * MiB)
+    url = await create(client, a, len(data))
+    sock = stalled_patch(a, url, 0, data[: 7 * MiB], len(data))
+    try:
+        wait_for(lambda: a.landed(url) >= 5 * MiB, 30, "the first part in S3")
+        started = time.monotonic()
+        head = await client.head(group.on(b, url), headers=TUS)
+        took = time.monotonic() - started
+    finally:
+        sock.close()
+    assert head.status_code == 200, head.text
+    offset = int(head.headers["upload-offset"])
+    assert offset >= 5 * MiB
+    assert took < (0.6 if with_redis else 1.5), f"takeover took {took:.3f} s"
+    print(f"live takeover: {took * 1000:.0f} ms, offset {offset}")
+    assert (await patch(client, group.on(b, url), offset, data[offset:])).status_code == 204
+    assert sha256(await download(client, group.on(a, url))) == sha256(data)
+
+
+async def _events(client: httpx.AsyncClient, url: str, into: list[tuple[float, str, dict]]) -> None:
+    """Collect an event stream's events with their arrival times until it ends."""
+    name = None
+    async with client.stream("GET", url) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and name:
+                into.append((time.monotonic(), name, json.loads(line[6:])))
+                if name in ("completed", "expired", "aborted"):
+                    return
+
+
+async def test_chunks_stored_through_other_instances_reach_an_event_stream_at_once(
+    client, instances, redis_server
+):
+    group = instances(3, redis_server)
+    a, b, c = group.servers
+    data = os.urandom(12 * MiB)
+    session = (await client.post(a.url + "/chunks/", json={"size": len(data), "chunk_size": 5 * MiB})).json()
+    events: list[tuple[float, str, dict]] = []
+    stream = asyncio.ensure_future(_events(client, session["events_url"], events))
+    await asyncio.wait_for(_until(lambda: bool(events)), 10)  # the stream is open
+    delays = []
+    for number, server in zip((1, 2, 3), (b, c, b), strict=True):
+        chunk = data[(number - 1) * 5 * MiB : number * 5 * MiB]
+        response = await client.put(f"{server.url}/chunks/{session['id']}/{number}", content=chunk)
+        stored = time.monotonic()
+        assert response.status_code == 201, response.text
+        await asyncio.wait_for(_until(lambda n=number: _has(events, "chunk", n)), 5)
+        delays.append(max(0.0, _arrival(events, "chunk", number) - stored))
+    response = await client.post(f"{c.url}/chunks/{session['id']}/complete")
+    completed = time.monotonic()
+    assert response.status_code == 200, response.text
+    await asyncio.wait_for(stream, 5)
+    assert events[-1][1] == "completed"
+    delays.append(max(0.0, events[-1][0] - completed))
+    print("event delays (ms):", [round(d * 1000) for d in delays])
+    assert max(delays) < 1.0, delays  # the fallback poll would take up to 5 s
+    assert sha256(await download(client, session["upload_url"])) == sha256(data)
+
+
+def _has(events: list, name: str, number: int) -> bool:
+    return any(e[1] == name and e[2].get("number") == number for e in events)
+
+
+def _arrival(events: list, name: str, number: int) -> float:
+    return next(e[0] for e in events if e[1] == name and e[2].get("number") == number)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+async def test_a_redis_outage_is_503_at_once_and_uploads_continue_when_it_is_back(
+    client, instances, own_redis
+):
+    group = instances(2, own_redis)
+    a, b = group.servers
+    data = os.urandom(11 * MiB)
+    url = await create(client, a, len(data))
+    assert (await patch(client, group.on(b, url), 0, data[: 6 * MiB])).status_code == 204
+    own_redis.stop()
+    for server in (a, b):
+        started = time.monotonic()
+        response = await patch(client, group.on(server, url), 6 * MiB, data[6 * MiB :])
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert time.monotonic() - started < 2.0  # at once, no hang
+        assert (await client.head(group.on(server, url), headers=TUS)).status_code == 503
+    assert a.stored_size(url) == 6 * MiB  # nothing lost
+    own_redis.start()
+    head = await client.head(group.on(a, url), headers=TUS)
+    assert head.status_code == 200, head.text
+    offset = int(head.headers["upload-offset"])
+    assert offset == 6 * MiB
+    assert (await patch(client, group.on(b, url), offset, data[offset:])).status_code == 204
+    assert sha256(await download(client, group.on(a, url))) == sha256(data)
