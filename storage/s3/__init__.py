@@ -1,0 +1,29 @@
+"""S3 storage: one multipart upload per upload, state and unfilled bytes kept in S3 too.
+
+Keys under ``s3://bucket/prefix/``:
+
+``<id>``             the finished object (the multipart upload's key)
+``<id>.info``        the record plus S3 state: multipart upload id, part size, parts, tail
+``<id>.tail-<n>``    bytes that do not fill a part yet (S3 parts but the last need 5 MiB)
+``<id>.lock``        a lease, taken with a conditional write, so one instance writes at a time
+``<id>.preempt``     left by an instance that wants the lease; its holder lets go
+``<id>.chunks/<n>.<size>.<sha256>.<etag>``
+                     chunk n of a chunk session is stored (as part n); one listing finds all
+``<id>.chunk-<n>.lock``, ``<id>.chunk-<n>.preempt``
+                     the lease on one chunk, so only one instance uploads part n at a time
+
+The info object is the commit point: parts and tail are uploaded first, then the info
+object names them, so the offset a client is told is always bytes S3 has confirmed. A
+tail is written under a new key each time and the old one deleted after the commit, so a
+crash at any point leaves the previous state whole. Any instance can serve any upload.
+
+The rooms: `client` (boto3, the pool, keys, listing pages), `state` (the info object and
+its `Part`s), `multipart` (parts, completion, joins), `writer` (appends through spooled
+parts), `lease` (the shared lock), `chunks` (chunk sessions), `housekeeping` (describe,
+orphans), `store` (`S3Storage`, which hands each job to its room).
+"""
+
+from .client import MAX_PART, MAX_PARTS, MIN_PART, part_size_for
+from .store import S3Storage
+
+__all__ = ["MAX_PART", "MAX_PARTS", "MIN_PART", "S3Storage", "part_size_for"]

@@ -1,0 +1,120 @@
+"""The lock every instance shares: a lease object taken with a conditional write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import suppress
+
+from botocore.exceptions import ClientError
+
+from uploadsrv.core.errors import StorageUnavailable, UploadBusy, UploadNotFound
+
+from .client import S3Client
+
+LEASE_SECONDS = 30.0  #: a lock whose holder died frees itself after this long
+LEASE_POLL_SECONDS = 0.1
+PREEMPT_POLL_SECONDS = 3.0  #: how often a lease holder looks for a waiter's marker
+
+
+class Lease:
+    """A lease object created with If-None-Match under ``<id><name>.lock``.
+
+    The holder renews it while it holds it; a holder that died frees it after
+    LEASE_SECONDS. A waiter leaves a preempt marker (``<id><name>.preempt``) that the
+    holder polls for.
+    """
+
+    def __init__(self, s3: S3Client, upload_id: str, name: str) -> None:
+        self._s3 = s3
+        self._key = s3.key(upload_id, name + ".lock")
+        self._marker = s3.key(upload_id, name + ".preempt")
+        self._etag: str | None = None
+        self._asked = False
+        self._keeper: asyncio.Task[None] | None = None
+
+    def preempt_requested(self) -> bool:
+        return self._asked
+
+    async def acquire(self, timeout: float, preempt: bool) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        asked = False
+        while not await self._try_take():
+            if not preempt:
+                raise UploadBusy()
+            if not asked:
+                await self._s3.put(self._marker)
+                asked = True
+            if loop.time() > deadline:
+                raise UploadBusy("another request holds this upload; retry shortly")
+            await asyncio.sleep(LEASE_POLL_SECONDS)
+        if asked:
+            await self._s3.delete_quietly(self._marker)
+        self._keeper = asyncio.ensure_future(self._keep())
+
+    def _body(self) -> bytes:
+        return json.dumps({"expires": time.time() + LEASE_SECONDS, "owner": self._s3.instance}).encode()
+
+    async def _try_take(self) -> bool:
+        try:
+            response = await self._s3.put(self._key, self._body(), IfNoneMatch="*")
+        except ClientError:
+            return await self._take_over_stale(self._body())
+        self._etag = response["ETag"]
+        return True
+
+    async def _take_over_stale(self, body: bytes) -> bool:
+        """Take a lease whose holder died (expired), or one this process failed to release
+        (an S3 outage during release): this process's own per-upload lock is held here, so
+        a lease it owns cannot belong to a live request."""
+        try:
+            current, etag = await self._s3.read_object(self._key)
+        except UploadNotFound:
+            return False  # released meanwhile; the next attempt takes it
+        lease = json.loads(current)
+        if lease.get("owner") != self._s3.instance and lease.get("expires", 0) > time.time():
+            return False
+        try:
+            response = await self._s3.put(self._key, body, IfMatch=etag)
+        except ClientError:
+            return False
+        self._etag = response["ETag"]
+        return True
+
+    async def _keep(self) -> None:
+        """Renew the lease and watch for a preempt marker while held."""
+        renew_at = time.monotonic() + LEASE_SECONDS / 3
+        while True:
+            await asyncio.sleep(PREEMPT_POLL_SECONDS)
+            with suppress(StorageUnavailable):
+                await self._look_for_marker()
+                if time.monotonic() >= renew_at:
+                    if not await self._renew():
+                        self._asked = True  # the lease was lost: stop writing
+                        return
+                    renew_at = time.monotonic() + LEASE_SECONDS / 3
+
+    async def _look_for_marker(self) -> None:
+        try:
+            await self._s3.call("head_object", Key=self._marker)
+            self._asked = True
+        except UploadNotFound:
+            pass
+
+    async def _renew(self) -> bool:
+        try:
+            response = await self._s3.put(self._key, self._body(), IfMatch=self._etag)
+        except ClientError:
+            return False
+        self._etag = response["ETag"]
+        return True
+
+    async def release(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._keeper
+        with suppress(StorageUnavailable, UploadNotFound, ClientError):
+            await self._s3.call("delete_object", Key=self._key, IfMatch=self._etag)

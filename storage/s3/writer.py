@@ -1,0 +1,222 @@
+"""Appends: bytes spooled into parts, uploaded a few at a time, committed in the info object.
+
+A tail (bytes that do not fill a part yet; S3 parts but the last need 5 MiB) is written
+under a new key each time and the old one deleted after the commit, so a crash at any
+point leaves the previous state whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from . import state as records
+from .client import READ_BLOCK
+from .multipart import Multipart
+from .state import Part
+
+
+class Spool:
+    """One part's bytes on local scratch disk until S3 has them.
+
+    Parts are several MiB and many uploads run at once; spooling keeps the server's
+    memory flat (only the page cache grows) and gives boto3 a seekable body to retry.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115  (closed by close())
+        self.size = 0
+
+    def write(self, blocks: Sequence[bytes]) -> None:
+        for block in blocks:
+            view = memoryview(block)
+            while view:  # a short write (a disk filling up) must not leave a gap
+                written = os.write(self.file.fileno(), view)
+                self.size += written  # counts what is in the file, even if the next write fails
+                view = view[written:]
+
+    def body(self) -> BinaryIO:
+        self.file.seek(0)
+        return self.file
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def split(blocks: Sequence[bytes], count: int) -> tuple[list[bytes], list[bytes]]:
+    """The first `count` bytes of `blocks`, and the rest."""
+    head: list[bytes] = []
+    rest = list(blocks)
+    while rest and count > 0:
+        block = rest.pop(0)
+        if len(block) > count:
+            view = memoryview(block)
+            head.append(view[:count])  # type: ignore[arg-type]
+            rest.insert(0, view[count:])  # type: ignore[arg-type]
+            break
+        head.append(block)
+        count -= len(block)
+    return head, rest
+
+
+def unbroken(parts: Sequence[Part], after: int) -> int:
+    """How many of `parts` (sorted by number) continue part `after` without a gap."""
+    run = 0
+    while run < len(parts) and parts[run].number == after + run + 1:
+        run += 1
+    return run
+
+
+class PartWriter:
+    """Collects appended bytes into parts and uploads up to `concurrency` of them at once.
+
+    The part being filled and the parts in flight live in spool files, so memory per
+    upload stays at the core's batch size however large the parts are.
+    """
+
+    def __init__(
+        self, multipart: Multipart, length: int | None, *, concurrency: int, spool_dir: Path
+    ) -> None:
+        self._multipart = multipart
+        self._s3 = multipart.s3
+        self._length = length
+        self._concurrency = concurrency
+        self._spool_dir = spool_dir
+        self._state = state = multipart.state
+        self._committed_parts = list(state.parts)
+        self._new_parts: list[Part] = []
+        self._spool: Spool | None = None
+        self._tail_pending = state.tail_size > 0  # the tail moves into the spool on first write
+        self._original_tail = state.tail_key  # deleted by commit once no longer named
+        self._in_flight: set[asyncio.Task[Part]] = set()
+        self._failure: Exception | None = None
+
+    async def _filling(self) -> Spool:
+        if self._spool is None:
+            self._spool = await self._s3.run(Spool, self._spool_dir)
+            if self._tail_pending:
+                assert self._state.tail_key is not None
+                await self._copy_object_into(self._state.tail_key, self._spool)
+                self._tail_pending = False
+        return self._spool
+
+    async def _copy_object_into(self, key: str, spool: Spool) -> None:
+        """Stream a (tail) object into a spool file, a block at a time."""
+        response = await self._s3.call("get_object", Key=key)
+        body = response["Body"]
+        try:
+            while block := await self._s3.run(body.read, READ_BLOCK):
+                await self._s3.run(spool.write, [block])
+        finally:
+            body.close()
+
+    async def write(self, blocks: Sequence[bytes]) -> None:
+        rest = list(blocks)
+        while rest:
+            spool = await self._filling()
+            head, rest = split(rest, self._state.part_size - spool.size)
+            await self._s3.run(spool.write, head)
+            if spool.size == self._state.part_size:
+                self._spool = None
+                await self._start_part(spool)
+
+    async def _start_part(self, spool: Spool) -> None:
+        while len(self._in_flight) >= self._concurrency:
+            done, self._in_flight = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+            self._collect(done)
+        if self._failure is not None:
+            spool.close()
+            raise self._failure
+        number = len(self._committed_parts) + len(self._new_parts) + len(self._in_flight) + 1
+        self._in_flight.add(asyncio.ensure_future(self._upload(number, spool)))
+
+    async def _upload(self, number: int, spool: Spool) -> Part:
+        try:
+            return await self._multipart.upload_part(number, spool.body(), spool.size)
+        finally:
+            spool.close()
+
+    def _collect(self, done: set[asyncio.Task[Part]]) -> None:
+        for task in done:
+            if task.exception() is not None:
+                self._failure = self._failure or task.exception()  # type: ignore[assignment]
+            else:
+                self._new_parts.append(task.result())
+
+    async def _drain(self) -> None:
+        if self._in_flight:
+            done, _ = await asyncio.wait(self._in_flight)
+            self._in_flight = set()
+            self._collect(done)
+
+    async def commit(self) -> int:
+        """Wait for the parts in flight, store the unfilled rest as the tail, then the info object."""
+        await self._drain()
+        parts = sorted(self._new_parts, key=lambda p: p.number)
+        run = unbroken(parts, len(self._committed_parts))  # only an unbroken run of parts counts
+        state = self._state
+        state.record["updated_at"] = time.time()
+        state.parts = self._committed_parts + parts[:run]
+        spool, self._spool = self._spool, None
+        try:
+            await self._store_rest(spool, broken=self._failure is not None or run < len(parts))
+        finally:
+            if spool is not None:
+                spool.close()
+        await records.save(self._s3, self._multipart.upload_id, state)
+        self._committed_parts, self._new_parts = list(state.parts), []
+        self._tail_pending = state.tail_size > 0
+        if self._original_tail and self._original_tail != state.tail_key:
+            await self._s3.delete_quietly(self._original_tail)
+        self._original_tail = state.tail_key
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        return state.offset
+
+    async def _store_rest(self, spool: Spool | None, *, broken: bool) -> None:
+        """Bytes that do not fill a part: the last part if they end the upload, else a new tail."""
+        state = self._state
+        if self._tail_pending:
+            return  # nothing was written: the tail stays as it is
+        if broken or spool is None or not spool.size:  # bytes after a failed part are not confirmed
+            state.tail_key, state.tail_size = None, 0
+        elif self._length is not None and sum(p.size for p in state.parts) + spool.size == self._length:
+            last = await self._multipart.upload_part(len(state.parts) + 1, spool.body(), spool.size)
+            state.parts.append(last)
+            state.tail_key, state.tail_size = None, 0
+        else:
+            state.tail_key = self._s3.key(self._multipart.upload_id, f".tail-{secrets.token_hex(4)}")
+            await self._s3.put(state.tail_key, spool.body())
+            state.tail_size = spool.size
+
+    async def checkpoint(self) -> int:
+        """Name the parts S3 has confirmed so far in the info object, without waiting."""
+        done = {task for task in self._in_flight if task.done()}
+        self._in_flight -= done
+        self._collect(done)
+        self._new_parts.sort(key=lambda p: p.number)
+        run = unbroken(self._new_parts, len(self._committed_parts))
+        if run:
+            state = self._state
+            state.parts = self._committed_parts + self._new_parts[:run]
+            state.tail_key, state.tail_size = None, 0  # its bytes are in the first new part
+            state.record["updated_at"] = time.time()
+            await records.save(self._s3, self._multipart.upload_id, state)
+            self._committed_parts, self._new_parts = list(state.parts), self._new_parts[run:]
+        return self._state.offset
+
+    async def discard(self) -> None:
+        """Forget this request's bytes: parts it uploaded are never named by the info object."""
+        await self._drain()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        self._new_parts, self._failure = [], None
+        self._tail_pending = self._state.tail_size > 0
