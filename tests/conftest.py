@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,7 +218,7 @@ class Server:
 
     @staticmethod
     def upload_id(upload_url: str) -> str:
-        return upload_url.rstrip("/").rsplit("/", 1)[1]
+        return upload_url.split("?")[0].rstrip("/").rsplit("/", 1)[1]
 
     def upload_dir(self, upload_url: str) -> Path:
         upload_id = self.upload_id(upload_url)
@@ -280,6 +281,7 @@ class Server:
 
 
 BACKENDS = ["local", "s3"]
+NODE_DIR = Path(__file__).parent / "node"
 
 
 @pytest.fixture(scope="session")
@@ -328,6 +330,51 @@ def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def start_module_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Server]]:
+    """`start_server` for servers that the tests of one module share."""
+    started: list[Server] = []
+
+    def start(*args: str, backend: str = "local") -> Server:
+        moto = request.getfixturevalue("moto") if backend == "s3" else None
+        srv = Server(tmp_path_factory.mktemp(backend) / "data", *args, moto=moto).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def node_clients() -> Path:
+    """Install the JavaScript clients (tus-js-client) from the lock file once per test session."""
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is needed for these tests (install Node.js 18+)")
+    if not (NODE_DIR / "node_modules" / "tus-js-client").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
+    return NODE_DIR
+
+
+def run_client(
+    node_dir: Path, endpoint: str, path: Path, protocol: str, mode: str, env: dict[str, str] | None = None
+) -> dict:
+    """Upload `path` with tus-js-client (tests/node/upload.mjs); `env` may set UPLOAD_HEADERS
+    (JSON, sent with every request) and RESUME_HEADERS (instead, once an abort-resume resumes)."""
+    result = subprocess.run(
+        ["node", str(node_dir / "upload.mjs"), endpoint, str(path), protocol, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 @pytest.fixture

@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import TUS, download, sha256
-
-NODE_DIR = Path(__file__).parent / "node"
-
-
-@pytest.fixture(scope="session")
-def node_clients() -> Path:
-    """Install the JavaScript clients from the lock file once per test session."""
-    for tool in ("node", "npm"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} is needed for these tests (install Node.js 18+)")
-    if not (NODE_DIR / "node_modules" / "tus-js-client").exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
-    return NODE_DIR
-
-
-def run_client(node_dir: Path, endpoint: str, path: Path, protocol: str, mode: str) -> dict:
-    result = subprocess.run(
-        ["node", str(node_dir / "upload.mjs"), endpoint, str(path), protocol, mode],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+from .conftest import TUS, download, run_client, sha256
 
 
 @pytest.fixture

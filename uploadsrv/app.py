@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -15,14 +16,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import auth
 from .backend import open_storage
 from .config import Settings
 from .coordination import open_coordinator
 from .core import UploadService
 from .core.chunks import ChunkSessions
+from .core.quotas import LocalCounters, OwnerQuotas
 from .metrics import Metrics
 from .protocols import chunks, ietf, openapi, tus
-from .protocols.common import problem
+from .protocols.common import Links, problem
 from .protocols.routes import upload_routes
 
 log = logging.getLogger("uploadsrv")
@@ -32,18 +35,42 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     storage = open_storage(settings)
     coordinator = open_coordinator(settings.redis_url)
+    authenticator = auth.authenticator(settings)
+    signer = auth.url_signer(settings)
+    quotas = None
+    if settings.max_uploads_per_owner is not None or settings.max_requests_per_owner is not None:
+        quotas = OwnerQuotas(
+            LocalCounters(),
+            max_uploads=settings.max_uploads_per_owner,
+            max_requests=settings.max_requests_per_owner,
+        )
     service = UploadService(
         storage,
         max_size=settings.max_size,
         expiry=settings.expiry,
         lock_timeout=settings.lock_timeout,
         coordinator=coordinator,
+        enforce_owners=authenticator is not None,
+        quotas=quotas,
     )
     metrics = Metrics()
     service.subscribe(metrics.on_event)
-    tus_protocol = tus.TusProtocol(service, settings)
-    ietf_protocol = ietf.IetfProtocol(service, settings)
-    chunk_protocol = chunks.ChunkProtocol(ChunkSessions(service, chunk_size=settings.chunk_size), settings)
+    links = Links(trust_proxy=settings.trust_proxy, signer=signer, lifetime=settings.expiry)
+    tus_protocol = tus.TusProtocol(service, settings, links)
+    ietf_protocol = ietf.IetfProtocol(service, settings, links)
+    sessions = ChunkSessions(service, chunk_size=settings.chunk_size)
+    chunk_protocol = chunks.ChunkProtocol(sessions, settings, links)
+    middleware = []
+    if authenticator is not None and signer is not None:
+        middleware.append(
+            Middleware(
+                auth.AuthMiddleware,
+                authenticator=authenticator,
+                signer=signer,
+                prefixes=(settings.base_path, chunks.PATH),
+                quotas=quotas,
+            )
+        )
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -53,6 +80,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await storage.check()
         if coordinator is not None:
             await coordinator.start()
+        if quotas is not None:
+            await quotas.count_existing(service.uploads())
+        if isinstance(authenticator, auth.TokenFileAuth):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, authenticator.reload)
         reaper = asyncio.create_task(_expire_periodically(service, settings.expiry_interval))
         log.info(
             "serving",
@@ -86,10 +117,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-                allow_headers=tus.REQUEST_HEADERS + ietf.REQUEST_HEADERS + chunks.REQUEST_HEADERS,
-                expose_headers=tus.RESPONSE_HEADERS + ietf.RESPONSE_HEADERS,
+                allow_headers=[
+                    *tus.REQUEST_HEADERS,
+                    *ietf.REQUEST_HEADERS,
+                    *chunks.REQUEST_HEADERS,
+                    "Authorization",
+                ],
+                expose_headers=[
+                    *tus.RESPONSE_HEADERS,
+                    *ietf.RESPONSE_HEADERS,
+                    "WWW-Authenticate",
+                    "Retry-After",
+                ],
                 max_age=86400,
             ),
+            *middleware,  # inside CORS, so that a 401 still carries the CORS headers a browser needs
         ],
         lifespan=lifespan,
         exception_handlers={Exception: _internal_error, HTTPException: _http_error},

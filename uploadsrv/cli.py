@@ -55,7 +55,19 @@ SERVE_FLAGS = {
     "base_path": "URL path of the tus endpoint",
     "cors_origins": "comma-separated origins allowed by CORS, or *",
     "trust_proxy": "trust X-Forwarded-Proto/Host from a reverse proxy (true/false)",
-    "owner_header": "request header whose value is recorded as the upload's owner",
+    "auth": "who may upload: none, header, bearer or jwt (default: header with --owner-header, else none)",
+    "owner_header": "request header in which a trusted auth proxy names the user (implies --auth header)",
+    "tokens_file": "--auth bearer: a file of 'token subject' lines, reloaded on SIGHUP",
+    "jwt_secret": "--auth jwt: HS256 key",
+    "jwt_public_key": "--auth jwt: PEM public key or JWKS file for RS256/ES256",
+    "jwt_audience": "--auth jwt: required aud claim",
+    "jwt_issuer": "--auth jwt: required iss claim",
+    "jwt_subject_claim": "--auth jwt: the claim naming the user",
+    "jwt_leeway": "--auth jwt: seconds of clock skew allowed",
+    "url_secret": "key of signed upload URLs (default: derived from --jwt-secret)",
+    "url_secret_previous": "the previous --url-secret, still accepted while you rotate",
+    "max_uploads_per_owner": "unfinished uploads one user may have (429 beyond)",
+    "max_requests_per_owner": "requests one user may have in flight (429 beyond)",
     "io_threads": "threads for blocking disk calls",
     "workers": "worker processes",
     "http": "HTTP implementation: httptools or h11",
@@ -109,6 +121,14 @@ def serve_command(args: argparse.Namespace) -> int:
         _check_redis_url(settings.redis_url)
     except ValueError as exc:
         sys.exit(f"uploadsrv: --redis-url: {exc}")
+    from . import auth
+
+    try:
+        for warning in auth.prepare(settings):
+            print(f"uploadsrv: warning: {warning}", file=sys.stderr)
+    except auth.ConfigError as error:
+        print(f"uploadsrv serve: {error}", file=sys.stderr)
+        return 2
     settings.data_dir = settings.data_dir.resolve()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Workers rebuild the settings from the environment, so one path serves 1 or N.

@@ -77,11 +77,33 @@ class Settings:
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     #: Trust X-Forwarded-Proto/Host for the URLs the server hands out.
     trust_proxy: bool = False
-    #: A request header (set by an auth proxy) whose value is recorded as the upload's owner.
+    #: Who may upload, and whose upload it is: 'none' (anyone; for a loopback dev server),
+    #: 'header' (a trusted proxy names the subject in `owner_header`), 'bearer' (static
+    #: tokens in `tokens_file`) or 'jwt'. Empty: 'header' if `owner_header` is set, else 'none'.
+    auth: str = ""
+    #: The request header in which a trusted auth proxy names the subject (`auth` header).
     owner_header: str | None = None
     #: Redis shared by the instances (redis://, rediss://, redis+sentinel://, redis+cluster://):
     #: leases with a short TTL, release requests and events pushed between instances.
     redis_url: str | None = None
+    #: `token subject` per line, for `auth` bearer; reloaded on SIGHUP.
+    tokens_file: Path | None = None
+    #: HS256 key for `auth` jwt; also the default key of signed upload URLs.
+    jwt_secret: str | None = None
+    #: A PEM public key or a JWKS file, for RS256/ES256 JWTs.
+    jwt_public_key: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    #: The claim that names the subject (the upload's owner).
+    jwt_subject_claim: str = "sub"
+    #: Seconds of clock skew allowed for `exp` and `nbf`.
+    jwt_leeway: float = 30.0
+    #: Key of the signatures on upload URLs; `url_secret_previous` still verifies, for rotation.
+    url_secret: str | None = None
+    url_secret_previous: str | None = None
+    #: Unfinished uploads, and requests in flight, one owner may have at once (None: no limit).
+    max_uploads_per_owner: int | None = None
+    max_requests_per_owner: int | None = None
     #: Seconds a request waits for an upload held by another request that will not let go.
     lock_timeout: float = 10.0
     #: Threads for blocking disk calls (writes, fsync), shared by all requests.
@@ -99,6 +121,11 @@ class Settings:
     _parsers = {  # noqa: RUF012  (a class-level table, not a field)
         "port": int,
         "data_dir": Path,
+        "tokens_file": Path,
+        "jwt_public_key": Path,
+        "jwt_leeway": float,
+        "max_uploads_per_owner": int,
+        "max_requests_per_owner": int,
         "max_size": parse_size,
         "expiry": parse_duration,
         "expiry_interval": parse_duration,
@@ -132,6 +159,8 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         settings.base_path = "/" + settings.base_path.strip("/") + "/"
+        if not settings.auth:  # a proxy naming the owner is what --owner-header always meant
+            settings.auth = "header" if settings.owner_header else "none"
         return settings
 
     def to_env(self) -> dict[str, str]:

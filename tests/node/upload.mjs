@@ -3,11 +3,15 @@
 // PROTOCOL: tus-v1 | ietf-draft-03 | ietf-draft-05
 // MODE: plain | parallel (parallelUploads: 3) | abort-resume (abort a third in, resume with a new Upload)
 // Prints one JSON line: {"url": ..., "abortedAt": ..., "resumedFrom": ...}
+// Env: UPLOAD_HEADERS (JSON object, e.g. an Authorization header) goes with every request;
+// RESUME_HEADERS replaces it for the resumed upload of abort-resume (a client without its token).
 import fs from 'node:fs'
 import { Upload } from 'tus-js-client'
 
 const [endpoint, file, protocol, mode] = process.argv.slice(2)
 const data = fs.readFileSync(file)
+const headers = JSON.parse(process.env.UPLOAD_HEADERS || '{}')
+const resumeHeaders = process.env.RESUME_HEADERS ? JSON.parse(process.env.RESUME_HEADERS) : headers
 
 function upload(options, onChunk) {
   return new Promise((resolve, reject) => {
@@ -16,6 +20,7 @@ function upload(options, onChunk) {
       endpoint,
       protocol,
       retryDelays: null,
+      headers,
       metadata: { filename: 'clip.bin', filetype: 'application/octet-stream' },
       ...options,
       onChunkComplete: (size, accepted) => {
@@ -41,7 +46,7 @@ try {
       task.abort()
       return true
     })
-    const second = await upload({ chunkSize: 256 * 1024, uploadUrl: first.url })
+    const second = await upload({ chunkSize: 256 * 1024, uploadUrl: first.url, headers: resumeHeaders })
     result = { url: second.url, abortedAt: first.abortedAt, resumedFrom: second.starts[0] }
   } else {
     throw new Error(`unknown mode ${mode}`)

@@ -133,3 +133,27 @@ class StorageUnavailable(UploadError):
     """The storage failed or is unreachable; retry later."""
 
     slug = "storage-unavailable"
+
+
+class Unauthorized(UploadError):
+    """The request carries no valid credentials."""
+
+    slug = "unauthorized"
+
+    def __init__(self, detail: str = "", *, invalid_token: bool = False) -> None:
+        super().__init__(detail)
+        #: The `WWW-Authenticate` challenge (RFC 6750): an error code only for a token that was sent.
+        self.challenge = 'Bearer realm="uploadsrv"'
+        if invalid_token:
+            description = self.detail.replace('"', "'").replace("\\", "/")
+            self.challenge += f', error="invalid_token", error_description="{description}"'
+
+
+class TooManyRequests(UploadError):
+    """This owner has too many uploads or requests at once; retry later."""
+
+    slug = "too-many-requests"
+
+    def __init__(self, detail: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

@@ -33,6 +33,7 @@ from .events import Listener, UploadEvent
 from .locks import Hold, UploadLocks
 from .model import UploadInfo, is_upload_id, new_upload_id
 from .pump import pump
+from .quotas import OwnerQuotas
 from .storage import Chunked, Concatenating, Presigning, Storage, Writer
 
 log = logging.getLogger("uploadsrv.core")
@@ -51,10 +52,12 @@ class UploadService:
         expiry: float | None,
         lock_timeout: float = 10.0,
         enforce_owners: bool = False,
+        quotas: OwnerQuotas | None = None,
         clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
     ) -> None:
-        """With `enforce_owners` (auth is on), an upload is visible only to its owner."""
+        """With `enforce_owners` (auth is on), an upload is visible only to its owner;
+        `quotas` limits each owner's unfinished uploads."""
         self.storage = storage
         #: Shared with other instances (Redis), if configured: leases and events.
         self.coordinator = coordinator
@@ -63,6 +66,7 @@ class UploadService:
         self.can_concatenate = isinstance(storage, Concatenating)
         self.locks = UploadLocks(storage, timeout=lock_timeout, coordinator=coordinator)
         self.enforce_owners = enforce_owners
+        self.quotas = quotas
         self._clock = clock
         self._listeners: list[Listener] = []
         self._owned: OrderedDict[tuple[str | None, str], None] = OrderedDict()
@@ -93,7 +97,15 @@ class UploadService:
         `sha256` is checked on completion.
         """
         info = self._new(length, metadata, caller, partial=partial, chunk_size=chunk_size, sha256=sha256)
-        await self.storage.create(info)
+        if self.quotas is not None and info.owner is not None:
+            await self.quotas.reserve_upload(info.owner)
+        try:
+            await self.storage.create(info)
+        except BaseException:
+            await self._upload_ended(info)
+            raise
+        if info.owner is not None:
+            self._remember((info.owner, info.id))
         self.emit(UploadEvent.CREATED, info)
         log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": info.protocol})
         if info.is_complete:  # a zero-byte upload is done at once
@@ -244,6 +256,8 @@ class UploadService:
             if not self._permits(caller, info):
                 raise UploadNotFound()
             await self.storage.delete(upload_id)
+        if not info.is_complete:
+            await self._upload_ended(info)
         self.emit(UploadEvent.TERMINATED, info)
         log.info("upload terminated", extra={"upload_id": upload_id})
 
@@ -327,6 +341,7 @@ class UploadService:
         async for info, deleted in self.prune(self.expiry):
             if deleted and isinstance(info, UploadInfo):
                 removed.append(info.id)
+                await self._upload_ended(info)
                 self.emit(UploadEvent.EXPIRED, info)
                 log.info("upload expired", extra={"upload_id": info.id})
         return removed
@@ -385,6 +400,11 @@ class UploadService:
         if not self._permits(caller, await self.storage.get(upload_id)):
             raise UploadNotFound()
         self._remember(key)
+
+    async def _upload_ended(self, info: UploadInfo) -> None:
+        """An unfinished upload finished or went away: it no longer counts against its owner."""
+        if self.quotas is not None and info.owner is not None:
+            await self.quotas.upload_ended(info.owner)
 
     def _remember(self, key: tuple[str | None, str]) -> None:
         self._owned[key] = None
@@ -449,6 +469,8 @@ class UploadService:
     async def finish(self, info: UploadInfo) -> None:
         """The upload reached its length: let the backend finalise it, and tell listeners."""
         await self.storage.finish(info)
+        if not info.is_final:  # a concatenation result was never an unfinished upload
+            await self._upload_ended(info)
         self.emit(UploadEvent.COMPLETED, info)
         log.info("upload completed", extra={"upload_id": info.id, "length": info.length})
 

@@ -32,6 +32,7 @@ from uploadsrv.core.storage import StoredChunk
 
 from .common import (
     ERROR_STATUS,
+    Links,
     content_length,
     error_headers,
     error_problem,
@@ -39,7 +40,6 @@ from .common import (
     parse_base64,
     parse_content_digest,
     parse_offset,
-    public_url,
 )
 
 PATH = "/chunks/"
@@ -64,11 +64,10 @@ Handler = Callable[[Request, Caller], Awaitable[Response]]
 
 
 class ChunkProtocol:
-    def __init__(self, sessions: ChunkSessions, settings: Settings) -> None:
+    def __init__(self, sessions: ChunkSessions, settings: Settings, links: Links) -> None:
         self.sessions = sessions
         self.base_path = settings.base_path
-        self.trust_proxy = settings.trust_proxy
-        self.owner_header = settings.owner_header
+        self.links = links
 
     def routes(self) -> list[Route]:
         return [
@@ -83,7 +82,7 @@ class ChunkProtocol:
     def _guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
             try:
-                response = await handler(request, make_caller(request, "chunks", self.owner_header))
+                response = await handler(request, make_caller(request, "chunks"))
             except e.UploadError as error:
                 response = error_problem(error, STATUS.get(type(error), 500), error_headers(error))
             response.headers["Cache-Control"] = "no-store"
@@ -212,18 +211,19 @@ class ChunkProtocol:
 
     def _session(self, request: Request, status: ChunkStatus) -> dict[str, object]:
         info = status.info
-        url = public_url(request, PATH + info.id, trust_proxy=self.trust_proxy)
+        url = self.links.public(request, PATH + info.id)
+        signature = self.links.signature(info)
         expires = self.sessions.expires_at(info)
         return {
             "id": info.id,
-            "url": url,
+            "url": url + signature,
             "state": "complete" if info.is_complete else "incomplete",
             "size": info.length,
             "chunk_size": info.chunk_size,
             "chunk_count": info.chunk_count,
-            "chunk_url_template": url + "/{n}",
-            "complete_url": url + "/complete",
-            "events_url": url + "/events",
+            "chunk_url_template": url + "/{n}" + signature,
+            "complete_url": url + "/complete" + signature,
+            "events_url": url + "/events" + signature,
             "upload_url": self._upload_url(request, info),
             "metadata": info.metadata,
             "sha256": info.sha256,
@@ -237,7 +237,7 @@ class ChunkProtocol:
 
     def _upload_url(self, request: Request, info: UploadInfo) -> str:
         """Where the finished file is downloaded: the same URL tus and the draft use."""
-        return public_url(request, self.base_path + info.id, trust_proxy=self.trust_proxy)
+        return self.links.upload(request, self.base_path + info.id, info)
 
 
 def _is_count(value: object) -> bool:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 import http_sf
 from starlette.requests import Request
@@ -16,6 +18,10 @@ from uploadsrv.core import Checksum
 from uploadsrv.core import errors as e
 from uploadsrv.core.caller import Caller
 from uploadsrv.core.errors import InvalidRequest, UploadError
+from uploadsrv.core.model import UploadInfo
+
+if TYPE_CHECKING:
+    from uploadsrv.auth import UrlSigner
 
 PROBLEM_TYPE = "urn:uploadsrv:problem:"
 
@@ -25,6 +31,7 @@ DIGESTS = {"sha-256": "sha256", "sha-512": "sha512", "md5": "md5", "sha": "sha1"
 #: Status codes for the core's errors; each protocol overrides what its spec says otherwise.
 ERROR_STATUS: dict[type[e.UploadError], int] = {
     e.InvalidRequest: 400,
+    e.Unauthorized: 401,
     e.UnsupportedChecksum: 400,
     e.LengthConflict: 400,
     e.ClientDisconnected: 400,
@@ -39,6 +46,7 @@ ERROR_STATUS: dict[type[e.UploadError], int] = {
     e.Superseded: 409,
     e.TooLarge: 413,
     e.UploadBusy: 423,
+    e.TooManyRequests: 429,
     e.StorageFull: 507,
     e.StorageUnavailable: 503,
 }
@@ -49,6 +57,10 @@ def error_headers(error: e.UploadError) -> dict[str, str]:
     headers = {}
     if isinstance(error, (e.UploadBusy, e.StorageUnavailable)):
         headers["Retry-After"] = "1"
+    if isinstance(error, e.TooManyRequests):
+        headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, e.Unauthorized):
+        headers["WWW-Authenticate"] = error.challenge
     if isinstance(error, e.OffsetMismatch):
         headers["Upload-Offset"] = str(error.expected)
     return headers
@@ -79,20 +91,63 @@ def error_problem(error: UploadError, status: int, headers: Mapping[str, str] | 
     return problem(status, error.detail, type_=PROBLEM_TYPE + error.slug, headers=headers, **error.extra)
 
 
-def make_caller(request: Request, protocol: str, owner_header: str | None) -> Caller:
+#: Where the auth middleware leaves the request's `Identity` in the ASGI scope.
+IDENTITY = "uploadsrv.identity"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the auth middleware found a request to come from."""
+
+    owner: str | None
+    grant: str | None = None
+    grant_expires: float | None = None
+
+
+ANONYMOUS = Identity(None)
+
+
+def make_caller(request: Request, protocol: str) -> Caller:
     """The core's view of who sends `request`: built once per request, headers in one tuple."""
     scope = request.scope
+    identity: Identity = scope.get(IDENTITY, ANONYMOUS)
     client = scope.get("client")
     query = scope.get("query_string")
     headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"])
     return Caller(
-        owner=request.headers.get(owner_header) if owner_header else None,
+        owner=identity.owner,
         protocol=protocol,
         method=scope["method"],
         uri=scope["path"] + "?" + query.decode("latin-1") if query else scope["path"],
         remote_addr=f"{client[0]}:{client[1]}" if client else "",
         headers=headers,
+        grant=identity.grant,
+        grant_expires=identity.grant_expires,
     )
+
+
+class Links:
+    """The absolute URLs the server hands out for uploads; with auth on, each carries a
+    signature that lets it act for the upload's owner on that upload alone."""
+
+    def __init__(self, *, trust_proxy: bool, signer: UrlSigner | None, lifetime: float | None) -> None:
+        self.trust_proxy = trust_proxy
+        self._signer = signer
+        self._lifetime = lifetime  #: how long a signature stands on its own (the upload expiry)
+
+    def public(self, request: Request, path: str) -> str:
+        """The absolute URL of `path`, as seen from outside a trusted proxy."""
+        return public_url(request, path, trust_proxy=self.trust_proxy)
+
+    def signature(self, info: UploadInfo) -> str:
+        """`?sig=...` to append to any URL of `info`, or '' with auth off."""
+        if self._signer is None or info.owner is None:
+            return ""
+        return "?" + self._signer.query(info.id, info.owner, self._lifetime)
+
+    def upload(self, request: Request, path: str, info: UploadInfo) -> str:
+        """The signed absolute URL of `path`, which names `info`."""
+        return self.public(request, path) + self.signature(info)
 
 
 def public_url(request: Request, path: str, *, trust_proxy: bool) -> str:

@@ -27,13 +27,13 @@ from uploadsrv.uvicorn_protocols import ABORT, INFORMATIONAL
 from .common import (
     ERROR_STATUS,
     PROBLEM_TYPE,
+    Links,
     content_length,
     error_headers,
     make_caller,
     parse_content_digest,
     parse_offset,
     problem,
-    public_url,
 )
 from .download import download
 from .tus import parse_metadata
@@ -105,11 +105,10 @@ def is_draft_request(request: Request) -> bool:
 
 
 class IetfProtocol:
-    def __init__(self, service: UploadService, settings: Settings) -> None:
+    def __init__(self, service: UploadService, settings: Settings, links: Links) -> None:
         self.service = service
         self.base_path = settings.base_path
-        self.trust_proxy = settings.trust_proxy
-        self.owner_header = settings.owner_header
+        self.links = links
 
     async def handle(self, request: Request, send: Send) -> Response:
         """Entry point from the router for any method on the collection or an upload."""
@@ -124,7 +123,7 @@ class IetfProtocol:
         if handler is None:
             response = problem(405, f"{request.method} is not part of the resumable upload draft here")
         else:
-            exchange = _Exchange(request, send, interop, make_caller(request, "ietf", self.owner_header))
+            exchange = _Exchange(request, send, interop, make_caller(request, "ietf"))
             try:
                 response = await handler(exchange)
             except e.UploadError as error:
@@ -155,7 +154,7 @@ class IetfProtocol:
         length = x.declared_length(complete)
         metadata = parse_metadata(x.request.headers.get("upload-metadata", ""))  # tus-js-client sends it
         info = await self.service.create(length=length, metadata=metadata, caller=x.caller)
-        x.location = public_url(x.request, self.base_path + info.id, trust_proxy=self.trust_proxy)
+        x.location = self.links.upload(x.request, self.base_path + info.id, info)
         first = {"Location": x.location}
         limit = self._limit(x.interop, info) if x.interop.limit_everywhere else None
         if limit:

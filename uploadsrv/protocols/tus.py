@@ -22,6 +22,7 @@ from uploadsrv.core.caller import Caller
 
 from .common import (
     ERROR_STATUS,
+    Links,
     content_length,
     error_headers,
     error_problem,
@@ -30,7 +31,6 @@ from .common import (
     parse_base64,
     parse_offset,
     problem,
-    public_url,
 )
 from .download import download
 
@@ -72,11 +72,10 @@ Handler = Callable[[Request, Caller], Awaitable[Response]]
 
 
 class TusProtocol:
-    def __init__(self, service: UploadService, settings: Settings) -> None:
+    def __init__(self, service: UploadService, settings: Settings, links: Links) -> None:
         self.service = service
         self.base_path = settings.base_path
-        self.trust_proxy = settings.trust_proxy
-        self.owner_header = settings.owner_header
+        self.links = links
         extensions = [
             "creation",
             "creation-with-upload",
@@ -108,7 +107,7 @@ class TusProtocol:
                 headers={"Tus-Version": VERSION, **self._tus_headers()},
             )
         try:
-            response = await handler(request, make_caller(request, "tus", self.owner_header))
+            response = await handler(request, make_caller(request, "tus"))
         except e.UploadError as error:
             response = self._error(error)
         response.headers.update(self._tus_headers())
@@ -230,7 +229,7 @@ class TusProtocol:
         return headers
 
     def _url(self, request: Request, info: UploadInfo) -> str:
-        return public_url(request, self.base_path + info.id, trust_proxy=self.trust_proxy)
+        return self.links.upload(request, self.base_path + info.id, info)
 
     def _parse_final(self, header: str) -> list[str]:
         kind, _, urls = header.partition(";")
