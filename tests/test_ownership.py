@@ -21,6 +21,8 @@ from uploadsrv.auth import UrlSigner
 
 from .conftest import TUS, Server, raw_request, run_client, sha256, wait_for
 from .test_auth import CLAIMS, SECRET, bearer, mint
+from .test_ietf_draft import HEADER as IETF_HEADER
+from .test_ietf_draft import Wire, append_headers
 
 URL_SECRET = "url-secret-for-tests-0123456789abcdef"
 OFFSET = "application/offset+octet-stream"
@@ -353,6 +355,32 @@ async def test_ietf_104_and_201_locations_are_signed(client, signing_server) -> 
     assert [h.split(b" ")[1] for h in heads] == [b"104", b"201"]
     assert len(locations) == 2 and all("?sig=" in url for url in locations)
     assert (await client.get(locations[1])).content == body
+
+
+async def test_an_ios_upload_cut_off_resumes_from_the_104s_url_without_a_token(
+    client, signing_server
+) -> None:
+    """URLSession's own HEAD and PATCH after a broken connection carry no fresh token."""
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    wire = Wire(signing_server.port)
+    headers = {IETF_HEADER: "8", "Upload-Complete": "?1", "Content-Length": str(len(data)), **bearer(mint())}
+    wire.send_head("POST", "/files/", headers)
+    status, interim, _ = wire.response()
+    assert status == 104 and "?sig=" in interim["location"]
+    wire.sock.sendall(data[: 2 * 1024 * 1024])
+    wire.close()
+    upload = signing_server.files + interim["location"].rsplit("/", 1)[1]
+    wait_for(lambda: signing_server.stored_size(upload) > 0, what="the received bytes to be committed")
+
+    stale = bearer(mint(exp=int(time.time()) - 3600))
+    head = await client.head(upload, headers={IETF_HEADER: "8", **stale})
+    assert head.status_code == 204
+    offset = int(head.headers["upload-offset"])
+    assert 0 < offset <= 2 * 1024 * 1024
+    rest = await client.patch(upload, content=data[offset:], headers=append_headers(8, offset, True))
+    assert rest.status_code == 204 and rest.headers["upload-complete"] == "?1"
+    assert sha256((await client.get(upload)).content) == sha256(data)
+    assert (await client.head(strip(upload), headers={IETF_HEADER: "8"})).status_code == 404
 
 
 # -- per-owner limits ---------------------------------------------------------------------
