@@ -16,14 +16,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import auth
+from . import auth, metrics
 from .backend import open_storage
 from .config import Settings
 from .coordination import open_coordinator
 from .core import UploadService
 from .core.chunks import ChunkSessions
 from .core.quotas import LocalCounters, OwnerQuotas
-from .metrics import Metrics
+from .exchange import REQUEST_ID_HEADER as REQUEST_ID
+from .exchange import ExchangeMiddleware, Observer, route_templates
 from .protocols import chunks, ietf, openapi, tus
 from .protocols.common import Links, problem
 from .protocols.routes import upload_routes
@@ -53,8 +54,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         enforce_owners=authenticator is not None,
         quotas=quotas,
     )
-    metrics = Metrics()
-    service.subscribe(metrics.on_event)
+    on_start: list[Observer] = []
+    observers: list[Observer] = []
+    if settings.metrics:
+        on_start.append(metrics.exchange_started)
+        metrics.instrument(storage)
+        service.subscribe(metrics.on_event)
+        service.locks.subscribe(metrics.on_lock)
+        observers.append(metrics.observe_exchange)
     links = Links(trust_proxy=settings.trust_proxy, signer=signer, lifetime=settings.expiry)
     tus_protocol = tus.TusProtocol(service, settings, links)
     ietf_protocol = ietf.IetfProtocol(service, settings, links)
@@ -103,16 +110,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await coordinator.close()
             await storage.close()
 
+    routes = [
+        *upload_routes(settings.base_path, tus_protocol, ietf_protocol),
+        *chunk_protocol.routes(),
+        Route("/openapi.json", openapi.endpoint),
+        Route("/healthz", health),
+    ]
+    if settings.metrics:
+        routes.append(Route(settings.metrics_path, metrics.endpoint(settings.metrics_token)))
     app = Starlette(
-        routes=[
-            *upload_routes(settings.base_path, tus_protocol, ietf_protocol),
-            *chunk_protocol.routes(),
-            Route("/openapi.json", openapi.endpoint),
-            Route("/healthz", health),
-            Route("/metrics", metrics.endpoint),
-        ],
+        routes=routes,
         middleware=[
-            Middleware(metrics.middleware),
+            Middleware(
+                ExchangeMiddleware, templates=route_templates(routes), on_start=on_start, observers=observers
+            ),
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
@@ -122,12 +133,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     *ietf.REQUEST_HEADERS,
                     *chunks.REQUEST_HEADERS,
                     "Authorization",
+                    REQUEST_ID,
                 ],
                 expose_headers=[
                     *tus.RESPONSE_HEADERS,
                     *ietf.RESPONSE_HEADERS,
                     "WWW-Authenticate",
                     "Retry-After",
+                    REQUEST_ID,
                 ],
                 max_age=86400,
             ),

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Awaitable, Callable
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import ENV_PREFIX, Settings, parse_duration
@@ -26,6 +29,8 @@ if TYPE_CHECKING:  # the operator commands import these lazily, to keep `serve` 
 #: uvicorn minor versions `uvicorn_protocols.py`, which subclasses uvicorn's private
 #: protocol classes, is tested against; pyproject.toml pins the same range.
 TESTED_UVICORN = ("0.54",)
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 PROTOCOL_CLASSES = {
     "httptools": "uploadsrv.uvicorn_protocols:HttpToolsUploadProtocol",
@@ -74,6 +79,9 @@ SERVE_FLAGS = {
     "log_level": "debug, info, warning or error",
     "access_log": "log every request (true/false)",
     "keep_alive": "seconds an idle connection stays open; keep it above your load balancer's idle timeout",
+    "metrics": "serve Prometheus metrics (true/false)",
+    "metrics_path": "URL path of the metrics",
+    "metrics_token": "serve metrics only with Authorization: Bearer <this token>",
 }
 
 
@@ -133,20 +141,21 @@ def serve_command(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # Workers rebuild the settings from the environment, so one path serves 1 or N.
     os.environ.update(settings.to_env())
-    uvicorn.run(
-        "uploadsrv.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        http=PROTOCOL_CLASSES[settings.http],
-        loop="uvloop",
-        log_config=configure(settings.log_level),
-        access_log=settings.access_log,
-        proxy_headers=settings.trust_proxy,
-        timeout_graceful_shutdown=10,
-        timeout_keep_alive=settings.keep_alive,
-    )
+    with _metrics_dir(settings):
+        uvicorn.run(
+            "uploadsrv.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            http=PROTOCOL_CLASSES[settings.http],
+            loop="uvloop",
+            log_config=configure(settings.log_level),
+            access_log=settings.access_log,
+            proxy_headers=settings.trust_proxy,
+            timeout_graceful_shutdown=10,
+            timeout_keep_alive=settings.keep_alive,
+        )
     return 0
 
 
@@ -155,6 +164,27 @@ def _check_redis_url(url: str | None) -> None:
     from .coordination import open_coordinator
 
     open_coordinator(url)
+
+
+@contextlib.contextmanager
+def _metrics_dir(settings: Settings) -> Iterator[None]:
+    """prometheus-client's multiprocess directory for `--workers N`: made fresh for this
+    run and removed after it. One the operator set in PROMETHEUS_MULTIPROC_DIR is emptied
+    at start instead, so no counts from an earlier run are added to this one's."""
+    given = os.environ.get(MULTIPROC_DIR)
+    if given:
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+        yield
+    elif settings.workers > 1 and settings.metrics:
+        with tempfile.TemporaryDirectory(prefix="uploadsrv-metrics-") as made:
+            os.environ[MULTIPROC_DIR] = made
+            try:
+                yield
+            finally:
+                del os.environ[MULTIPROC_DIR]
+    else:
+        yield
 
 
 def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespace], int]:

@@ -117,6 +117,11 @@ class Settings:
     #: load balancers keep theirs (AWS ALB: 60 s), so the other side always closes first:
     #: when the server closes a connection a client is about to reuse, that request fails.
     keep_alive: float = 75.0
+    #: Serve Prometheus metrics at `metrics_path`; with `metrics_token`, only to
+    #: `Authorization: Bearer <token>`.
+    metrics: bool = True
+    metrics_path: str = "/metrics"
+    metrics_token: str | None = None
 
     _parsers = {  # noqa: RUF012  (a class-level table, not a field)
         "port": int,
@@ -136,6 +141,7 @@ class Settings:
         "workers": int,
         "access_log": _parse_bool,
         "keep_alive": float,
+        "metrics": _parse_bool,
         "s3_path_style": _parse_bool,
         "s3_part_size": parse_size,
         "chunk_size": parse_size,

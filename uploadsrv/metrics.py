@@ -1,57 +1,232 @@
-"""Prometheus metrics: upload lifecycle counters from core events, request counts and timings."""
+"""Prometheus metrics: requests, errors, bytes, upload lifecycle, connections, 1xx, locks, storage.
+
+The metric objects live at module level, as prometheus-client's multiprocess mode wants:
+with `--workers N`, `serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory before
+the workers start, every worker writes its values to its own files there, and a scrape,
+whichever worker answers it, sums them all. With one worker the values stay in memory.
+
+Label children are looked up once and kept (`_child`): prometheus-client's `labels()`
+validates and locks on every call, which the hot path does not need to pay for.
+"""
 
 from __future__ import annotations
 
+import functools
+import hmac
+import os
 import time
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.metrics import MetricWrapperBase
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from uploadsrv.core import UploadEvent, UploadInfo
+from .core import UploadEvent, UploadInfo
+from .core.events import LockEvent
+from .protocols.common import problem
+
+if TYPE_CHECKING:  # the HTTP protocols count connections here, and the exchange imports them
+    from .exchange import Exchange
+
+REGISTRY = CollectorRegistry()
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+if not MULTIPROCESS:
+    ProcessCollector(registry=REGISTRY)  # CPU, memory and fds of this process
+
+#: Methods labelled as they are; any other is counted as "other" (labels must stay few).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+REQUEST_BUCKETS = (0.005, 0.02, 0.1, 0.5, 2, 10, 60, 600)
+STORAGE_BUCKETS = (0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60)
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.events = Counter(
-            "uploadsrv_upload_events",
-            "Upload lifecycle events",
-            ["event", "protocol"],
-            registry=self.registry,
-        )
-        self.requests = Histogram(
-            "uploadsrv_request_seconds",
-            "HTTP request duration",
-            ["method", "status"],
-            buckets=(0.005, 0.02, 0.1, 0.5, 2, 10, 60, 600),
-            registry=self.registry,
-        )
+def _counter(name: str, help_text: str, labels: tuple[str, ...] = ()) -> Counter:
+    return Counter(name, help_text, labels, registry=REGISTRY)
 
-    def on_event(self, event: UploadEvent, info: UploadInfo) -> None:
-        self.events.labels(event, info.protocol).inc()
 
-    async def endpoint(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+REQUESTS = _counter("uploadsrv_requests", "HTTP requests answered", ("method", "route", "status"))
+REQUEST_SECONDS = Histogram(
+    "uploadsrv_request_duration_seconds",
+    "Time from a request's arrival to the end of its response",
+    ("method", "route"),
+    buckets=REQUEST_BUCKETS,
+    registry=REGISTRY,
+)
+ERRORS = _counter("uploadsrv_errors", "Error responses (4xx, 5xx) by problem type", ("status", "problem"))
+BYTES_RECEIVED = _counter("uploadsrv_bytes_received", "Request body bytes received", ("protocol",))
+BYTES_SENT = _counter("uploadsrv_bytes_sent", "Response body bytes sent", ("protocol",))
+INFORMATIONAL = _counter(
+    "uploadsrv_informational_responses", "1xx interim responses sent (104 for the IETF draft)", ("status",)
+)
+UPLOADS = {
+    UploadEvent.CREATED: _counter("uploadsrv_uploads_created", "Uploads created", ("protocol",)),
+    UploadEvent.COMPLETED: _counter("uploadsrv_uploads_finished", "Uploads completed", ("protocol",)),
+    UploadEvent.TERMINATED: _counter("uploadsrv_uploads_terminated", "Uploads deleted", ("protocol",)),
+    UploadEvent.EXPIRED: _counter("uploadsrv_uploads_expired", "Uploads removed by expiry", ("protocol",)),
+}
+OPEN_CONNECTIONS = Gauge(
+    "uploadsrv_open_connections", "Open HTTP connections", multiprocess_mode="livesum", registry=REGISTRY
+)
+IN_FLIGHT = Gauge(
+    "uploadsrv_requests_in_flight",
+    "Requests being handled",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+LOCK_WAIT_SECONDS = Histogram(
+    "uploadsrv_lock_wait_seconds",
+    "Waits for an upload held by another request in the same process",
+    buckets=(0.001, 0.01, 0.1, 1, 3, 10, 30),
+    registry=REGISTRY,
+)
+LOCK_PREEMPTIONS = _counter("uploadsrv_lock_preemptions", "Requests stopped for a newer one on their upload")
+LOCK_TIMEOUTS = _counter("uploadsrv_lock_timeouts", "Requests that gave up on a busy upload (423)")
+STORAGE_SECONDS = Histogram(
+    "uploadsrv_storage_operation_seconds",
+    "Storage backend calls, by operation",
+    ("operation",),
+    buckets=STORAGE_BUCKETS,
+    registry=REGISTRY,
+)
+# Hook deliveries (issue 15) add their counters here: uploadsrv_hooks_delivered, uploadsrv_hooks_pending.
 
-    def middleware(self, app: ASGIApp) -> ASGIApp:
-        async def timed(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            started = time.perf_counter()
-            status = 500
+#: Storage calls timed by `instrument`; writers are timed per write and commit.
+STORAGE_OPERATIONS = (
+    "create",
+    "get",
+    "update",
+    "finish",
+    "delete",
+    "concatenate",
+    "stored_chunks",
+    "assemble",
+    "download_url",
+)
 
-            async def send_with_status(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
 
-            try:
-                await app(scope, receive, send_with_status)
-            finally:
-                self.requests.labels(scope["method"], str(status)).observe(time.perf_counter() - started)
+@functools.cache
+def _child(metric: MetricWrapperBase, *labels: str) -> Any:
+    return metric.labels(*labels)
 
-        return timed
+
+def exchange_started(exchange: Exchange) -> None:
+    IN_FLIGHT.inc()
+
+
+def observe_exchange(exchange: Exchange) -> None:
+    """Count one finished request (an `ExchangeMiddleware` observer)."""
+    IN_FLIGHT.dec()
+    method = exchange.method if exchange.method in METHODS else "other"
+    status = str(exchange.status)
+    _child(REQUESTS, method, exchange.route, status).inc()
+    _child(REQUEST_SECONDS, method, exchange.route).observe(exchange.seconds)
+    if exchange.received:
+        _child(BYTES_RECEIVED, exchange.protocol).inc(exchange.received)
+    if exchange.sent:
+        _child(BYTES_SENT, exchange.protocol).inc(exchange.sent)
+    if exchange.informational:
+        _child(INFORMATIONAL, "104").inc(exchange.informational)
+    if exchange.status >= 400:
+        _child(ERRORS, status, exchange.problem or "none").inc()
+
+
+def on_event(event: UploadEvent, info: UploadInfo) -> None:
+    """Count an upload's lifecycle (a core event listener)."""
+    counter = UPLOADS.get(event)
+    if counter is not None:
+        _child(counter, info.protocol).inc()
+
+
+def on_lock(event: LockEvent, seconds: float) -> None:
+    """Count lock waits, preemptions and timeouts (a core lock listener)."""
+    if event is LockEvent.WAITED:
+        LOCK_WAIT_SECONDS.observe(seconds)
+    elif event is LockEvent.PREEMPTED:
+        LOCK_PREEMPTIONS.inc()
+    else:
+        LOCK_TIMEOUTS.inc()
+
+
+def instrument(storage: object) -> None:
+    """Time the backend's calls by operation, on this instance only (its class and the
+    capability checks made on it stay as they are)."""
+    for name in STORAGE_OPERATIONS:
+        method = getattr(storage, name, None)
+        if method is not None:
+            setattr(storage, name, _timed(method, name))
+    for name, prefix in (("writer", ""), ("chunk_writer", "chunk_")):
+        opener = getattr(storage, name, None)
+        if opener is not None:
+            setattr(storage, name, _timed_writer(opener, prefix))
+
+
+def _timed(call: Callable[..., Coroutine[Any, Any, Any]], operation: str) -> Callable[..., Any]:
+    histogram = _child(STORAGE_SECONDS, operation)
+
+    @functools.wraps(call)
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            histogram.observe(time.perf_counter() - started)
+
+    return timed
+
+
+def _timed_writer(
+    opener: Callable[..., AbstractAsyncContextManager[Any]], prefix: str
+) -> Callable[..., AbstractAsyncContextManager[Any]]:
+    @asynccontextmanager
+    async def writer(*args: Any, **kwargs: Any) -> Any:
+        async with opener(*args, **kwargs) as opened:
+            opened.write = _timed(opened.write, prefix + "write")
+            opened.commit = _timed(opened.commit, prefix + "commit")
+            yield opened
+
+    return writer
+
+
+def endpoint(token: str | None) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """The scrape endpoint; with `token`, only for `Authorization: Bearer <token>`."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def metrics(request: Request) -> Response:
+        if expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return problem(401, "metrics need the bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if MULTIPROCESS:
+            _forget_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = REGISTRY
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+def _forget_dead_workers(path: str) -> None:
+    """Drop the live gauges (connections, requests in flight) of workers that died: a
+    worker uvicorn restarted after a crash never decremented them."""
+    for live in Path(path).glob("gauge_live*_*.db"):
+        pid = int(live.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, path)
+        except PermissionError:
+            continue

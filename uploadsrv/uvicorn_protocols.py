@@ -19,17 +19,21 @@ the core keeps them and the client resumes after them: a phone losing its networ
 sending a small body would otherwise lose all of it. And the body is buffered as the
 parser's blocks, not copied twice more through a bytearray (`_BodyBlocks`).
 
-`uploadsrv serve` selects these classes for both of uvicorn's parsers (httptools, h11).
+They also keep the open-connections gauge of `metrics.py`, which only the HTTP protocol
+sees. `uploadsrv serve` selects these classes for both of uvicorn's parsers (httptools, h11).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .metrics import OPEN_CONNECTIONS
 
 TRAILERS = "uploadsrv.trailers"
 INFORMATIONAL = "http.response.informational"
@@ -132,7 +136,19 @@ def _encode_raw(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(lines) + b"\r\n"
 
 
-class HttpToolsUploadProtocol(HttpToolsProtocol):
+class _CountsConnections(asyncio.Protocol):
+    """Keeps the open-connections gauge; first in each protocol class's bases."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        OPEN_CONNECTIONS.inc()
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        OPEN_CONNECTIONS.dec()
+        super().connection_lost(exc)
+
+
+class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
     """llhttp reports trailer fields through `on_header` after the headers are complete."""
 
     _trailers: list[tuple[bytes, bytes]] | None = None
@@ -155,7 +171,7 @@ class HttpToolsUploadProtocol(HttpToolsProtocol):
             self._trailers.append((name.lower(), value))
 
 
-class H11UploadProtocol(H11Protocol):
+class H11UploadProtocol(_CountsConnections, H11Protocol):
     """h11 reports trailers on `EndOfMessage` and encodes interim responses itself."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

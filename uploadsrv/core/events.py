@@ -21,3 +21,15 @@ class UploadEvent(StrEnum):
 
 #: Called with each event and the upload; metrics, progress streams and hooks subscribe.
 Listener = Callable[[UploadEvent, UploadInfo], None]
+
+
+class LockEvent(StrEnum):
+    """What happened while a request took an upload's lock (see `UploadLocks`)."""
+
+    WAITED = "waited"  #: the upload was held in this process; the request waited for it
+    PREEMPTED = "preempted"  #: a holder was asked to stop for a newer request
+    TIMED_OUT = "timed_out"  #: the holder did not let go within the lock timeout (423)
+
+
+#: Called with each lock event and the seconds the request waited (0 for preemptions).
+LockListener = Callable[[LockEvent, float], None]

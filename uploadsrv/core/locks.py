@@ -11,13 +11,15 @@ the same request, which the holder polls for while it copies; with a coordinator
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .coordination import Coordinator
 from .errors import StorageUnavailable, Superseded, UploadBusy, UploadError
+from .events import LockEvent, LockListener
 from .storage import Storage, UploadLock
 
 T = TypeVar("T")
@@ -28,7 +30,8 @@ CROSS_PROCESS_POLL_SECONDS = 0.2  #: how often a copy checks whether another pro
 class Hold:
     """An exclusive hold on one upload; `run` makes a long body copy preemptible."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_preempt: Callable[[], None]) -> None:
+        self._on_preempt = on_preempt
         self._locks: list[UploadLock] = []
         #: The coordinator lease's fencing token, if there is a coordinator.
         self.fence: int | None = None
@@ -48,6 +51,8 @@ class Hold:
         if self._preempted:
             return
         self._preempted, self._lost = True, lost
+        if not lost:
+            self._on_preempt()
         if self._task is not None:
             self._task.cancel()
 
@@ -111,6 +116,15 @@ class UploadLocks:
         self._timeout = timeout
         self._coordinator = coordinator
         self._slots: dict[tuple[str, int | None], _Slot] = {}
+        self._listeners: list[LockListener] = []
+
+    def subscribe(self, listener: LockListener) -> None:
+        """Tell `listener` about waits, preemptions and timeouts (metrics)."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: LockEvent, seconds: float = 0.0) -> None:
+        for listener in self._listeners:
+            listener(event, seconds)
 
     @asynccontextmanager
     async def hold(
@@ -129,11 +143,16 @@ class UploadLocks:
                 slot.holder.preempt()
             elif slot.lock.locked() and not preempt:
                 raise UploadBusy()
+            busy = slot.lock.locked()
+            started = time.monotonic() if busy else 0.0
             try:
                 async with asyncio.timeout(self._timeout):  # no task per request, as wait_for has
                     await slot.lock.acquire()
             except TimeoutError:
+                self._emit(LockEvent.TIMED_OUT, time.monotonic() - started)
                 raise UploadBusy("another request holds this upload; retry shortly") from None
+            if busy:
+                self._emit(LockEvent.WAITED, time.monotonic() - started)
             try:
                 async with self._cross_process(upload_id, preempt, chunk) as hold:
                     slot.holder = hold
@@ -153,26 +172,31 @@ class UploadLocks:
     async def _cross_process(self, upload_id: str, preempt: bool, chunk: int | None) -> AsyncIterator[Hold]:
         """The coordinator's lease first (its release requests reach the holder at once),
         then the backend's lock, both within one timeout."""
-        hold = Hold()
+        hold = Hold(on_preempt=lambda: self._emit(LockEvent.PREEMPTED))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         async with AsyncExitStack() as held:
-            if self._coordinator is not None:
-                lease = await held.enter_async_context(
-                    self._coordinator.lock(
-                        upload_id,
-                        timeout=self._timeout,
-                        preempt=preempt,
-                        chunk=chunk,
-                        on_preempt=hold.preempt,
+            try:
+                if self._coordinator is not None:
+                    lease = await held.enter_async_context(
+                        self._coordinator.lock(
+                            upload_id,
+                            timeout=self._timeout,
+                            preempt=preempt,
+                            chunk=chunk,
+                            on_preempt=hold.preempt,
+                        )
+                    )
+                    hold.watch(lease)
+                    hold.fence = lease.fence
+                backend_lock = await held.enter_async_context(
+                    self._storage.lock(
+                        upload_id, timeout=max(0.0, deadline - loop.time()), preempt=preempt, chunk=chunk
                     )
                 )
-                hold.watch(lease)
-                hold.fence = lease.fence
-            backend_lock = await held.enter_async_context(
-                self._storage.lock(
-                    upload_id, timeout=max(0.0, deadline - loop.time()), preempt=preempt, chunk=chunk
-                )
-            )
+            except UploadBusy:
+                if preempt:  # without, busy is an answer, not a timeout
+                    self._emit(LockEvent.TIMED_OUT, self._timeout)
+                raise
             hold.watch(backend_lock)
             yield hold

@@ -29,6 +29,7 @@ from uploadsrv.core import errors as e
 from uploadsrv.core.caller import Caller
 from uploadsrv.core.chunks import ChunkSessions, ChunkStatus
 from uploadsrv.core.storage import StoredChunk
+from uploadsrv.exchange import note
 
 from .common import (
     ERROR_STATUS,
@@ -81,6 +82,7 @@ class ChunkProtocol:
 
     def _guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
+            note(protocol="chunks")
             try:
                 response = await handler(request, make_caller(request, "chunks"))
             except e.UploadError as error:

@@ -10,6 +10,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from uploadsrv.exchange import note
+
 from .ietf import IetfProtocol, is_draft_request
 from .tus import TusProtocol
 
@@ -24,8 +26,10 @@ class UploadEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, send)
         if is_draft_request(request):
+            note(protocol="ietf")
             response = await self.ietf.handle(request, send)
         else:
+            note(protocol="tus")
             response = await self.tus.handle(request)
         await response(scope, receive, send)
 
