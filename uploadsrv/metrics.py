@@ -36,7 +36,6 @@ from starlette.responses import Response
 
 from .core import UploadEvent, UploadInfo
 from .core.events import LockEvent
-from .protocols.common import problem
 
 if TYPE_CHECKING:  # the HTTP protocols count connections here, and the exchange imports them
     from .exchange import Exchange
@@ -201,6 +200,8 @@ def _timed_writer(
 
 def endpoint(token: str | None) -> Callable[[Request], Coroutine[Any, Any, Response]]:
     """The scrape endpoint; with `token`, only for `Authorization: Bearer <token>`."""
+    from .protocols.common import problem  # not at the top: the protocols import this module
+
     expected = f"Bearer {token}".encode() if token else None
 
     async def metrics(request: Request) -> Response:

@@ -19,6 +19,7 @@ from uploadsrv.core import errors as e
 from uploadsrv.core.caller import Caller
 from uploadsrv.core.errors import InvalidRequest, UploadError
 from uploadsrv.core.model import UploadInfo
+from uploadsrv.exchange import note
 
 if TYPE_CHECKING:
     from uploadsrv.auth import UrlSigner
@@ -114,6 +115,7 @@ def make_caller(request: Request, protocol: str) -> Caller:
     client = scope.get("client")
     query = scope.get("query_string")
     headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"])
+    note(owner=identity.owner)
     return Caller(
         owner=identity.owner,
         protocol=protocol,
