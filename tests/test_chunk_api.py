@@ -445,14 +445,11 @@ async def test_openapi_description_is_valid_and_covers_the_chunk_api(
     }
 
 
-def events_counted(metrics: str, event: str, protocol: str) -> float:
-    """The value of uploadsrv_upload_events_total for one event and protocol (0 if absent)."""
+def counted(metrics: str, name: str, protocol: str) -> float:
+    """The value of counter `name` for one protocol (0 if absent)."""
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
-            if sample.name == "uploadsrv_upload_events_total" and sample.labels == {
-                "event": event,
-                "protocol": protocol,
-            }:
+            if sample.name == name and sample.labels == {"protocol": protocol}:
                 return sample.value
     return 0.0
 
@@ -467,8 +464,13 @@ async def test_metrics_count_stored_chunks_and_finished_sessions(
     assert (await put_chunk(client, session, 1, piece(data, session, 1))).status_code == 200
     assert (await client.post(session["complete_url"])).status_code == 200
     after = (await client.get(server.url + "/metrics")).text
-    for event, count in (("created", 2), ("chunk", 2), ("completed", 1)):  # created: also the probe
-        assert events_counted(after, event, "chunks") - events_counted(before, event, "chunks") == count
+    expected = {  # created: also the probe
+        "uploadsrv_uploads_created_total": 2,
+        "uploadsrv_chunks_stored_total": 2,
+        "uploadsrv_uploads_finished_total": 1,
+    }
+    for name, count in expected.items():
+        assert counted(after, name, "chunks") - counted(before, name, "chunks") == count
 
 
 async def test_a_session_expired_by_another_instance_is_reported_as_expired(

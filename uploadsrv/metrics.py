@@ -71,6 +71,7 @@ INFORMATIONAL = _counter(
 )
 UPLOADS = {
     UploadEvent.CREATED: _counter("uploadsrv_uploads_created", "Uploads created", ("protocol",)),
+    UploadEvent.CHUNK: _counter("uploadsrv_chunks_stored", "Chunks of chunk sessions stored", ("protocol",)),
     UploadEvent.COMPLETED: _counter("uploadsrv_uploads_finished", "Uploads completed", ("protocol",)),
     UploadEvent.TERMINATED: _counter("uploadsrv_uploads_terminated", "Uploads deleted", ("protocol",)),
     UploadEvent.EXPIRED: _counter("uploadsrv_uploads_expired", "Uploads removed by expiry", ("protocol",)),
