@@ -3,8 +3,11 @@ trusted proxy's header. Missing or bad credentials are a 401 problem with a Bear
 
 from __future__ import annotations
 
+import base64
 import json
+import random
 import signal
+import string
 import time
 from pathlib import Path
 
@@ -224,3 +227,50 @@ def test_bad_auth_settings_end_in_one_line_and_status_2(tmp_path: Path, flags, m
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def _odd_tokens(rng: random.Random) -> list[str]:
+    """Tokens a client or an attacker might send: garbage, odd headers, odd claims (validly signed)."""
+    alphabet = string.ascii_letters + string.digits + "-_.=+/ \t\"'\\,;"
+    now = int(time.time())
+    signed_claims = [
+        {"sub": "alice", "exp": "tomorrow"},
+        {"sub": "alice", "exp": 10**400},
+        {"sub": "alice", "exp": 1e300},
+        {"sub": 42, "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER},
+        {"sub": "", "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER},
+        {"sub": "alice", "exp": now + 60, "aud": {"a": 1}, "iss": ISSUER},
+        {"sub": "alice", "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER, "nbf": now + 3600},
+        {"sub": "alice", "exp": now + 60, "aud": AUDIENCE, "iss": ISSUER, "iat": "yesterday"},
+    ]
+    tokens = [jwt.encode(claims, SECRET, "HS256") for claims in signed_claims]
+    for header in ({"alg": 123}, {"kid": {"x": 1}}, {"alg": "RS256"}, {"alg": "none"}, {"typ": None}):
+        body = base64.urlsafe_b64encode(json.dumps({"sub": "a", "exp": now + 60}).encode()).decode()
+        head = base64.urlsafe_b64encode(json.dumps(header).encode()).decode()
+        tokens.append(f"{head}.{body}.c2ln")
+    for _ in range(40):
+        tokens.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 300))).strip() or "x")
+        parts = [base64.urlsafe_b64encode(rng.randbytes(rng.randint(0, 60))).decode() for _ in range(3)]
+        tokens.append(".".join(parts))
+    return tokens
+
+
+async def test_odd_credentials_and_signatures_never_give_a_5xx(client, jwt_server) -> None:
+    rng = random.Random(14)
+    upload = (await create(client, jwt_server, **bearer(mint()))).headers["location"]
+    bare = upload.split("?")[0]
+    statuses = set()
+    for token in _odd_tokens(rng):
+        for authorization in (f"Bearer {token}", token, f"bearer  {token}"):
+            headers = {**TUS, "Upload-Length": "5", "Authorization": authorization}
+            statuses.add((await client.post(jwt_server.files, headers=headers)).status_code)
+        sig = "".join(rng.choice(string.printable) for _ in range(rng.randint(0, 80)))
+        response = await client.head(bare, params={"sig": sig}, headers=TUS)
+        statuses.add(response.status_code)
+        forged = f"{rng.randint(0, 10**15)}.{token[:40]}.{token[-30:]}"
+        statuses.add((await client.head(bare, params={"sig": forged}, headers=TUS)).status_code)
+    assert statuses <= {401, 404}, statuses
+    for far in (10**400, 1e300):  # validly signed, if odd: accepted, and no overflow
+        token = jwt.encode({"sub": "alice", "exp": far, "aud": AUDIENCE, "iss": ISSUER}, SECRET, "HS256")
+        assert (await create(client, jwt_server, **bearer(token))).status_code == 201
+    assert "Traceback" not in jwt_server.log.read_text()

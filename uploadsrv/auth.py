@@ -177,10 +177,15 @@ class JwtAuth:
         subject = claims.get(self._claim)
         if not isinstance(subject, str) or not subject:
             raise Unauthorized(f"the token has no {self._claim!r} claim", invalid_token=True)
+        self._remember(token, subject, claims["exp"])
+        return subject
+
+    def _remember(self, token: str, subject: str, expires: object) -> None:
+        if not isinstance(expires, int | float) or not 0 < expires < 1e11:  # PyJWT took it; we need not
+            return
         if len(self._verified) >= VERIFIED_CACHE:
             self._verified.clear()
-        self._verified[token] = (subject, float(claims["exp"]) + self._leeway)  # type: ignore[arg-type]
-        return subject
+        self._verified[token] = (subject, float(expires) + self._leeway)
 
     def _decode(self, token: str) -> dict[str, object]:
         """The verified claims, with the key its header names (by `alg`, and `kid` if any)."""
@@ -414,5 +419,8 @@ class AuthMiddleware:
 
 
 async def _refuse(error: UploadError, scope: Scope, receive: Receive, send: Send) -> None:
-    response = error_problem(error, ERROR_STATUS[type(error)], error_headers(error))
+    headers = error_headers(error)
+    if any(name == b"tus-resumable" for name, _ in scope["headers"]):
+        headers["Tus-Resumable"] = "1.0.0"  # tus wants it on every answer
+    response = error_problem(error, ERROR_STATUS[type(error)], headers)
     await response(scope, receive, send)
