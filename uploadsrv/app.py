@@ -28,6 +28,7 @@ from .exchange import ExchangeMiddleware, Observer, route_templates
 from .protocols import chunks, ietf, openapi, tus
 from .protocols.common import Links, problem
 from .protocols.routes import upload_routes
+from .readiness import Readiness
 
 log = logging.getLogger("uploadsrv")
 
@@ -82,6 +83,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    # The coordinator's check joins here (issue 16): readiness.checks["redis"] = ...
+    readiness = Readiness({"storage": storage.check})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await storage.check()
@@ -115,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *chunk_protocol.routes(),
         Route("/openapi.json", openapi.endpoint),
         Route("/healthz", health),
+        Route("/readyz", readiness.endpoint),
     ]
     if settings.metrics:
         routes.append(Route(settings.metrics_path, metrics.endpoint(settings.metrics_token)))
