@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .config import Settings
 from .core.errors import TooManyRequests, Unauthorized, UploadError
 from .core.quotas import OwnerQuotas
-from .protocols.common import ANONYMOUS, ERROR_STATUS, IDENTITY, Identity, error_headers, error_problem
+from .protocols.common import ANONYMOUS, IDENTITY, Identity, error_headers, error_problem, status_of
 
 log = logging.getLogger("uploadsrv.auth")
 
@@ -422,5 +422,5 @@ async def _refuse(error: UploadError, scope: Scope, receive: Receive, send: Send
     headers = error_headers(error)
     if any(name == b"tus-resumable" for name, _ in scope["headers"]):
         headers["Tus-Resumable"] = "1.0.0"  # tus wants it on every answer
-    response = error_problem(error, ERROR_STATUS[type(error)], headers)
+    response = error_problem(error, status_of(error), headers)
     await response(scope, receive, send)

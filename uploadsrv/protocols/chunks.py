@@ -41,6 +41,7 @@ from .common import (
     parse_base64,
     parse_content_digest,
     parse_offset,
+    status_of,
 )
 
 PATH = "/chunks/"
@@ -49,7 +50,7 @@ MAX_JSON = 64 << 10  #: a session's JSON description is small; anything bigger i
 POLL_SECONDS = 5.0
 
 #: A chunk's number on another kind of upload is not a session either.
-STATUS = {**ERROR_STATUS, e.NotAppendable: 404, e.ChecksumMismatch: 400}
+STATUS = {**ERROR_STATUS, e.NotAppendable: 404}
 
 #: The SSE event that tells a watcher how its session ended: a DELETE is "aborted".
 SSE_ENDINGS = {
@@ -86,7 +87,7 @@ class ChunkProtocol:
             try:
                 response = await handler(request, make_caller(request, "chunks"))
             except e.UploadError as error:
-                response = error_problem(error, STATUS.get(type(error), 500), error_headers(error))
+                response = error_problem(error, status_of(error, STATUS), error_headers(error))
             response.headers["Cache-Control"] = "no-store"
             return response
 

@@ -29,36 +29,34 @@ PROBLEM_TYPE = "urn:uploadsrv:problem:"
 #: RFC 9530 digest names, and the names of the same algorithms in the core.
 DIGESTS = {"sha-256": "sha256", "sha-512": "sha512", "md5": "md5", "sha": "sha1", "crc32": "crc32"}
 
-#: Status codes for the core's errors; each protocol overrides what its spec says otherwise.
+#: Status codes for the core's errors, by class: `status_of` takes the entry of an error's
+#: nearest class, so a new error needs an entry only if its middle class's status is not
+#: right for it. Each protocol overrides what its spec says otherwise (tus: 460).
 ERROR_STATUS: dict[type[e.UploadError], int] = {
-    e.InvalidRequest: 400,
+    e.UploadError: 500,
+    e.ClientError: 400,
     e.Unauthorized: 401,
-    e.UnsupportedChecksum: 400,
-    e.LengthConflict: 400,
-    e.ClientDisconnected: 400,
     e.NotAppendable: 403,
     e.UploadNotFound: 404,
-    e.UploadGone: 410,
-    e.OffsetMismatch: 409,
-    e.UploadComplete: 409,
-    e.ChunkConflict: 409,
-    e.ChunksMissing: 409,
-    e.NotReady: 409,
-    e.Superseded: 409,
+    e.Conflict: 409,
+    e.Gone: 410,
     e.TooLarge: 413,
+    e.Retryable: 503,
     e.UploadBusy: 423,
     e.TooManyRequests: 429,
     e.StorageFull: 507,
-    e.StorageUnavailable: 503,
 }
+
+
+def status_of(error: e.UploadError, statuses: Mapping[type[e.UploadError], int] = ERROR_STATUS) -> int:
+    """The status of `error`: the entry of the nearest class along its hierarchy."""
+    return next(statuses[cls] for cls in type(error).__mro__ if cls in statuses)
 
 
 def error_headers(error: e.UploadError) -> dict[str, str]:
     """Headers every protocol adds for an error: when to retry, where the upload really is."""
     headers = {}
-    if isinstance(error, (e.UploadBusy, e.StorageUnavailable)):
-        headers["Retry-After"] = "1"
-    if isinstance(error, e.TooManyRequests):
+    if isinstance(error, e.Retryable):
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, e.Unauthorized):
         headers["WWW-Authenticate"] = error.challenge

@@ -25,7 +25,6 @@ from uploadsrv.core.caller import Caller
 from uploadsrv.uvicorn_protocols import ABORT, INFORMATIONAL
 
 from .common import (
-    ERROR_STATUS,
     PROBLEM_TYPE,
     Links,
     content_length,
@@ -34,6 +33,7 @@ from .common import (
     parse_content_digest,
     parse_offset,
     problem,
+    status_of,
 )
 from .download import download
 from .tus import parse_metadata
@@ -80,8 +80,6 @@ def _versions() -> dict[int, Interop]:
 
 VERSIONS = _versions()
 
-#: The draft has no status of its own for a failed digest; 400 says the request was bad.
-STATUS = {**ERROR_STATUS, e.ChecksumMismatch: 400}
 IANA_TYPES = {
     e.OffsetMismatch: "mismatching-upload-offset",
     e.UploadComplete: "completed-upload",
@@ -241,14 +239,14 @@ class IetfProtocol:
         return http_sf.ser(limit)
 
     async def _error(self, x: _Exchange, error: e.UploadError) -> Response:
-        if x.informed and isinstance(error, (e.StorageUnavailable, e.Superseded, e.ClientDisconnected)):
+        if x.informed and error.resumable:
             await x.abort()  # the client knows where its upload is: let it resume, not give up
             return Response(status_code=503)  # never sent: the connection is gone
         if isinstance(error, (e.OffsetMismatch, e.UploadComplete)) and x.request.path_params.get("upload_id"):
             finished = await self.service.peek(x.request.path_params["upload_id"], x.caller)
             if finished.is_complete:  # a repeated final request: replay the final state
                 return Response(status_code=204, headers=self._state(x.interop, finished))
-        status = STATUS.get(type(error), 500)
+        status = status_of(error)  # a failed digest: 400, the draft has no status of its own
         headers = error_headers(error)
         if isinstance(error, e.OffsetMismatch):
             headers["Upload-Complete"] = "?0"

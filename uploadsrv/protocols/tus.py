@@ -1,8 +1,8 @@
 """tus 1.0.0 with creation, creation-with-upload, creation-defer-length, termination,
 expiration, checksum, checksum-trailer and concatenation.
 
-Each handler reads headers, calls the upload core once, and writes headers back. The
-mapping from core errors to tus status codes lives in `STATUS`, in one place.
+Each handler reads headers, calls the upload core once, and writes headers back. Core
+errors get the statuses of `common.ERROR_STATUS`, with tus's own in `STATUS` (460).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .common import (
     parse_base64,
     parse_offset,
     problem,
+    status_of,
 )
 from .download import download
 
@@ -121,7 +122,7 @@ class TusProtocol:
         return {"HEAD": self.head, "GET": self.get, "PATCH": self.patch, "DELETE": self.delete}.get(method)
 
     def _error(self, error: e.UploadError, headers: dict[str, str] | None = None) -> Response:
-        return error_problem(error, STATUS.get(type(error), 500), {**(headers or {}), **error_headers(error)})
+        return error_problem(error, status_of(error, STATUS), {**(headers or {}), **error_headers(error)})
 
     def _tus_headers(self) -> dict[str, str]:
         return {"Tus-Resumable": VERSION, "Cache-Control": "no-store"}
