@@ -17,15 +17,9 @@ from .caller import Caller
 from .checksums import ALGORITHMS, Checksum, Digester
 from .coordination import Coordinator
 from .errors import (
-    ChecksumMismatch,
     InvalidRequest,
-    LengthConflict,
-    NotAppendable,
     NotReady,
-    OffsetMismatch,
-    TooLarge,
     UploadBusy,
-    UploadComplete,
     UploadGone,
     UploadNotFound,
 )
@@ -34,6 +28,7 @@ from .locks import Hold, UploadLocks
 from .model import UploadInfo, is_upload_id, new_upload_id
 from .pump import pump
 from .quotas import OwnerQuotas
+from .rules import AppendRequest, check_digest, check_length, declared_length, plan_append
 from .storage import Chunked, Concatenating, Presigning, Storage, Writer
 
 log = logging.getLogger("uploadsrv.core")
@@ -184,6 +179,7 @@ class UploadService:
         trailer_checksum: Callable[[], Checksum | None] | None = None,
         progress: Callable[[int], Awaitable[None]] | None = None,
         complete: bool = False,
+        replay_finished: bool = False,
     ) -> UploadInfo:
         """Append `body` at `offset` and return the upload's new state.
 
@@ -193,61 +189,70 @@ class UploadService:
         resumes from there, and `progress` is called with the durable offset every few
         MiB or second while the body streams in. `complete` says this body ends the
         upload: a deferred length becomes the final offset, and a known one must match.
-        An upload already complete at `offset` takes an empty or repeated final request
-        as a replay and answers its final state.
+        An upload already complete at `offset` takes a repeated final request as a replay
+        and answers its final state; with `replay_finished` (the IETF draft), so does any
+        request to a finished upload that would otherwise conflict with it. The rules are
+        `plan_append`; this method does the I/O.
         """
+        ask = AppendRequest(offset, content_length, length, complete, replay_finished)
         async with self.hold(upload_id, caller) as hold:
             info = await self._live(upload_id, caller)
-            if info.is_final:
-                raise NotAppendable("a concatenated upload cannot be appended to")
-            if info.chunk_size is not None:
-                raise NotAppendable("a chunk session takes numbered chunks, not appends")
-            if length is not None and length != info.length:
-                await self._declare_length(info, length)
-            if info.is_complete and offset == info.offset and complete:
-                return info  # a repeated final request: replay, nothing to store
-            if offset != info.offset:
-                raise OffsetMismatch(expected=info.offset, provided=offset)
-            if complete and content_length is not None:
-                await self._declare_length(info, offset + content_length, exact=True)
-            limit = (self.max_size if info.length is None else info.length) - info.offset
-            if info.is_complete and content_length:
-                raise UploadComplete()
-            if content_length is not None and content_length > limit:
-                raise TooLarge(f"body of {content_length} bytes goes past the end of the upload")
-            transactional = checksum is not None or trailer_checksum is not None
-            digester = (
-                Digester({checksum.algorithm} if checksum else set(ALGORITHMS)) if transactional else None
-            )
-            async with self.storage.writer(info, transactional=transactional) as writer:
-                reporter = (
-                    None
-                    if transactional or progress is None
-                    else _ProgressReporter(writer, progress, info.offset)
-                )
-                try:
-                    await hold.run(pump(body, writer, limit=limit, digester=digester, after_write=reporter))
-                except BaseException:
-                    if transactional:
-                        await writer.discard()
-                    else:
-                        info.offset = await writer.commit()
-                        self._after_append(info)
-                    raise
-                if digester is not None:
-                    expected = checksum or (trailer_checksum() if trailer_checksum else None)
-                    if expected is None or not digester.matches(expected):
-                        await writer.discard()
-                        if expected is None:
-                            raise InvalidRequest("the announced checksum trailer did not arrive")
-                        raise ChecksumMismatch()
-                info.offset = await writer.commit()
-            self._after_append(info)
+            plan = plan_append(info, ask, self.max_size)
+            if plan.replay:
+                return info  # a repeated final request: nothing to store
+            if plan.length != info.length:
+                info.length = plan.length
+                await self.storage.update(info)
+            if checksum is not None or trailer_checksum is not None:
+                await self._store_verified(info, body, hold, plan.limit, checksum, trailer_checksum)
+            else:
+                await self._store_streaming(info, body, hold, plan.limit, progress)
             if complete and info.length is None:  # a chunked body ended the upload
                 await self._declare_length(info, info.offset)
         if info.is_complete:
             await self.finish(info)
         return info
+
+    async def _store_verified(
+        self,
+        info: UploadInfo,
+        body: AsyncIterator[bytes],
+        hold: Hold,
+        limit: int,
+        checksum: Checksum | None,
+        trailer_checksum: Callable[[], Checksum | None] | None,
+    ) -> None:
+        """Store `body` only if it matches its checksum; otherwise nothing of it."""
+        digester = Digester({checksum.algorithm} if checksum else set(ALGORITHMS))
+        async with self.storage.writer(info, transactional=True) as writer:
+            try:
+                await hold.run(pump(body, writer, limit=limit, digester=digester))
+                check_digest(digester, checksum or (trailer_checksum() if trailer_checksum else None))
+            except BaseException:
+                await writer.discard()
+                raise
+            info.offset = await writer.commit()
+        self._after_append(info)
+
+    async def _store_streaming(
+        self,
+        info: UploadInfo,
+        body: AsyncIterator[bytes],
+        hold: Hold,
+        limit: int,
+        progress: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
+        """Store `body`, keeping every byte that arrived even if the request breaks off."""
+        async with self.storage.writer(info, transactional=False) as writer:
+            reporter = None if progress is None else _ProgressReporter(writer, progress, info.offset)
+            try:
+                await hold.run(pump(body, writer, limit=limit, digester=None, after_write=reporter))
+            except BaseException:
+                info.offset = await writer.commit()
+                self._after_append(info)
+                raise
+            info.offset = await writer.commit()
+        self._after_append(info)
 
     async def terminate(self, upload_id: str, caller: Caller | None = None) -> None:
         """Delete the upload and its bytes, expired or not; a request writing to it is stopped first."""
@@ -357,7 +362,7 @@ class UploadService:
     ) -> UploadInfo:
         """A new upload's record, its length checked against the limits."""
         if length is not None:
-            self._check_length(length)
+            check_length(length, self.max_size)
         now = self._clock()
         return UploadInfo(
             id=new_upload_id(),
@@ -444,22 +449,9 @@ class UploadService:
             for chunk in await self.storage.stored_chunks(info):
                 info.updated_at = max(info.updated_at, chunk.stored_at)
 
-    def _check_length(self, length: int) -> None:
-        if length < 0:
-            raise InvalidRequest("length must not be negative")
-        if length > self.max_size:
-            raise TooLarge(f"{length} bytes is more than the maximum of {self.max_size}")
-
-    async def _declare_length(self, info: UploadInfo, length: int, *, exact: bool = False) -> None:
-        """Set a deferred length; with `exact`, a known length must equal `length` instead."""
-        if info.length is not None:
-            if exact and info.length == length:
-                return
-            raise LengthConflict(f"the upload's length is already {info.length}, not {length}")
-        self._check_length(length)
-        if length < info.offset:
-            raise LengthConflict(f"{info.offset} bytes are already stored, more than {length}")
-        info.length = length
+    async def _declare_length(self, info: UploadInfo, length: int) -> None:
+        """Set a deferred length once the body showed it."""
+        info.length = declared_length(info.length, length, info.offset, self.max_size)
         await self.storage.update(info)
 
     def _after_append(self, info: UploadInfo) -> None:

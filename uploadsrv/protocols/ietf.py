@@ -204,6 +204,7 @@ class IetfProtocol:
             ),
             progress=progress,
             complete=complete,
+            replay_finished=True,  # a repeated final request answers the final state
         )
 
     def _state(self, interop: Interop, info: UploadInfo, *, describe: bool = False) -> dict[str, str]:
@@ -242,10 +243,6 @@ class IetfProtocol:
         if x.informed and error.resumable:
             await x.abort()  # the client knows where its upload is: let it resume, not give up
             return Response(status_code=503)  # never sent: the connection is gone
-        if isinstance(error, (e.OffsetMismatch, e.UploadComplete)) and x.request.path_params.get("upload_id"):
-            finished = await self.service.peek(x.request.path_params["upload_id"], x.caller)
-            if finished.is_complete:  # a repeated final request: replay the final state
-                return Response(status_code=204, headers=self._state(x.interop, finished))
         status = status_of(error)  # a failed digest: 400, the draft has no status of its own
         headers = error_headers(error)
         if isinstance(error, e.OffsetMismatch):
