@@ -17,6 +17,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def print_report(report: dict, console: Console) -> None:  # type: ignore[type-arg]
+def print_report(report: dict[str, Any], console: Console) -> None:
     summary = Table(title="load test", box=None, show_header=False)
     for key in (
         "ok",

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from .procs import (
 )
 
 TUS = {"Tus-Resumable": "1.0.0"}
+Body = bytes | AsyncIterable[bytes]  #: a request body as httpx takes it
 ROUNDS = 2  #: runs per side for single stream, small requests and S3; the best of each counts
 SMALL_IN_FLIGHT = 8  #: small uploads in flight at a time
 
@@ -82,18 +83,18 @@ async def file_body(path: Path) -> AsyncIterator[bytes]:
             yield block
 
 
-async def sink_upload(http: httpx.AsyncClient, url: str, body: object) -> None:
-    response = await http.put(url + "/", content=body)  # type: ignore[arg-type]
+async def sink_upload(http: httpx.AsyncClient, url: str, body: Body) -> None:
+    response = await http.put(url + "/", content=body)
     response.raise_for_status()
 
 
-async def tus_upload(http: httpx.AsyncClient, url: str, length: int, body: object, done: list[str]) -> None:
+async def tus_upload(http: httpx.AsyncClient, url: str, length: int, body: Body, done: list[str]) -> None:
     """Create + one PATCH with the whole body; the upload's URL goes to `done` for verification."""
     created = await http.post(url + "/files/", headers={**TUS, "Upload-Length": str(length)})
     created.raise_for_status()
     location = created.headers["location"]
     headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
-    response = await http.patch(location, content=body, headers=headers)  # type: ignore[arg-type]
+    response = await http.patch(location, content=body, headers=headers)
     if response.status_code != 204:
         raise RuntimeError(f"PATCH {response.status_code}: {response.text}")
     done.append(location)
@@ -130,7 +131,7 @@ async def verify(http: httpx.AsyncClient, locations: list[str], expect: str) -> 
     locations.clear()
 
 
-async def timed(coroutine_factory, count: int, concurrency: int) -> float:  # type: ignore[no-untyped-def]
+async def timed(coroutine_factory: Callable[[int], Awaitable[object]], count: int, concurrency: int) -> float:
     """Seconds to run `count` operations with at most `concurrency` at a time."""
     semaphore = asyncio.Semaphore(concurrency)
 
@@ -195,8 +196,8 @@ async def single_stream(args: argparse.Namespace, work: Path, at: Servers) -> li
         for _ in range(0, args.single, 1 << 20):
             f.write(os.urandom(1 << 20))
         f.truncate(args.single)
-    with open(big, "rb") as f:
-        big_sha = hashlib.file_digest(f, "sha256").hexdigest()
+    with open(big, "rb") as source:
+        big_sha = hashlib.file_digest(source, "sha256").hexdigest()
     done: list[str] = []
     async with client(2) as http:
 

@@ -133,7 +133,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-instances-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         moto, endpoint = start_moto(work / "moto.log")
-        stack.callback(lambda: (moto.kill(), moto.wait()))
+        stack.callback(moto.wait)
+        stack.callback(moto.kill)  # callbacks run last first: kill, then wait
         s3 = boto3.client("s3", endpoint_url=endpoint, **boto3_credentials())
         redis_url = stack.enter_context(redis_server(work))
         rows = []

@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -59,10 +60,10 @@ class Client:
         self.report = report
         self.trouble = trouble
 
-    async def timed(self, kind: str, method: str, url: str, **kwargs: object) -> httpx.Response:
+    async def timed(self, kind: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
         started = time.perf_counter()
         try:
-            response = await self.http.request(method, url, **kwargs)  # type: ignore[arg-type]
+            response = await self.http.request(method, url, **kwargs)
         finally:
             self.report.record(kind, time.perf_counter() - started)
         if response.status_code >= 400:

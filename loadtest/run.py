@@ -13,7 +13,7 @@ import httpx
 
 from uploadsrv.client import ChunkUploadFailed
 
-from .clients import PROTOCOLS, Trouble
+from .clients import PROTOCOLS, Client, Trouble
 from .procs import cpu_seconds, peak_rss_mb
 from .report import Report
 
@@ -99,7 +99,7 @@ async def _client(
         on_progress(report)
 
 
-async def _verify(protocol, url: str, data: bytes, report: Report) -> None:  # type: ignore[no-untyped-def]
+async def _verify(protocol: Client, url: str, data: bytes, report: Report) -> None:
     """Download what was stored and compare sha256 with what was sent."""
     response = await protocol.timed("download", "GET", url)
     if response.status_code != 200:

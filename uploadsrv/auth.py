@@ -211,7 +211,7 @@ class JwtAuth:
     def _decode_with(self, token: str, key: object, algorithm: str) -> dict[str, object]:
         return jwt.decode(
             token,
-            key,  # type: ignore[arg-type]
+            key,  # type: ignore[arg-type]  # a key PyJWT loaded itself; decode's annotation lists fewer kinds
             algorithms=[algorithm],
             audience=self._audience,
             issuer=self._issuer,

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -85,13 +86,25 @@ SERVE_FLAGS = {
 }
 
 
+def _flag_type(name: str) -> Callable[[str], object]:
+    """The parser of one setting's flag; its error says what a valid value looks like."""
+
+    def parse(text: str) -> object:
+        try:
+            return Settings.parse(name, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
 def _add_settings(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
     defaults = Settings()
     for name, help_text in flags.items():
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            type=lambda text, name=name: Settings.parse(name, text),
+            type=_flag_type(name),
             help=f"{help_text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
         )
 
@@ -154,7 +167,7 @@ def serve_command(args: argparse.Namespace) -> int:
             access_log=settings.access_log,
             proxy_headers=settings.trust_proxy,
             timeout_graceful_shutdown=10,
-            timeout_keep_alive=settings.keep_alive,
+            timeout_keep_alive=math.ceil(settings.keep_alive),  # uvicorn takes whole seconds
         )
     return 0
 

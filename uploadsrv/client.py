@@ -37,7 +37,7 @@ class Source:
     def __init__(self, source: bytes | str | os.PathLike[str]) -> None:
         self._data = memoryview(source) if isinstance(source, bytes) else None
         self._path = None if isinstance(source, bytes) else Path(source)
-        self.size = len(source) if isinstance(source, bytes) else self._path.stat().st_size  # type: ignore[union-attr]
+        self.size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
 
     async def read(self, start: int, end: int) -> memoryview:
         if self._data is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 ENV_PREFIX = "UPLOADSRV_"
 
@@ -123,7 +125,7 @@ class Settings:
     metrics_path: str = "/metrics"
     metrics_token: str | None = None
 
-    _parsers = {  # noqa: RUF012  (a class-level table, not a field)
+    _parsers: ClassVar[dict[str, Callable[[str], object]]] = {
         "port": int,
         "data_dir": Path,
         "tokens_file": Path,
@@ -163,7 +165,7 @@ class Settings:
             if text is not None and text != "":
                 values[f.name] = cls.parse(f.name, text)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]  # each value comes from its field's parser
         settings.base_path = "/" + settings.base_path.strip("/") + "/"
         if not settings.auth:  # a proxy naming the owner is what --owner-header always meant
             settings.auth = "header" if settings.owner_header else "none"

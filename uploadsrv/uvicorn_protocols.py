@@ -159,7 +159,7 @@ class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        self._trailers = _start_trailers(self.scope)  # type: ignore[arg-type]
+        self._trailers = _start_trailers(self.scope)  # type: ignore[arg-type]  # uvicorn's TypedDict scope
         if self.cycle is not None and self.cycle.scope is self.scope:
             _with_informational(self.cycle, _encode_raw)
             _buffer_body_as_blocks(self.cycle)
@@ -181,10 +181,11 @@ class H11UploadProtocol(_CountsConnections, H11Protocol):
         def next_event_with_extensions() -> Any:
             event = next_event()
             if isinstance(event, h11.EndOfMessage) and event.headers and self.cycle is not None:
-                trailers = _start_trailers(self.scope)  # type: ignore[arg-type]
+                trailers = _start_trailers(self.scope)  # type: ignore[arg-type]  # uvicorn's TypedDict scope
                 trailers.extend((name.lower(), value) for name, value in event.headers)
             return event
 
+        # h11 has no hook for trailers: its connection's next_event is the seam.
         self.conn.next_event = next_event_with_extensions  # type: ignore[method-assign]
 
     def handle_events(self) -> None:

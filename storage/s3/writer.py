@@ -57,6 +57,7 @@ def split(blocks: Sequence[bytes], count: int) -> tuple[list[bytes], list[bytes]
         block = rest.pop(0)
         if len(block) > count:
             view = memoryview(block)
+            # Slices of a memoryview, not copies; everything downstream takes any buffer.
             head.append(view[:count])  # type: ignore[arg-type]
             rest.insert(0, view[count:])  # type: ignore[arg-type]
             break
@@ -95,7 +96,7 @@ class PartWriter:
         self._tail_pending = state.tail_size > 0  # the tail moves into the spool on first write
         self._original_tail = state.tail_key  # deleted by commit once no longer named
         self._in_flight: set[asyncio.Task[Part]] = set()
-        self._failure: Exception | None = None
+        self._failure: BaseException | None = None
 
     async def _filling(self) -> Spool:
         if self._spool is None:
@@ -145,7 +146,7 @@ class PartWriter:
     def _collect(self, done: set[asyncio.Task[Part]]) -> None:
         for task in done:
             if task.exception() is not None:
-                self._failure = self._failure or task.exception()  # type: ignore[assignment]
+                self._failure = self._failure or task.exception()
             else:
                 self._new_parts.append(task.result())
 

@@ -193,7 +193,7 @@ class RedisCoordinator:
                 await task
         await self._client.aclose()
 
-    async def script(self, name: str, keys: list[str], args: list[object]) -> int:
+    async def script(self, name: str, keys: list[str], args: list[str | int | float]) -> int:
         """Run one of the scripts; an unreachable Redis is StorageUnavailable (503)."""
         try:
             return int(await self._scripts[name](keys=keys, args=args))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,7 +12,8 @@ from .errors import InvalidRequest, UnsupportedChecksum
 
 
 class _Hash(Protocol):
-    digest_size: int
+    @property
+    def digest_size(self) -> int: ...
 
     def update(self, data: bytes, /) -> None: ...
     def digest(self) -> bytes: ...
@@ -32,7 +34,7 @@ class _Crc32:
         return self._value.to_bytes(4, "big")
 
 
-ALGORITHMS = {
+ALGORITHMS: dict[str, Callable[[], _Hash]] = {
     "sha1": hashlib.sha1,
     "md5": hashlib.md5,
     "sha256": hashlib.sha256,

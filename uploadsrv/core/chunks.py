@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -118,7 +118,7 @@ class ChunkSessions:
         self,
         session_id: str,
         number: int,
-        body: AsyncIterator[bytes],
+        body: AsyncIterable[bytes],
         *,
         caller: Caller | None = None,
         content_length: int | None = None,

@@ -65,7 +65,7 @@ class Hold:
             work.close()
             raise self._stopped()
         task = asyncio.ensure_future(work)
-        self._task = task  # type: ignore[assignment]
+        self._task = task
         self._poll_later()
         try:
             await asyncio.wait({task})

@@ -101,7 +101,7 @@ class UploadInfo:
     @classmethod
     def from_record(cls, record: dict[str, object], offset: int) -> UploadInfo:
         fields = {k: v for k, v in record.items() if k in _RECORD_FIELDS}
-        return cls(**fields, offset=offset)  # type: ignore[arg-type]
+        return cls(**fields, offset=offset)  # type: ignore[arg-type]  # a stored record has these fields' types
 
 
 #: The stored fields, in both directions: `offset` comes from the bytes, `stored_state` from the backend.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from .checksums import Digester
@@ -21,7 +21,7 @@ class Sink(Protocol):
 
 
 async def pump(
-    body: AsyncIterator[bytes],
+    body: AsyncIterable[bytes],
     writer: Sink,
     *,
     limit: int,

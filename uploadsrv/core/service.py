@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from .caller import Caller
@@ -170,7 +170,7 @@ class UploadService:
         self,
         upload_id: str,
         offset: int,
-        body: AsyncIterator[bytes],
+        body: AsyncIterable[bytes],
         *,
         caller: Caller | None = None,
         content_length: int | None = None,
@@ -216,7 +216,7 @@ class UploadService:
     async def _store_verified(
         self,
         info: UploadInfo,
-        body: AsyncIterator[bytes],
+        body: AsyncIterable[bytes],
         hold: Hold,
         limit: int,
         checksum: Checksum | None,
@@ -237,7 +237,7 @@ class UploadService:
     async def _store_streaming(
         self,
         info: UploadInfo,
-        body: AsyncIterator[bytes],
+        body: AsyncIterable[bytes],
         hold: Hold,
         limit: int,
         progress: Callable[[int], Awaitable[None]] | None,
@@ -372,7 +372,7 @@ class UploadService:
             protocol=caller.protocol if caller else "tus",
             created_at=now,
             updated_at=now,
-            **kind,  # type: ignore[arg-type]
+            **kind,  # type: ignore[arg-type]  # the callers' keyword arguments, passed through
         )
 
     def _permits(self, caller: Caller | None, info: UploadInfo) -> bool:

@@ -17,6 +17,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeGuard
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -117,7 +118,7 @@ class ChunkProtocol:
             sha256=sha256.lower() if sha256 else None,
         )
         body = self._session(request, ChunkStatus(info, []))
-        return JSONResponse(body, 201, headers={"Location": body["url"]})
+        return JSONResponse(body, 201, headers={"Location": str(body["url"])})
 
     async def status(self, request: Request, caller: Caller) -> Response:
         status = await self.sessions.status(request.path_params["session_id"], caller)
@@ -243,7 +244,7 @@ class ChunkProtocol:
         return self.links.upload(request, self.base_path + info.id, info)
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -200,6 +200,7 @@ def parse_content_digest(header: str | None) -> Checksum | None:
     except (http_sf.StructuredFieldError, ValueError):
         raise InvalidRequest("Content-Digest is not a structured dictionary") from None
     for name in ("sha-512", "sha-256", "sha", "md5", "crc32"):
-        if name in digests and isinstance(digests[name][0], bytes):
-            return Checksum(DIGESTS[name], digests[name][0])
+        member = digests.get(name) if isinstance(digests, dict) else None
+        if isinstance(member, tuple) and isinstance(member[0], bytes):
+            return Checksum(DIGESTS[name], member[0])
     raise e.UnsupportedChecksum("no supported algorithm in Content-Digest (use sha-256)")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import http_sf
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Send
@@ -225,7 +227,7 @@ class IetfProtocol:
         """`Upload-Limit`, a structured dictionary (6+); the age is what is left for `info`."""
         if interop.limit_age_key is None:
             return None
-        limit: dict[str, int] = {"max-size": self.service.max_size}
+        limit: dict[str, Any] = {"max-size": self.service.max_size}  # http_sf's item union
         if self.service.expiry is not None:
             expires = self.service.expires_at(info) if info is not None else None
             age = (
@@ -281,9 +283,10 @@ class _Exchange:
                 raise e.InvalidRequest(f"{name.title()} is required")
             return False
         try:
-            value, _ = http_sf.parse(raw.encode(), tltype="item")
+            parsed = http_sf.parse(raw.encode(), tltype="item")
         except (http_sf.StructuredFieldError, ValueError):
-            value = None
+            parsed = None
+        value = parsed[0] if isinstance(parsed, tuple) else None
         if not isinstance(value, bool):
             raise e.InvalidRequest(f"{name.title()} must be ?0 or ?1")
         return not value if self.interop.incomplete_header else value
@@ -310,6 +313,6 @@ class _Exchange:
             await self._send({"type": ABORT})
 
 
-def _whole_in_one(headers: object, offset: int, complete: bool) -> str | None:
+def _whole_in_one(headers: Headers, offset: int, complete: bool) -> str | None:
     """`Repr-Digest` covers the whole upload; it can be checked when one request carries it all."""
-    return headers.get("repr-digest") if offset == 0 and complete else None  # type: ignore[attr-defined]
+    return headers.get("repr-digest") if offset == 0 and complete else None
