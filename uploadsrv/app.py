@@ -25,6 +25,7 @@ from .core.chunks import ChunkSessions
 from .core.quotas import LocalCounters, OwnerQuotas
 from .exchange import REQUEST_ID_HEADER as REQUEST_ID
 from .exchange import ExchangeMiddleware, Observer, route_templates
+from .logs import AccessLog
 from .protocols import chunks, ietf, openapi, tus
 from .protocols.common import Links, problem
 from .protocols.routes import upload_routes
@@ -56,7 +57,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         quotas=quotas,
     )
     on_start: list[Observer] = []
-    observers: list[Observer] = []
+    observers: list[Observer] = [AccessLog(every_request=settings.access_log)]
     if settings.metrics:
         on_start.append(metrics.exchange_started)
         metrics.instrument(storage)

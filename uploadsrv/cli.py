@@ -78,7 +78,8 @@ SERVE_FLAGS = {
     "workers": "worker processes",
     "http": "HTTP implementation: httptools or h11",
     "log_level": "debug, info, warning or error",
-    "access_log": "log every request (true/false)",
+    "log_format": "json (one object per line) or text (for a terminal)",
+    "access_log": "log every request (true/false); 4xx and 5xx are always logged",
     "keep_alive": "seconds an idle connection stays open; keep it above your load balancer's idle timeout",
     "metrics": "serve Prometheus metrics (true/false)",
     "metrics_path": "URL path of the metrics",
@@ -126,7 +127,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .backend import MissingDependency, require_backend
-    from .logs import configure
+    from .logs import FORMATS, configure
 
     problem = untested_uvicorn(uvicorn.__version__)
     if problem:
@@ -134,6 +135,8 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.http not in PROTOCOL_CLASSES:
         sys.exit(f"uploadsrv: --http must be one of {', '.join(PROTOCOL_CLASSES)}")
+    if settings.log_format not in FORMATS:
+        sys.exit(f"uploadsrv: --log-format must be one of {', '.join(FORMATS)}")
     try:
         require_backend(settings)
     except MissingDependency as missing:
@@ -163,8 +166,8 @@ def serve_command(args: argparse.Namespace) -> int:
             workers=settings.workers,
             http=PROTOCOL_CLASSES[settings.http],
             loop="uvloop",
-            log_config=configure(settings.log_level),
-            access_log=settings.access_log,
+            log_config=configure(settings.log_level, settings.log_format),
+            access_log=False,  # uploadsrv's own access log has the request's fields
             proxy_headers=settings.trust_proxy,
             timeout_graceful_shutdown=10,
             timeout_keep_alive=math.ceil(settings.keep_alive),  # uvicorn takes whole seconds

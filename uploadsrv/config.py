@@ -114,6 +114,8 @@ class Settings:
     #: uvicorn HTTP implementation: 'httptools' (fast, C) or 'h11' (pure Python).
     http: str = "httptools"
     log_level: str = "info"
+    #: 'json' (one object per line, for collectors) or 'text' (for a terminal).
+    log_format: str = "json"
     access_log: bool = False
     #: Seconds an idle keep-alive connection stays open. Longer than clients' pools and
     #: load balancers keep theirs (AWS ALB: 60 s), so the other side always closes first:
