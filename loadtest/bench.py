@@ -1,312 +1,411 @@
-"""Benchmark: uploadsrv against the limits of this machine, as ratios to a bare sink.
+"""Benchmark: uploadsrv against the bare limit of this machine and against its peers.
 
-    python -m uploadsrv.loadtest.bench [--single 1G] [--streams 64] [--stream-size 16M]
-        [--small 1000] [--no-s3]
+    python -m uploadsrv.loadtest.bench [--single 1G] [--sequential 64 --sequential-size 4M]
+        [--streams 64 --stream-size 16M] [--small 2000 --connections 32] [--rounds 3]
+        [--servers NAME,...] [--no-extra] [--no-s3] [--json out.json]
 
-In one run, on one machine: (1) one upload in a single request, (2) many concurrent uploads,
-(3) create + 1 KiB append pairs per second, each against a bare sink (loadtest/sink.py:
-reads the body, writes and fsyncs it, on the same uvicorn stack and disk); (4) S3 against
-boto3 directly on the same moto endpoint. Every upload through uploadsrv is verified.
-Small requests are also sent to a tus responder that stores nothing (the client shares
-the cores, so that rate is the most any tus server can show here), and to uploadsrv as
-one request each (creation-with-upload), the way most clients send a small file.
+Every server gets the same requests in the same run, taking turns, and each figure is the
+median of `--rounds`: the bare sink (`loadtest/sink.py`: a socket, a thread per connection,
+`recv_into`, `pwrite`, `fdatasync` before the answer), the same sink behind uvicorn, a sink
+that stores nothing (what the clients reach alone), `@tus/server` with `@tus/file-store`
+(Node; installed from `loadtest/peers/package-lock.json` on first use) and `tuspyserver`
+(the `bench` extra), and uploadsrv. Large uploads are sent by curl, one process per upload;
+small ones by a lean keep-alive client (`loadtest/lean.py`). Server CPU and peak RSS come
+from /proc, the clients' CPU from their own accounting. Every upload through uploadsrv is
+downloaded and compared by sha256 afterwards, outside the timed part.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import json
 import os
+import resource
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from uploadsrv.config import parse_size
 
-from .bench_s3 import compare, uploadsrv_flags
-from .procs import (
-    boto3_credentials,
-    cpu_seconds,
-    free_port,
-    peak_rss_mb,
-    spawned_server,
-    start_moto,
-    start_uploadsrv,
-    wait_until_up,
-)
+from . import lean, servers
+from .procs import peak_rss_mb
+from .servers import PEERS, SINK, UPLOADSRV, Server
 
-TUS = {"Tus-Resumable": "1.0.0"}
-Body = bytes | AsyncIterable[bytes]  #: a request body as httpx takes it
-ROUNDS = 2  #: runs per side for single stream, small requests and S3; the best of each counts
-SMALL_IN_FLIGHT = 8  #: small uploads in flight at a time
-
-
-def start_sink(directory: Path | None) -> tuple[subprocess.Popen[bytes], str]:
-    """The bare sink writing into `directory`; without one, the tus responder that stores nothing."""
-    port = free_port()
-    env = dict(os.environ)
-    if directory is None:
-        env.pop("SINK_DIR", None)
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        env["SINK_DIR"] = str(directory)
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "uploadsrv.loadtest.sink:app",
-        "--port",
-        str(port),
-        "--http",
-        "httptools",
-    ]
-    command += ["--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
-    process = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(url + "/", process)
-    return process, url
-
-
-async def file_body(path: Path) -> AsyncIterator[bytes]:
-    with open(path, "rb") as f:
-        while block := await asyncio.to_thread(f.read, 1 << 20):
-            yield block
-
-
-async def sink_upload(http: httpx.AsyncClient, url: str, body: Body) -> None:
-    response = await http.put(url + "/", content=body)
-    response.raise_for_status()
-
-
-async def tus_upload(http: httpx.AsyncClient, url: str, length: int, body: Body, done: list[str]) -> None:
-    """Create + one PATCH with the whole body; the upload's URL goes to `done` for verification."""
-    created = await http.post(url + "/files/", headers={**TUS, "Upload-Length": str(length)})
-    created.raise_for_status()
-    location = created.headers["location"]
-    headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
-    response = await http.patch(location, content=body, headers=headers)
-    if response.status_code != 204:
-        raise RuntimeError(f"PATCH {response.status_code}: {response.text}")
-    done.append(location)
-
-
-async def tus_upload_in_one(http: httpx.AsyncClient, url: str, body: bytes, done: list[str]) -> None:
-    """The whole upload in its creation request (tus creation-with-upload), as tus-js-client
-    with `uploadDataDuringCreation` and iOS 17's URLSession (the IETF draft) send small files."""
-    headers = {
-        **TUS,
-        "Upload-Length": str(len(body)),
-        "Content-Type": "application/offset+octet-stream",
-    }
-    created = await http.post(url + "/files/", headers=headers, content=body)
-    if created.status_code != 201 or created.headers["upload-offset"] != str(len(body)):
-        raise RuntimeError(f"POST {created.status_code}: {created.text}")
-    done.append(created.headers["location"])
-
-
-async def verify(http: httpx.AsyncClient, locations: list[str], expect: str) -> None:
-    """Outside the timed part: every stored upload must have the sha256 of what was sent.
-
-    Verified uploads are deleted, so each measurement starts from the same disk, as the
-    sink's does (this VM's disk writes a new file slower while earlier ones remain).
-    """
-    for location in locations:
-        digest = hashlib.sha256()
-        async with http.stream("GET", location) as download:
-            async for block in download.aiter_bytes(1 << 20):
-                digest.update(block)
-        if digest.hexdigest() != expect:
-            raise RuntimeError(f"{location} is corrupted")
-        (await http.delete(location, headers=TUS)).raise_for_status()
-    locations.clear()
-
-
-async def timed(coroutine_factory: Callable[[int], Awaitable[object]], count: int, concurrency: int) -> float:
-    """Seconds to run `count` operations with at most `concurrency` at a time."""
-    semaphore = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> None:
-        async with semaphore:
-            await coroutine_factory(i)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(count)))
-    return time.perf_counter() - started
-
-
-async def best_of_rounds(*runs: Callable[[], Awaitable[float]]) -> list[float]:
-    """The fastest of ROUNDS runs of each, the runs taking turns, so a noisy machine (it
-    only ever slows a run down) weighs on all alike."""
-    best = [float("inf")] * len(runs)
-    for _ in range(ROUNDS):
-        for i, run in enumerate(runs):
-            best[i] = min(best[i], await run())
-    return best
-
-
-def client(connections: int) -> httpx.AsyncClient:
-    """A client whose pool holds at most `connections`, so connections left over from one
-    measurement never weigh on another: httpx checks every pooled connection on every
-    request (a socket poll each), which costs it more CPU than many servers do."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(timeout=600, limits=limits)
-
-
-async def local_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
-    sink, sink_url = start_sink(work / "sink")
-    echo, echo_url = start_sink(None)
-    try:
-        with spawned_server("local", work / "srv") as (url, pid):
-            servers = Servers(sink.pid, sink_url, echo_url, pid, url)
-            return [
-                *await single_stream(args, work, servers),
-                *await many_streams(args, work, servers),
-                *await small_uploads(args, work, servers),
-            ]
-    finally:
-        for process in (sink, echo):
-            process.kill()
-            process.wait()
+GiB = 1 << 30
+CURL = ["curl", "-s", "-S", "-H", "Expect:", "-w", "%{http_code}\n"]
+APPEND = ["-X", "PATCH", "-H", "Tus-Resumable: 1.0.0", "-H", "Upload-Offset: 0"]
+APPEND += ["-H", "Content-Type: application/offset+octet-stream"]
 
 
 @dataclass
-class Servers:
-    """The processes one local benchmark run measures."""
+class Figure:
+    """One measurement of one server: how long, and what it cost."""
 
-    sink_pid: int
-    sink_url: str
-    echo_url: str  #: the tus responder that stores nothing
-    pid: int
-    url: str
+    seconds: float
+    amount: float  #: bytes, or uploads for small requests
+    server_cpu: float
+    client_cpu: float
+    rss_mb: float
 
-
-async def single_stream(args: argparse.Namespace, work: Path, at: Servers) -> list[tuple[str, str, str, str]]:
-    big = work / "single.bin"
-    with open(big, "wb") as f:
-        for _ in range(0, args.single, 1 << 20):
-            f.write(os.urandom(1 << 20))
-        f.truncate(args.single)
-    with open(big, "rb") as source:
-        big_sha = hashlib.file_digest(source, "sha256").hexdigest()
-    done: list[str] = []
-    async with client(2) as http:
-
-        async def sink_single() -> float:
-            seconds = await timed(lambda i: sink_upload(http, at.sink_url, file_body(big)), 1, 1)
-            _clear(work / "sink")
-            return seconds
-
-        async def ours_single() -> float:
-            seconds = await timed(lambda i: tus_upload(http, at.url, args.single, file_body(big), done), 1, 1)
-            await verify(http, done, big_sha)
-            return seconds
-
-        sink_s, ours_s = await best_of_rounds(sink_single, ours_single)
-    big.unlink()
-    return [_row("single stream", args.single / sink_s, args.single / ours_s, 0.9, "MB/s")]
+    @property
+    def rate(self) -> float:
+        return self.amount / self.seconds
 
 
-async def many_streams(args: argparse.Namespace, work: Path, at: Servers) -> list[tuple[str, str, str, str]]:
-    stream = os.urandom(args.stream_size)
-    stream_sha = hashlib.sha256(stream).hexdigest()
-    total = args.streams * args.stream_size
-    done: list[str] = []
-    async with client(args.streams) as http:
-        sink_s = await timed(lambda i: sink_upload(http, at.sink_url, stream), args.streams, args.streams)
-    _clear(work / "sink")
-    rss_before = peak_rss_mb(at.pid)
-    async with client(args.streams) as http:
-        ours_s = await timed(
-            lambda i: tus_upload(http, at.url, args.stream_size, stream, done), args.streams, args.streams
-        )
-        await verify(http, done, stream_sha)
-    return [
-        _row(f"{args.streams} streams", total / sink_s, total / ours_s, 0.8, "MB/s"),
-        ("  server peak RSS", f"{max(rss_before, peak_rss_mb(at.pid)):.0f} MB", "", "< 100 MB"),
+@dataclass
+class Outcome:
+    amount: float  #: bytes, or uploads
+    client_cpu: float  #: seconds
+    paths: list[bytes]  #: the uploads made, for verification
+
+
+@dataclass
+class Scenario:
+    name: str
+    unit: str  #: "MB/s" or "/s"
+    run: Callable[[Server], Awaitable[Outcome]]
+    target_sink: float | None = None
+    target_peer: float | None = None
+    cpu_target: float | None = None  #: s/GiB or ms per upload
+    only: tuple[str, ...] = ()  #: empty: every server
+    figures: dict[str, Figure] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.files: dict[int, Path] = {}
+
+    # -- inputs ------------------------------------------------------------------
+
+    def file(self, size: int) -> Path:
+        """A file of `size` random bytes (made once, outside any timing)."""
+        if size not in self.files:
+            path = self.work / f"input-{size}"
+            with open(path, "wb") as f:
+                for start in range(0, size, 1 << 20):
+                    f.write(os.urandom(min(1 << 20, size - start)))
+            self.files[size] = path
+        return self.files[size]
+
+    # -- the scenarios -------------------------------------------------------------
+
+    async def single(self, server: Server, *extra: str) -> Outcome:
+        """One upload of `--single` bytes in one PATCH."""
+        size = self.args.single
+        paths = await _create(server, size, 1)
+        return Outcome(size, (await _curl(self._appends(paths, size, server, *extra)))[0], paths)
+
+    async def single_checksum(self, server: Server) -> Outcome:
+        with open(self.file(self.args.single), "rb") as f:
+            digest = base64.b64encode(hashlib.file_digest(f, "sha1").digest()).decode()
+        return await self.single(server, "-H", f"Upload-Checksum: sha1 {digest}")
+
+    async def single_ietf(self, server: Server) -> Outcome:
+        """The whole file in one IETF draft POST, as iOS sends it; 104s report progress."""
+        size = self.args.single
+        headers = ["-H", "Upload-Draft-Interop-Version: 6", "-H", "Upload-Complete: ?1", "-D", "-"]
+        command = [*CURL, *headers, "-X", "POST", "-T", str(self.file(size))]
+        # -T appends the file's name to a URL ending in "/": name the request target instead
+        command += ["-o", "/dev/null", "--request-target", "/files/", f"{server.url}/files/new"]
+        cpu, out = await _curl([command], expect=("201",))
+        locations = [line.split(b":", 1)[1].strip() for line in out if line.lower().startswith(b"location:")]
+        return Outcome(size, cpu, [lean.path_of(locations[-1])])
+
+    async def sequential(self, server: Server) -> Outcome:
+        """`--sequential` PATCHes of `--sequential-size` one after another on one connection."""
+        size, count = self.args.sequential_size, self.args.sequential
+        paths = await _create(server, size, count)
+        command = [*CURL, *APPEND, "-o", "/dev/null"]
+        for path in paths:
+            command += ["-T", str(self.file(size)), server.url + path.decode()]
+        return Outcome(size * count, (await _curl([command], count=count))[0], paths)
+
+    async def streams(self, server: Server) -> Outcome:
+        """`--streams` concurrent PATCHes of `--stream-size`, a curl process each."""
+        size, count = self.args.stream_size, self.args.streams
+        paths = await _create(server, size, count)
+        return Outcome(size * count, (await _curl(self._appends(paths, size, server)))[0], paths)
+
+    async def chunks(self, server: Server) -> Outcome:
+        """The chunk API: the `--single` file as chunks of 8 MiB, 4 at a time."""
+        chunk = 8 << 20
+        count = max(1, self.args.single // chunk)
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            created = await http.post("/chunks/", json={"size": chunk * count, "chunk_size": chunk})
+            session = created.raise_for_status().json()
+            command = [*CURL, "--parallel", "--parallel-max", "4", "-X", "PUT"]
+            for n in range(1, count + 1):
+                url = session["chunk_url_template"].replace("{n}", str(n))
+                command += ["-o", "/dev/null", "-T", str(self.file(chunk)), url]
+            cpu, _ = await _curl([command], count=count, expect=("201",))
+            done = (await http.post(session["complete_url"])).raise_for_status().json()
+        return Outcome(chunk * count, cpu, [lean.path_of(done["upload_url"].encode())])
+
+    async def pairs(self, server: Server) -> Outcome:
+        """`--small` uploads as create + 1 KiB PATCH, over `--connections` connections."""
+        return await self._small(server, lean.tus_pair)
+
+    async def in_one(self, server: Server) -> Outcome:
+        """`--small` uploads of 1 KiB, each in its creation request."""
+        return await self._small(server, lean.tus_in_one)
+
+    async def _small(
+        self, server: Server, upload: Callable[[lean.Connection, bytes], Awaitable[bytes]]
+    ) -> Outcome:
+        body = self.small_body
+        remaining = iter(range(self.args.small))
+        paths: list[bytes] = []
+
+        async def work(connection: lean.Connection) -> None:
+            for _ in remaining:
+                paths.append(await upload(connection, body))
+
+        connections = [await lean.Connection.open(server.url) for _ in range(self.args.connections)]
+        started = time.process_time()
+        await asyncio.gather(*(work(c) for c in connections))
+        cpu = time.process_time() - started
+        for connection in connections:
+            await connection.close()
+        return Outcome(self.args.small, cpu, paths)
+
+    def _appends(self, paths: list[bytes], size: int, server: Server, *extra: str) -> list[list[str]]:
+        source = str(self.file(size))
+        return [
+            [*CURL, *APPEND, *extra, "-o", "/dev/null", "-T", source, server.url + p.decode()] for p in paths
+        ]
+
+    # -- running -------------------------------------------------------------------
+
+    @property
+    def small_body(self) -> bytes:
+        return self.file(1024).read_bytes()
+
+    async def measure(self, scenario: Scenario, server: Server) -> Figure:
+        await asyncio.sleep(0)
+        server.reset_peak_rss()
+        cpu_before = server.cpu()
+        started = time.perf_counter()
+        outcome = await scenario.run(server)
+        seconds = time.perf_counter() - started
+        cpu = server.cpu() - cpu_before
+        figure = Figure(seconds, outcome.amount, cpu, outcome.client_cpu, peak_rss_mb(server.pid))
+        # uploadsrv: every upload downloaded and compared, then deleted through its API;
+        # the others: their data directory emptied.
+        if server.name == UPLOADSRV:
+            await verify_uploadsrv(server, outcome.paths, self.expected_digests())
+        else:
+            server.clear()
+        return figure
+
+    def expected_digests(self) -> dict[int, str]:
+        digests = {}
+        for size, path in self.files.items():
+            with open(path, "rb") as f:
+                digests[size] = hashlib.file_digest(f, "sha256").hexdigest()
+        chunk = self.files.get(8 << 20)
+        if chunk is not None:
+            count = max(1, self.args.single // (8 << 20))
+            digest = hashlib.sha256()
+            block = chunk.read_bytes()
+            for _ in range(count):
+                digest.update(block)
+            digests[count * (8 << 20)] = digest.hexdigest()
+        return digests
+
+
+async def _create(server: Server, size: int, count: int) -> list[bytes]:
+    connection = await lean.Connection.open(server.url)
+    try:
+        return [await lean.create(connection, size) for _ in range(count)]
+    finally:
+        await connection.close()
+
+
+async def _curl(
+    commands: list[list[str]], count: int = 1, expect: tuple[str, ...] = ("204", "200")
+) -> tuple[float, list[bytes]]:
+    """Run the curl commands at once; returns their CPU seconds and the last one's output
+    lines. Each must answer `expect` `count` times."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    processes = [
+        await asyncio.create_subprocess_exec(*c, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for c in commands
     ]
+    lines: list[bytes] = []
+    for process in processes:
+        out, err = await process.communicate()
+        lines = out.splitlines()
+        codes = [line.strip() for line in lines if line.strip().isdigit()]
+        if process.returncode != 0 or len([c for c in codes if c.decode() in expect]) != count:
+            raise RuntimeError(f"curl: exit {process.returncode}, answers {codes[:8]}, {err.decode()[:300]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), lines
 
 
-async def small_uploads(args: argparse.Namespace, work: Path, at: Servers) -> list[tuple[str, str, str, str]]:
-    """Create + 1 KiB append pairs, `SMALL_IN_FLIGHT` at a time, each server with a client of its own."""
-    small = os.urandom(1024)
-    small_sha = hashlib.sha256(small).hexdigest()
-    cpu = {at.sink_pid: 0.0, at.pid: 0.0}  #: server CPU seconds over every small run
-    done: list[str] = []
-    async with (
-        client(SMALL_IN_FLIGHT) as to_sink,
-        client(SMALL_IN_FLIGHT) as to_ours,
-        client(SMALL_IN_FLIGHT) as to_echo,
-    ):
+async def verify_uploadsrv(server: Server, paths: list[bytes], digests: dict[int, str]) -> None:
+    """Each upload must have the sha256 of what was sent; then it is deleted."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+        for path in paths:
+            digest = hashlib.sha256()
+            async with http.stream("GET", path.decode()) as download:
+                if download.status_code != 200:
+                    raise RuntimeError(f"GET {path!r}: {download.status_code}")
+                size = int(download.headers["content-length"])
+                async for block in download.aiter_bytes(1 << 20):
+                    digest.update(block)
+            if digests.get(size) != digest.hexdigest():
+                raise RuntimeError(f"uploadsrv's upload {path!r} ({size} bytes) is corrupted")
+            (await http.delete(path.decode(), headers={"Tus-Resumable": "1.0.0"})).raise_for_status()
 
-        async def sink_small() -> float:
-            started = cpu_seconds(at.sink_pid)
-            seconds = await timed(
-                lambda i: sink_upload(to_sink, at.sink_url, small), args.small, SMALL_IN_FLIGHT
-            )
-            cpu[at.sink_pid] += cpu_seconds(at.sink_pid) - started
-            _clear(work / "sink")
-            return seconds
 
-        async def ours_small() -> float:
-            started = cpu_seconds(at.pid)
-            seconds = await timed(
-                lambda i: tus_upload(to_ours, at.url, 1024, small, done), args.small, SMALL_IN_FLIGHT
-            )
-            cpu[at.pid] += cpu_seconds(at.pid) - started
-            await verify(to_ours, done, small_sha)
-            return seconds
-
-        async def nothing_stored() -> float:
-            return await timed(
-                lambda i: tus_upload(to_echo, at.echo_url, 1024, small, []), args.small, SMALL_IN_FLIGHT
-            )
-
-        async def ours_in_one() -> float:
-            seconds = await timed(
-                lambda i: tus_upload_in_one(to_ours, at.url, small, done), args.small, SMALL_IN_FLIGHT
-            )
-            await verify(to_ours, done, small_sha)
-            return seconds
-
-        sink_s, ours_s, echo_s, one_s = await best_of_rounds(
-            sink_small, ours_small, nothing_stored, ours_in_one
-        )
-    per_upload = {p: 1000 * seconds / (ROUNDS * args.small) for p, seconds in cpu.items()}
-    return [
-        _row("small uploads", args.small / sink_s, args.small / ours_s, 0.5, "/s", scale=1),
-        (
-            "  tus, nothing stored",
-            f"{args.small / echo_s:,.1f} /s",
-            "",
-            f"{sink_s / echo_s:.2f} (this client's ceiling)",
+def scenarios(bench: Bench, args: argparse.Namespace) -> list[Scenario]:
+    single = (
+        f"{args.single / GiB:g} GiB in one PATCH" if args.single >= GiB else f"{args.single} B in one PATCH"
+    )
+    listed = [
+        Scenario(single, "MB/s", bench.single, 0.9, 1.3, 0.6),
+        Scenario(
+            f"{args.sequential} x {_size(args.sequential_size)} PATCHes, one connection",
+            "MB/s",
+            bench.sequential,
+            0.8,
         ),
-        (
-            "  each in one request",
-            f"{args.small / one_s:,.1f} /s",
-            "",
-            f"{sink_s / one_s:.2f} (creation-with-upload)",
+        Scenario(f"{args.streams} concurrent {_size(args.stream_size)} PATCHes", "MB/s", bench.streams, 0.9),
+        Scenario(
+            f"{args.small} x (create + 1 KiB PATCH), {args.connections} connections",
+            "/s",
+            bench.pairs,
+            0.5,
+            2.0,
+            0.5,
         ),
-        (
-            "  server CPU per pair",
-            f"{per_upload[at.pid]:.2f} ms",
-            f"{per_upload[at.sink_pid]:.2f} ms (sink)",
-            "",
-        ),
+        Scenario(f"{args.small} x 1 KiB creation-with-upload", "/s", bench.in_one, 0.5, 2.0, 0.5),
     ]
+    if not args.no_extra:  # uploadsrv's other paths, against the sink's single upload
+        only = (UPLOADSRV,)
+        listed += [
+            Scenario(single + " with Upload-Checksum (sha1)", "MB/s", bench.single_checksum, only=only),
+            Scenario(single.replace("PATCH", "IETF POST, 104s"), "MB/s", bench.single_ietf, only=only),
+            Scenario("chunk API, 8 MiB chunks, 4 at a time", "MB/s", bench.chunks, only=only),
+        ]
+    return listed
 
 
-def s3_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str, str]]:
+async def run_all(args: argparse.Namespace, work: Path, console: Console) -> list[Scenario]:
+    started: list[Server] = []
+    try:
+        for name in args.servers:
+            server = servers.start(name, work / "data", work / f"{name.replace('/', '_')}.log")
+            if isinstance(server, str):
+                console.print(f"[yellow]skipped {name}: {server}[/yellow]")
+            else:
+                started.append(server)
+        bench = Bench(args, work)
+        listed = scenarios(bench, args)
+        for scenario in listed:
+            runs: dict[str, list[Figure]] = {}
+            for _ in range(args.rounds):
+                for server in started:  # taking turns, so noise weighs on all alike
+                    if scenario.only and server.name not in scenario.only:
+                        continue
+                    runs.setdefault(server.name, []).append(await bench.measure(scenario, server))
+            scenario.figures = {name: _median(figures) for name, figures in runs.items()}
+            console.print(
+                f"{scenario.name}: "
+                + ", ".join(f"{n} {_rate(f, scenario.unit)}" for n, f in scenario.figures.items())
+            )
+        for scenario in listed[len(listed) - 3 :] if not args.no_extra else []:
+            reference = listed[0].figures.get(SINK)
+            if reference is not None:  # the extra paths are compared with the sink's single upload
+                scenario.figures.setdefault(SINK, reference)
+        return listed
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _size(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):g} {unit}"
+    return f"{size} B"
+
+
+def _median(figures: list[Figure]) -> Figure:
+    """The run of median duration (its CPU and RSS with it), so figures stay one run's."""
+    ordered = sorted(figures, key=lambda f: f.seconds)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _rate(figure: Figure, unit: str) -> str:
+    return f"{figure.rate / 1e6:,.0f}" if unit == "MB/s" else f"{figure.rate:,.0f}"
+
+
+def _cpu(figure: Figure, unit: str, client: bool = False) -> str:
+    seconds = figure.client_cpu if client else figure.server_cpu
+    if unit == "MB/s":
+        return f"{seconds / (figure.amount / GiB):.2f}"
+    return f"{1000 * seconds / figure.amount:.2f}"
+
+
+def table(listed: list[Scenario], names: list[str]) -> Table:
+    result = Table(title=f"uploadsrv benchmark ({os.cpu_count()} cores, medians)", box=box.MARKDOWN)
+    for column in ("measure", *names, "vs sink", "vs best peer"):
+        result.add_column(column, justify="left" if column == "measure" else "right")
+    for s in listed:
+        ours = s.figures.get(UPLOADSRV)
+        sink = s.figures.get(SINK)
+        peers = [s.figures[p].rate for p in PEERS if p in s.figures and p not in s.only]
+        vs_sink = _ratio(ours, sink.rate if sink else None, s.target_sink)
+        vs_peer = _ratio(ours, max(peers) if peers else None, s.target_peer)
+        cells = [_rate(s.figures[n], s.unit) if n in s.figures else "" for n in names]
+        result.add_row(f"{s.name}, {s.unit}", *cells, vs_sink, vs_peer)
+        per = "s/GiB" if s.unit == "MB/s" else "ms/upload"
+        cpu_cells = [_cpu(s.figures[n], s.unit) if n in s.figures else "" for n in names]
+        mark = ""
+        if ours is not None and s.cpu_target is not None:
+            ok = float(_cpu(ours, s.unit)) <= s.cpu_target
+            mark = f"(<= {s.cpu_target}, {'ok' if ok else 'below'})"
+        result.add_row(f"  server CPU, {per}", *cpu_cells, mark, "")
+        result.add_row(
+            f"  client CPU, {per}",
+            *[_cpu(s.figures[n], s.unit, True) if n in s.figures else "" for n in names],
+        )
+        result.add_row(
+            "  server peak RSS, MB", *[f"{s.figures[n].rss_mb:.0f}" if n in s.figures else "" for n in names]
+        )
+    return result
+
+
+def _ratio(ours: Figure | None, baseline: float | None, target: float | None) -> str:
+    if ours is None or not baseline:
+        return ""
+    ratio = ours.rate / baseline
+    if target is None:
+        return f"{ratio:.2f}"
+    return f"{ratio:.2f} (>= {target}, {'ok' if ratio >= target else 'below'})"
+
+
+def s3_row(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """S3: the same uploads to one moto endpoint, with boto3's own multipart transfer and
+    through uploadsrv (httpx tus client, as `bench_s3`)."""
     import boto3
+
+    from .bench_s3 import compare, uploadsrv_flags
+    from .procs import boto3_credentials, start_moto, start_uploadsrv
 
     source = work / "s3.bin"
     source.write_bytes(os.urandom(args.s3_size))
@@ -316,82 +415,75 @@ def s3_figures(args: argparse.Namespace, work: Path) -> list[tuple[str, str, str
         client = boto3.client("s3", endpoint_url=endpoint, **boto3_credentials())
         client.create_bucket(Bucket="bench")
         server, url = start_uploadsrv(work / "s3srv.log", *uploadsrv_flags(endpoint, work / "s3data"))
-        direct_s, ours_s = compare(client, url, source, args.s3_uploads, ROUNDS)
-        total = args.s3_size * args.s3_uploads
-        return [
-            _row(
-                f"S3 ({args.s3_uploads} uploads)",
-                total / direct_s,
-                total / ours_s,
-                0.8,
-                "MB/s",
-                against="boto3",
-            )
-        ]
+        direct_s, ours_s = compare(client, url, source, args.s3_uploads, args.rounds)
     finally:
         for process in (server, moto):
             if process is not None:
                 process.kill()
                 process.wait()
-
-
-def _row(
-    name: str,
-    baseline: float,
-    ours: float,
-    target: float,
-    unit: str,
-    scale: float = 1e6,
-    against: str = "sink",
-) -> tuple[str, str, str, str]:
-    ratio = ours / baseline
-    mark = "ok" if ratio >= target else "below"
-    return (
-        name,
-        f"{ours / scale:,.1f} {unit}",
-        f"{baseline / scale:,.1f} {unit} ({against})",
-        f"{ratio:.2f} (>= {target}, {mark})",
-    )
-
-
-def _clear(directory: Path) -> None:
-    for path in directory.iterdir():
-        path.unlink()
+    total = args.s3_size * args.s3_uploads
+    return {
+        "boto3_mb_s": total / direct_s / 1e6,
+        "uploadsrv_mb_s": total / ours_s / 1e6,
+        "ratio": direct_s / ours_s,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--single", type=parse_size, default=parse_size("1G"), help="size of the single-stream upload"
-    )
+    size = parse_size
+    parser.add_argument("--single", type=size, default=size("1G"), help="size of the one-PATCH upload")
+    parser.add_argument("--sequential", type=int, default=64)
+    parser.add_argument("--sequential-size", type=size, default=size("4M"))
     parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--stream-size", type=parse_size, default=parse_size("16M"))
-    parser.add_argument("--small", type=int, default=1000, help="how many 1 KiB uploads per run")
-    parser.add_argument("--s3-uploads", type=int, default=16)
-    parser.add_argument("--s3-size", type=parse_size, default=parse_size("64M"))
+    parser.add_argument("--stream-size", type=size, default=size("16M"))
+    parser.add_argument("--small", type=int, default=2000, help="small uploads per run")
+    parser.add_argument(
+        "--connections", type=int, default=32, help="keep-alive connections for small uploads"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server; the median counts")
+    parser.add_argument(
+        "--servers",
+        type=lambda text: [name.strip() for name in text.split(",")],
+        default=list(servers.ALL),
+        help=f"which to run, of: {', '.join(servers.ALL)}",
+    )
+    parser.add_argument("--no-extra", action="store_true", help="skip checksum, IETF and chunk API rows")
     parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--s3-uploads", type=int, default=16)
+    parser.add_argument("--s3-size", type=size, default=size("64M"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    console = Console(width=250)
     with tempfile.TemporaryDirectory(prefix="bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
-        rows = asyncio.run(local_figures(args, work))
-        if not args.no_s3:
-            rows += s3_figures(args, work)
-    table = Table(title=f"uploadsrv benchmark ({os.cpu_count()} cores)", box=None)
-    for column in ("measure", "uploadsrv", "baseline", "ratio (target)"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                [dict(zip(("measure", "uploadsrv", "baseline", "ratio"), r, strict=True)) for r in rows],
-                indent=2,
-            )
+        listed = asyncio.run(run_all(args, work, console))
+        s3 = None if args.no_s3 else s3_row(args, work)
+    names = [n for n in args.servers if any(n in s.figures for s in listed)]
+    console.print(table(listed, names))
+    if s3 is not None:
+        mark = "ok" if s3["ratio"] >= 0.9 else "below"
+        console.print(
+            f"S3, {args.s3_uploads} concurrent {args.s3_size >> 20} MiB uploads to moto: "
+            f"uploadsrv {s3['uploadsrv_mb_s']:.0f} MB/s, boto3 {s3['boto3_mb_s']:.0f} MB/s: "
+            f"{s3['ratio']:.2f} (>= 0.9, {mark})"
         )
+    if args.json:
+        report = {
+            "args": {k: v for k, v in vars(args).items() if k != "json"},
+            "scenarios": [
+                {
+                    "name": s.name,
+                    "unit": s.unit,
+                    "figures": {n: asdict(f) | {"rate": f.rate} for n, f in s.figures.items()},
+                }
+                for s in listed
+            ],
+            "s3": s3,
+        }
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

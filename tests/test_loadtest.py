@@ -106,3 +106,25 @@ def test_a_server_that_corrupts_bytes_fails_the_load_test(tmp_path):
         process.wait()
     assert code == 1
     assert not report["ok"] and report["corrupted"] == 6
+
+
+def test_the_benchmark_runs_every_server_and_verifies_uploadsrv(tmp_path):
+    """The benchmark harness on tiny sizes, so it cannot rot: every scenario measured on
+    every server (uploadsrv's uploads verified by sha256 inside), figures in the JSON."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "uploadsrv.loadtest.bench", "--json", str(out), "--no-s3"]
+    command += ["--servers", "answers only,sink,sink (uvicorn),@tus/server,uploadsrv", "--rounds", "1"]
+    command += ["--single", "9M", "--sequential", "3", "--sequential-size", "100K", "--streams", "3"]
+    command += ["--stream-size", "300K", "--small", "20", "--connections", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    by_name = {s["name"]: s["figures"] for s in report["scenarios"]}
+    assert len(by_name) == 8
+    everyone = {"answers only", "sink", "sink (uvicorn)", "@tus/server", "uploadsrv"}
+    for name, figures in list(by_name.items())[:5]:
+        assert set(figures) == everyone, name
+        assert all(f["rate"] > 0 and f["server_cpu"] >= 0 and f["rss_mb"] > 0 for f in figures.values())
+    for name, figures in list(by_name.items())[5:]:  # uploadsrv only, beside the sink's single upload
+        assert set(figures) == {"sink", "uploadsrv"}, name
+    assert "vs sink" in result.stdout and "uploadsrv" in result.stdout

@@ -1,0 +1,113 @@
+"""The servers one benchmark run measures side by side, each on its own port and data
+directory: the bare sink (and the same sink behind uvicorn, and one that stores nothing),
+the peers `@tus/server` and `tuspyserver`, and uploadsrv."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .procs import cpu_seconds, free_port
+
+PEERS_DIR = Path(__file__).parent / "peers"
+STARTUP_SECONDS = 60
+
+ANSWERS_ONLY = "answers only"
+SINK = "sink"
+SINK_ASGI = "sink (uvicorn)"
+TUS_NODE = "@tus/server"
+TUSPY = "tuspyserver"
+UPLOADSRV = "uploadsrv"
+ALL = (ANSWERS_ONLY, SINK, SINK_ASGI, TUS_NODE, TUSPY, UPLOADSRV)
+PEERS = (TUS_NODE, TUSPY)
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    data: Path  #: its data directory, emptied between runs (uploadsrv's through its API)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def reset_peak_rss(self) -> None:
+        """Start VmHWM afresh, so each measurement reports its own peak."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("5")
+
+    def clear(self) -> None:
+        for entry in os.scandir(self.data):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def start(name: str, work: Path, log: Path) -> Server | str:
+    """Start server `name`; a string says why it cannot run here."""
+    data = work / name.replace("/", "_").replace(" ", "_")
+    data.mkdir(parents=True)
+    port = free_port()
+    command = _command(name, port, data)
+    if isinstance(command, str):
+        return command
+    env = {**os.environ, "TUSPY_DIR": str(data)}
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=out, env=env, cwd=PEERS_DIR)
+    _wait_for_port(port, process, log)
+    return Server(name, process, f"http://127.0.0.1:{port}", data)
+
+
+def _command(name: str, port: int, data: Path) -> list[str] | str:
+    python = [sys.executable, "-m"]
+    if name in (ANSWERS_ONLY, SINK, SINK_ASGI):
+        command = [*python, "uploadsrv.loadtest.sink", "--port", str(port)]
+        if name != ANSWERS_ONLY:
+            command += ["--dir", str(data)]
+        return command + (["--asgi"] if name == SINK_ASGI else [])
+    if name == UPLOADSRV:
+        return [*python, "uploadsrv", "serve", "--port", str(port), "--data-dir", str(data)]
+    if name == TUSPY:
+        try:
+            import tuspyserver  # noqa: F401
+        except ImportError:
+            return "tuspyserver is not installed (pip install -e '.[bench]')"
+        uvicorn = [*python, "uvicorn", "tuspy_app:app", "--port", str(port), "--http", "httptools"]
+        return [*uvicorn, "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+    if name == TUS_NODE:
+        if shutil.which("node") is None or shutil.which("npm") is None:
+            return "node and npm are not on the PATH"
+        if not (PEERS_DIR / "node_modules" / "@tus" / "file-store").is_dir():
+            install = ["npm", "ci", "--no-audit", "--no-fund", "--loglevel", "error"]
+            subprocess.run(install, cwd=PEERS_DIR, check=True, timeout=600)
+        return ["node", str(PEERS_DIR / "tus_node.mjs"), str(port), str(data)]
+    raise ValueError(f"unknown server {name!r}; known: {', '.join(ALL)}")
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}; see {log}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open in {STARTUP_SECONDS}s; see {log}")
