@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +41,7 @@ from uploadsrv.config import parse_size
 
 from . import lean, servers
 from .procs import peak_rss_mb
-from .servers import PEERS, SINK, UPLOADSRV, Server
+from .servers import COMPARED, PEERS, SINK, UPLOADSRV, Server
 
 GiB = 1 << 30
 CURL = ["curl", "-s", "-S", "-H", "Expect:", "-w", "%{http_code}\n"]
@@ -168,10 +169,13 @@ class Bench:
         body = self.small_body
         remaining = iter(range(self.args.small))
         paths: list[bytes] = []
+        deadline = time.monotonic() + self.args.small_seconds
 
         async def work(connection: lean.Connection) -> None:
             for _ in remaining:
                 paths.append(await upload(connection, body))
+                if time.monotonic() > deadline:  # a slow server: what it did by then counts
+                    return
 
         connections = [await lean.Connection.open(server.url) for _ in range(self.args.connections)]
         started = time.process_time()
@@ -179,7 +183,7 @@ class Bench:
         cpu = time.process_time() - started
         for connection in connections:
             await connection.close()
-        return Outcome(self.args.small, cpu, paths)
+        return Outcome(len(paths), cpu, paths)
 
     def _appends(self, paths: list[bytes], size: int, server: Server, *extra: str) -> list[list[str]]:
         source = str(self.file(size))
@@ -204,7 +208,7 @@ class Bench:
         figure = Figure(seconds, outcome.amount, cpu, outcome.client_cpu, peak_rss_mb(server.pid))
         # uploadsrv: every upload downloaded and compared, then deleted through its API;
         # the others: their data directory emptied.
-        if server.name == UPLOADSRV:
+        if server.name in (UPLOADSRV, COMPARED):
             await verify_uploadsrv(server, outcome.paths, self.expected_digests())
         else:
             server.clear()
@@ -295,7 +299,7 @@ def scenarios(bench: Bench, args: argparse.Namespace) -> list[Scenario]:
         Scenario(f"{args.small} x 1 KiB creation-with-upload", "/s", bench.in_one, 0.5, 2.0, 0.5),
     ]
     if not args.no_extra:  # uploadsrv's other paths, against the sink's single upload
-        only = (UPLOADSRV,)
+        only = (UPLOADSRV, COMPARED)
         listed += [
             Scenario(single + " with Upload-Checksum (sha1)", "MB/s", bench.single_checksum, only=only),
             Scenario(single.replace("PATCH", "IETF POST, 104s"), "MB/s", bench.single_ietf, only=only),
@@ -307,8 +311,12 @@ def scenarios(bench: Bench, args: argparse.Namespace) -> list[Scenario]:
 async def run_all(args: argparse.Namespace, work: Path, console: Console) -> list[Scenario]:
     started: list[Server] = []
     try:
-        for name in args.servers:
-            server = servers.start(name, work / "data", work / f"{name.replace('/', '_')}.log")
+        names = list(args.servers)
+        if args.compare:
+            names.insert(names.index(UPLOADSRV) if UPLOADSRV in names else len(names), COMPARED)
+        for name in names:
+            python = args.compare if name == COMPARED else sys.executable
+            server = servers.start(name, work / "data", work / f"{name.replace('/', '_')}.log", python)
             if isinstance(server, str):
                 console.print(f"[yellow]skipped {name}: {server}[/yellow]")
             else:
@@ -363,7 +371,8 @@ def _cpu(figure: Figure, unit: str, client: bool = False) -> str:
 
 def table(listed: list[Scenario], names: list[str]) -> Table:
     result = Table(title=f"uploadsrv benchmark ({os.cpu_count()} cores, medians)", box=box.MARKDOWN)
-    for column in ("measure", *names, "vs sink", "vs best peer"):
+    extra = ["vs compared"] if COMPARED in names else []
+    for column in ("measure", *names, "vs sink", "vs best peer", *extra):
         result.add_column(column, justify="left" if column == "measure" else "right")
     for s in listed:
         ours = s.figures.get(UPLOADSRV)
@@ -372,7 +381,9 @@ def table(listed: list[Scenario], names: list[str]) -> Table:
         vs_sink = _ratio(ours, sink.rate if sink else None, s.target_sink)
         vs_peer = _ratio(ours, max(peers) if peers else None, s.target_peer)
         cells = [_rate(s.figures[n], s.unit) if n in s.figures else "" for n in names]
-        result.add_row(f"{s.name}, {s.unit}", *cells, vs_sink, vs_peer)
+        compared = s.figures.get(COMPARED)
+        vs_compared = [_ratio(ours, compared.rate if compared else None, None)] if extra else []
+        result.add_row(f"{s.name}, {s.unit}", *cells, vs_sink, vs_peer, *vs_compared)
         per = "s/GiB" if s.unit == "MB/s" else "ms/upload"
         cpu_cells = [_cpu(s.figures[n], s.unit) if n in s.figures else "" for n in names]
         mark = ""
@@ -443,12 +454,20 @@ def main() -> None:
     parser.add_argument(
         "--connections", type=int, default=32, help="keep-alive connections for small uploads"
     )
+    parser.add_argument(
+        "--small-seconds", type=float, default=10, help="a small-upload run ends after this, done or not"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="runs per server; the median counts")
     parser.add_argument(
         "--servers",
         type=lambda text: [name.strip() for name in text.split(",")],
         default=list(servers.ALL),
         help=f"which to run, of: {', '.join(servers.ALL)}",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="PYTHON",
+        help="also run the uploadsrv that this interpreter imports (another checkout's venv), for A/B",
     )
     parser.add_argument("--no-extra", action="store_true", help="skip checksum, IETF and chunk API rows")
     parser.add_argument("--no-s3", action="store_true")
@@ -461,7 +480,7 @@ def main() -> None:
         work = Path(tmp)
         listed = asyncio.run(run_all(args, work, console))
         s3 = None if args.no_s3 else s3_row(args, work)
-    names = [n for n in args.servers if any(n in s.figures for s in listed)]
+    names = [n for n in [*args.servers, COMPARED] if any(n in s.figures for s in listed)]
     console.print(table(listed, names))
     if s3 is not None:
         mark = "ok" if s3["ratio"] >= 0.9 else "below"

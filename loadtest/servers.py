@@ -24,6 +24,7 @@ SINK_ASGI = "sink (uvicorn)"
 TUS_NODE = "@tus/server"
 TUSPY = "tuspyserver"
 UPLOADSRV = "uploadsrv"
+COMPARED = "uploadsrv (compared)"  #: uploadsrv from another checkout's interpreter (`--compare`)
 ALL = (ANSWERS_ONLY, SINK, SINK_ASGI, TUS_NODE, TUSPY, UPLOADSRV)
 PEERS = (TUS_NODE, TUSPY)
 
@@ -59,12 +60,12 @@ class Server:
         self.process.wait()
 
 
-def start(name: str, work: Path, log: Path) -> Server | str:
-    """Start server `name`; a string says why it cannot run here."""
-    data = work / name.replace("/", "_").replace(" ", "_")
+def start(name: str, work: Path, log: Path, python: str = sys.executable) -> Server | str:
+    """Start server `name` (uploadsrv with `python`); a string says why it cannot run here."""
+    data = work / "".join(c if c.isalnum() else "_" for c in name)
     data.mkdir(parents=True)
     port = free_port()
-    command = _command(name, port, data)
+    command = _command(name, port, data, python)
     if isinstance(command, str):
         return command
     env = {**os.environ, "TUSPY_DIR": str(data)}
@@ -74,15 +75,15 @@ def start(name: str, work: Path, log: Path) -> Server | str:
     return Server(name, process, f"http://127.0.0.1:{port}", data)
 
 
-def _command(name: str, port: int, data: Path) -> list[str] | str:
+def _command(name: str, port: int, data: Path, interpreter: str) -> list[str] | str:
     python = [sys.executable, "-m"]
     if name in (ANSWERS_ONLY, SINK, SINK_ASGI):
         command = [*python, "uploadsrv.loadtest.sink", "--port", str(port)]
         if name != ANSWERS_ONLY:
             command += ["--dir", str(data)]
         return command + (["--asgi"] if name == SINK_ASGI else [])
-    if name == UPLOADSRV:
-        return [*python, "uploadsrv", "serve", "--port", str(port), "--data-dir", str(data)]
+    if name in (UPLOADSRV, COMPARED):
+        return [interpreter, "-m", "uploadsrv", "serve", "--port", str(port), "--data-dir", str(data)]
     if name == TUSPY:
         try:
             import tuspyserver  # noqa: F401
