@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,7 @@ from uploadsrv.core.errors import (
     UploadNotFound,
 )
 from uploadsrv.core.model import UploadInfo, is_upload_id
-from uploadsrv.core.storage import Orphan, StoredChunk
+from uploadsrv.core.storage import Hasher, Orphan, Readable, StoredChunk
 
 T = TypeVar("T")
 
@@ -56,6 +57,9 @@ MAX_CHUNK = 5 << 30
 LOCK_POLL_SECONDS = 0.02  #: how often a waiter retries a lock held by another process
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 SMALL_WRITE = 64 << 10  #: a write smaller than this waits for the next one or the commit
+RECEIVE_BUFFER = 1 << 20  #: bytes per read when a disk thread reads a body itself
+
+_buffers = threading.local()  #: one receive buffer per disk thread, reused by every request
 
 
 def _storage_error(exc: OSError) -> Exception:
@@ -317,6 +321,13 @@ class _Writing:
         if self._held_size >= SMALL_WRITE:
             await self._run(self._file.write, self._take_held())
 
+    async def receive(
+        self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
+    ) -> int:
+        """The storage `Receiving`: the body read on the disk thread, as the bare sink does."""
+        self._held.extend(held)
+        return await self._run(self._file.receive, self._take_held(), source, count, hasher, seconds)
+
     def _take_held(self) -> list[bytes]:
         held, self._held, self._held_size = self._held, [], 0
         return held
@@ -398,7 +409,42 @@ def _close_result(done: asyncio.Future[T], close: Callable[[T], object]) -> None
             close(done.result())
 
 
-class _FileWriter:
+class _Positioned:
+    """A file written at a moving position, from blocks or straight from a `Readable`."""
+
+    _fd: int
+    _position: int
+
+    def write(self, blocks: Sequence[bytes]) -> None:
+        self._position = _pwrite_all(self._fd, blocks, self._position)
+
+    def receive(
+        self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
+    ) -> int:
+        self.write(held)
+        buffer = getattr(_buffers, "view", None)
+        if buffer is None:
+            buffer = _buffers.view = memoryview(bytearray(RECEIVE_BUFFER))
+        deadline = time.monotonic() + seconds
+        received = 0
+        while received < count:
+            try:
+                got = source.readinto(buffer[: min(RECEIVE_BUFFER, count - received)])
+            except BlockingIOError:
+                break
+            if not got:
+                break
+            block = buffer[:got]
+            if hasher is not None:
+                hasher.update([block])
+            self._position = _pwrite_all(self._fd, (block,), self._position)
+            received += got
+            if time.monotonic() >= deadline:
+                break
+        return received
+
+
+class _FileWriter(_Positioned):
     """Writes blocks with pwritev at the upload's offset, or to ``staging`` when transactional."""
 
     def __init__(self, path: str, offset: int, transactional: bool) -> None:
@@ -414,9 +460,6 @@ class _FileWriter:
         else:
             self._fd = os.open(self._staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._position = 0
-
-    def write(self, blocks: Sequence[bytes]) -> None:
-        self._position = _pwrite_all(self._fd, blocks, self._position)
 
     def commit(self, blocks: Sequence[bytes] = ()) -> int:
         """Write `blocks` (the held small writes), then make everything written durable."""
@@ -453,16 +496,13 @@ class _FileWriter:
             _remove_file(self._staging)
 
 
-class _ChunkFile:
+class _ChunkFile(_Positioned):
     """Writes one chunk at its place in ``assembly``; `commit` records it."""
 
     def __init__(self, path: str, offset: int) -> None:
         self._path = path
         self._fd = os.open(f"{path}/assembly", os.O_WRONLY | os.O_CREAT, 0o644)
         self._position = offset
-
-    def write(self, blocks: Sequence[bytes]) -> None:
-        self._position = _pwrite_all(self._fd, blocks, self._position)
 
     def commit(self, chunk: StoredChunk, blocks: Sequence[bytes] = ()) -> None:
         """Bytes first (with `blocks`, the held small writes), then every name that leads

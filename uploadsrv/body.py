@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from starlette.types import Receive, Scope
 
 from .core.errors import ClientDisconnected
+from .socket_body import SOCKET_BODY, SocketReader
 from .uvicorn_protocols import TRAILERS
 
 
@@ -34,6 +35,15 @@ class RequestBody:
                 yield chunk
             if not message.get("more_body", False):
                 return
+
+    def start_direct(self) -> tuple[bytes, SocketReader] | None:
+        """The core's `DirectBody`: the rest of a large body straight from the socket,
+        when the HTTP server offers it (plain TCP, Content-Length; see `socket_body`)."""
+        direct = self._scope.get("extensions", {}).get(SOCKET_BODY)
+        return None if direct is None else direct.start()
+
+    def finish_direct(self) -> None:
+        self._scope["extensions"][SOCKET_BODY].finish()
 
     def trailer(self, name: str) -> str | None:
         """A trailer field, available once the body has been read to its end."""

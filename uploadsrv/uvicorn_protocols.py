@@ -30,10 +30,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
+import httptools
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .metrics import OPEN_CONNECTIONS
+from .socket_body import MIN_LENGTH, SOCKET_BODY, SocketBody
 
 TRAILERS = "uploadsrv.trailers"
 INFORMATIONAL = "http.response.informational"
@@ -149,13 +151,20 @@ class _CountsConnections(asyncio.Protocol):
 
 
 class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
-    """llhttp reports trailer fields through `on_header` after the headers are complete."""
+    """llhttp reports trailer fields through `on_header` after the headers are complete.
+
+    A large body may be read straight from the socket (`SocketBody`), so this protocol
+    counts the body bytes its parser has seen, and starts a fresh parser after a body it
+    did not see.
+    """
 
     _trailers: list[tuple[bytes, bytes]] | None = None
+    body_bytes_parsed = 0
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._trailers = None
+        self.body_bytes_parsed = 0
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -163,6 +172,32 @@ class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
         if self.cycle is not None and self.cycle.scope is self.scope:
             _with_informational(self.cycle, _encode_raw)
             _buffer_body_as_blocks(self.cycle)
+            length = self._direct_length()
+            if length is not None:
+                self.scope.setdefault("extensions", {})[SOCKET_BODY] = SocketBody(self, self.cycle, length)
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes_parsed += len(body)
+        super().on_body(body)
+
+    def _direct_length(self) -> int | None:
+        """The Content-Length of a body that may bypass the parser: plain TCP, not
+        pipelined behind another request, no Transfer-Encoding, at least MIN_LENGTH."""
+        if self.pipeline or self.transport.get_extra_info("sslcontext") is not None:
+            return None
+        length = None
+        for name, value in self.headers:
+            if name == b"transfer-encoding":
+                return None
+            if name == b"content-length":
+                length = int(value) if value.isdigit() else None
+        return length if length is not None and length >= MIN_LENGTH else None
+
+    def body_read_directly(self) -> None:
+        """The rest of the current body was read past the parser: parse afresh from the
+        next request on, with uvicorn's own parser settings."""
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._trailers is None:

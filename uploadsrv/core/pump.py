@@ -4,20 +4,48 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .checksums import Digester
-from .errors import TooLarge
+from .errors import ClientDisconnected, TooLarge
+from .storage import Receiving
 
 #: Bytes collected before one hand-off to the writer. At most two batches per request
 #: are in memory: one being written while the next one fills, so disk and network overlap.
 BATCH_BYTES = 512 << 10
+#: A body read on the writer's thread comes back to the event loop after this many bytes
+#: or seconds, whichever first: for progress reports and preemption.
+SEGMENT_BYTES = 4 << 20
+SEGMENT_SECONDS = 1.0
 
 
 class Sink(Protocol):
     """Where pumped bytes go: a storage writer, or nowhere when only the digest counts."""
 
     async def write(self, blocks: Sequence[bytes]) -> None: ...
+
+
+class BodyReader(Protocol):
+    """The unread rest of a body, read on a storage thread (see `Readable`)."""
+
+    gone: bool  #: the client went away before the end
+    complete: bool  #: every byte of the body was read
+
+    def readinto(self, view: memoryview, /) -> int: ...
+    def stop(self) -> None: ...
+    async def wait_readable(self) -> None: ...
+
+
+@runtime_checkable
+class DirectBody(Protocol):
+    """A body whose bytes can be taken straight from the connection by a storage thread,
+    without a hop through the event loop per block (see `uploadsrv.socket_body`)."""
+
+    def start_direct(self) -> tuple[bytes, BodyReader] | None:
+        """What the HTTP server buffered, and a reader for the rest; None: iterate instead."""
+
+    def finish_direct(self) -> None:
+        """The copy is over, however it ended: the HTTP server takes the connection back."""
 
 
 async def pump(
@@ -35,6 +63,13 @@ async def pump(
     to the writer before this returns or raises, so the caller can commit it.
     `after_write` runs with the batch's size after each batch is written (progress).
     """
+    if isinstance(writer, Receiving) and isinstance(body, DirectBody):
+        started = body.start_direct()
+        if started is not None:
+            try:
+                return await _pump_directly(*started, writer, limit, digester, after_write)
+            finally:
+                body.finish_direct()
     copied = 0
     batch: list[bytes] = []
     batch_size = 0
@@ -71,6 +106,44 @@ async def pump(
             await _settle(asyncio.ensure_future(write(batch)))
             copied += batch_size
     return copied
+
+
+async def _pump_directly(
+    buffered: bytes,
+    reader: BodyReader,
+    writer: Receiving,
+    limit: int,
+    digester: Digester | None,
+    after_write: Callable[[int], Awaitable[None]] | None,
+) -> int:
+    """`pump` for a body the writer's thread reads itself, a segment per hop."""
+    if len(buffered) > limit:
+        raise TooLarge(f"body goes past the end of the upload ({limit} more bytes allowed)")
+    if buffered and digester is not None:
+        digester.update([buffered])
+    held = [buffered] if buffered else []
+    copied = len(buffered)
+    while True:
+        count = min(SEGMENT_BYTES, limit - copied)
+        received = asyncio.ensure_future(writer.receive(held, reader, count, digester, SEGMENT_SECONDS))
+        held = []
+        try:
+            got = await asyncio.shield(received)
+        except asyncio.CancelledError:
+            reader.stop()  # the thread returns within WAIT_SECONDS; its bytes are kept
+            await _settle(received)
+            raise
+        copied += got
+        if after_write is not None and got:
+            await after_write(got)
+        if reader.gone:
+            raise ClientDisconnected()
+        if reader.complete:
+            return copied
+        if copied >= limit:
+            raise TooLarge(f"body goes past the end of the upload ({limit} more bytes allowed)")
+        if not got:  # nothing for now: wait here, not on the writer's thread
+            await reader.wait_readable()
 
 
 async def _settle(write: asyncio.Future[None]) -> None:

@@ -43,6 +43,33 @@ class Writer(Protocol):
         """Forget everything written since the writer opened (a failed checksum)."""
 
 
+class Readable(Protocol):
+    """A source of bytes read on a storage thread: `readinto` returns 0 at the end, and
+    raises BlockingIOError when nothing arrived for a moment (the caller waits elsewhere)."""
+
+    def readinto(self, view: memoryview, /) -> int: ...
+
+
+class Hasher(Protocol):
+    def update(self, blocks: list[memoryview], /) -> None: ...
+
+
+@runtime_checkable
+class Receiving(Protocol):
+    """A writer (`Writer` or `ChunkWriter`) that can read the bytes itself, on its thread.
+
+    The core uses it for a body it can hand over as a `Readable` (a socket): one hop to
+    the writer's thread per segment instead of one per block.
+    """
+
+    async def receive(
+        self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
+    ) -> int:
+        """Write `held`, then read up to `count` bytes from `source` and write them, each
+        also given to `hasher`; stop early when `source` ends or has nothing for now, or
+        after `seconds`. Returns the bytes read from `source` (durable only after `commit`)."""
+
+
 class UploadLock(Protocol):
     """A held lock on one upload, exclusive across processes."""
 
