@@ -556,7 +556,7 @@ def _assemble(path: str, length: int, sha256: str | None) -> None:
     _sync(path)
 
 
-def _pwrite_all(fd: int, blocks: Sequence[bytes], position: int) -> int:
+def _pwrite_all(fd: int, blocks: Sequence[bytes | memoryview], position: int) -> int:
     """Write every block at `position` on; returns the position after them."""
     views = [memoryview(b) for b in blocks]
     while views:

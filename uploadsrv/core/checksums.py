@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +15,7 @@ class _Hash(Protocol):
     @property
     def digest_size(self) -> int: ...
 
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes | memoryview, /) -> None: ...
     def digest(self) -> bytes: ...
 
 
@@ -27,7 +27,7 @@ class _Crc32:
     def __init__(self) -> None:
         self._value = 0
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self._value = zlib.crc32(data, self._value)
 
     def digest(self) -> bytes:
@@ -66,7 +66,7 @@ class Digester:
     def __init__(self, algorithms: set[str]) -> None:
         self._hashes: dict[str, _Hash] = {name: ALGORITHMS[name]() for name in algorithms}
 
-    def update(self, blocks: list[bytes]) -> None:
+    def update(self, blocks: Sequence[bytes | memoryview]) -> None:
         for block in blocks:
             for h in self._hashes.values():
                 h.update(block)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from .checksums import Digester
 from .errors import ClientDisconnected, TooLarge
@@ -63,13 +64,14 @@ async def pump(
     to the writer before this returns or raises, so the caller can commit it.
     `after_write` runs with the batch's size after each batch is written (progress).
     """
-    if isinstance(writer, Receiving) and isinstance(body, DirectBody):
-        started = body.start_direct()
+    if _direct_capable(type(body), type(writer)):
+        direct = cast(DirectBody, body)
+        started = direct.start_direct()
         if started is not None:
             try:
-                return await _pump_directly(*started, writer, limit, digester, after_write)
+                return await _pump_directly(*started, cast(Receiving, writer), limit, digester, after_write)
             finally:
-                body.finish_direct()
+                direct.finish_direct()
     copied = 0
     batch: list[bytes] = []
     batch_size = 0
@@ -106,6 +108,12 @@ async def pump(
             await _settle(asyncio.ensure_future(write(batch)))
             copied += batch_size
     return copied
+
+
+@functools.cache
+def _direct_capable(body: type, writer: type) -> bool:
+    """Once per pair of classes: a runtime protocol check walks the class every time."""
+    return issubclass(body, DirectBody) and issubclass(writer, Receiving)
 
 
 async def _pump_directly(
@@ -146,7 +154,7 @@ async def _pump_directly(
             await reader.wait_readable()
 
 
-async def _settle(write: asyncio.Future[None]) -> None:
+async def _settle(write: asyncio.Future[Any]) -> None:
     """Wait for `write` to end even if this task is cancelled meanwhile.
 
     Its bytes are on their way to a disk thread that cannot be stopped; returning early

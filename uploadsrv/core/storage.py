@@ -51,7 +51,7 @@ class Readable(Protocol):
 
 
 class Hasher(Protocol):
-    def update(self, blocks: list[memoryview], /) -> None: ...
+    def update(self, blocks: Sequence[bytes | memoryview], /) -> None: ...
 
 
 @runtime_checkable
