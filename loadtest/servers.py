@@ -4,6 +4,7 @@ the peers `@tus/server` and `tuspyserver`, and uploadsrv."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -85,9 +86,7 @@ def _command(name: str, port: int, data: Path, interpreter: str) -> list[str] | 
     if name in (UPLOADSRV, COMPARED):
         return [interpreter, "-m", "uploadsrv", "serve", "--port", str(port), "--data-dir", str(data)]
     if name == TUSPY:
-        try:
-            import tuspyserver  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("tuspyserver") is None:
             return "tuspyserver is not installed (pip install -e '.[bench]')"
         uvicorn = [*python, "uvicorn", "tuspy_app:app", "--port", str(port), "--http", "httptools"]
         return [*uvicorn, "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]

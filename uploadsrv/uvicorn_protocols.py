@@ -45,6 +45,12 @@ REASONS = {100: b"Continue", 102: b"Processing", 103: b"Early Hints", 104: b"Upl
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def _extensions(scope: Any) -> dict[str, Any]:
+    """The scope's extensions (uvicorn's TypedDict types their values too narrowly)."""
+    extensions: dict[str, Any] = scope.setdefault("extensions", {})
+    return extensions
+
+
 def _start_trailers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     trailers: list[tuple[bytes, bytes]] = []
     scope.setdefault("extensions", {})[TRAILERS] = trailers
@@ -174,7 +180,7 @@ class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
             _buffer_body_as_blocks(self.cycle)
             length = self._direct_length()
             if length is not None:
-                self.scope.setdefault("extensions", {})[SOCKET_BODY] = SocketBody(self, self.cycle, length)
+                _extensions(self.scope)[SOCKET_BODY] = SocketBody(self, self.cycle, length)
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes_parsed += len(body)
