@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import ssl
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
@@ -81,6 +82,10 @@ SERVE_FLAGS = {
     "log_format": "json (one object per line) or text (for a terminal)",
     "access_log": "log every request (true/false); 4xx and 5xx are always logged",
     "keep_alive": "seconds an idle connection stays open; keep it above your load balancer's idle timeout",
+    "tls_cert": "PEM certificate (chain) to serve HTTPS with; needs --tls-key",
+    "tls_key": "PEM private key of --tls-cert",
+    "unix_socket": "listen on this unix socket instead of --host and --port",
+    "shutdown_timeout": "seconds requests in flight get when the server stops; appends keep what arrived",
     "metrics": "serve Prometheus metrics (true/false)",
     "metrics_path": "URL path of the metrics",
     "metrics_token": "serve metrics only with Authorization: Bearer <this token>",
@@ -135,6 +140,9 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.http not in PROTOCOL_CLASSES:
         sys.exit(f"uploadsrv: --http must be one of {', '.join(PROTOCOL_CLASSES)}")
+    problem = _tls_problem(settings)
+    if problem:
+        sys.exit(f"uploadsrv: {problem}")
     if settings.log_format not in FORMATS:
         sys.exit(f"uploadsrv: --log-format must be one of {', '.join(FORMATS)}")
     try:
@@ -163,16 +171,32 @@ def serve_command(args: argparse.Namespace) -> int:
             factory=True,
             host=settings.host,
             port=settings.port,
+            uds=str(settings.unix_socket) if settings.unix_socket else None,
+            ssl_certfile=settings.tls_cert,
+            ssl_keyfile=settings.tls_key,
             workers=settings.workers,
             http=PROTOCOL_CLASSES[settings.http],
             loop="uvloop",
             log_config=configure(settings.log_level, settings.log_format),
             access_log=False,  # uploadsrv's own access log has the request's fields
             proxy_headers=settings.trust_proxy,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
             timeout_keep_alive=math.ceil(settings.keep_alive),  # uvicorn takes whole seconds
         )
     return 0
+
+
+def _tls_problem(settings: Settings) -> str | None:
+    """Why the TLS flags cannot work, found before any worker starts, or None."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        return "--tls-cert and --tls-key go together"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        return f"--tls-cert {settings.tls_cert} / --tls-key {settings.tls_key}: {error}"
+    return None
 
 
 def _check_redis_url(url: str | None) -> None:

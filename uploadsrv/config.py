@@ -121,6 +121,16 @@ class Settings:
     #: load balancers keep theirs (AWS ALB: 60 s), so the other side always closes first:
     #: when the server closes a connection a client is about to reuse, that request fails.
     keep_alive: float = 75.0
+    #: TLS in uploadsrv itself (uvicorn's): PEM certificate chain and its private key.
+    #: For iOS clients behind no proxy that passes 104s through.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Listen on this unix socket instead of host and port (a proxy on the same machine).
+    unix_socket: Path | None = None
+    #: Seconds a stopping server (SIGTERM) gives requests in flight; then they are ended,
+    #: appends keeping every byte that arrived. Below your orchestrator's kill timeout
+    #: (Docker's and Kubernetes' default: 10 s and 30 s).
+    shutdown_timeout: float = 8.0
     #: Serve Prometheus metrics at `metrics_path`; with `metrics_token`, only to
     #: `Authorization: Bearer <token>`.
     metrics: bool = True
@@ -145,6 +155,10 @@ class Settings:
         "workers": int,
         "access_log": _parse_bool,
         "keep_alive": float,
+        "tls_cert": Path,
+        "tls_key": Path,
+        "unix_socket": Path,
+        "shutdown_timeout": float,
         "metrics": _parse_bool,
         "s3_path_style": _parse_bool,
         "s3_part_size": parse_size,
