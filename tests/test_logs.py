@@ -39,9 +39,13 @@ async def test_every_request_with_access_log_and_generated_ids(client, start_ser
     assert response.status_code == 204
     request_id = response.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    wait_for(lambda: access_lines(srv, request_id), what="the PATCH's log lines")
+
+    def own_line() -> list[dict]:
+        return [line for line in access_lines(srv, request_id) if line["logger"] == "uploadsrv.access"]
+
+    wait_for(own_line, what="the PATCH's access line")  # written after the request's other lines
+    (line,) = own_line()
     request_lines = access_lines(srv, request_id)
-    (line,) = [line for line in request_lines if line["logger"] == "uploadsrv.access"]
     assert line["status"] == 204 and line["upload_id"] == Server.upload_id(url)
     assert line["bytes_received"] == 5 and line["problem"] is None
     # What the core logged while it handled the request carries the same id.
