@@ -330,8 +330,9 @@ class RedisLease:
 
     def valid(self) -> bool:
         """Whether the lease is surely still ours: renewed less than a TTL ago (monotonic
-        clock, so a process paused for longer knows it on waking)."""
-        return not self._asked and asyncio.get_running_loop().time() < self._valid_until
+        clock, so a process paused for longer knows it on waking). A holder asked to let
+        go still holds it while it records what it received."""
+        return asyncio.get_running_loop().time() < self._valid_until
 
     def ask(self, lost: bool = False) -> None:
         """Another instance wants the upload, or (`lost`) the lease is lost: stop, once."""

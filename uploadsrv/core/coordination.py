@@ -13,19 +13,10 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
+from .storage import Lease
+
 #: An event from another instance: its name, the upload's id and what it carries.
 RemoteListener = Callable[[str, str, dict[str, object]], None]
-
-
-class Lease(Protocol):
-    """A held lease on one upload (or one chunk), exclusive across instances."""
-
-    #: Grows with every grant of this upload's lease (chunks included), so state written
-    #: under an older grant can be told from state written under a newer one.
-    fence: int
-
-    def preempt_requested(self) -> bool:
-        """True when another instance asked for the upload, or the lease was lost."""
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from typing import TypeVar
 from .coordination import Coordinator
 from .errors import StorageUnavailable, Superseded, UploadBusy, UploadError
 from .events import LockEvent, LockListener
-from .storage import Storage, UploadLock
+from .storage import Fenced, Storage, UploadLock
 
 T = TypeVar("T")
 
@@ -33,8 +33,6 @@ class Hold:
     def __init__(self, on_preempt: Callable[[], None]) -> None:
         self._on_preempt = on_preempt
         self._locks: list[UploadLock] = []
-        #: The coordinator lease's fencing token, if there is a coordinator.
-        self.fence: int | None = None
         self._task: asyncio.Task[object] | None = None
         self._poll: asyncio.TimerHandle | None = None
         self._preempted = False
@@ -171,7 +169,8 @@ class UploadLocks:
     @asynccontextmanager
     async def _cross_process(self, upload_id: str, preempt: bool, chunk: int | None) -> AsyncIterator[Hold]:
         """The coordinator's lease first (its release requests reach the holder at once),
-        then the backend's lock, both within one timeout."""
+        then the backend's lock within the same timeout; a backend that fences its writes
+        with the lease takes no lock of its own."""
         hold = Hold(on_preempt=lambda: self._emit(LockEvent.PREEMPTED))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -188,7 +187,12 @@ class UploadLocks:
                         )
                     )
                     hold.watch(lease)
-                    hold.fence = lease.fence
+                    if isinstance(self._storage, Fenced):
+                        await held.enter_async_context(
+                            self._storage.fenced_lock(upload_id, lease, chunk=chunk)
+                        )
+                        yield hold
+                        return
                 backend_lock = await held.enter_async_context(
                     self._storage.lock(
                         upload_id, timeout=max(0.0, deadline - loop.time()), preempt=preempt, chunk=chunk

@@ -77,6 +77,33 @@ class UploadLock(Protocol):
         """True when a request in another process asked for this upload."""
 
 
+class Lease(UploadLock, Protocol):
+    """A coordinator's lease (Redis), as a backend that fences its writes with it sees it."""
+
+    #: Grows with every grant of the upload's lease: state written under an older grant
+    #: can be told from state written under a newer one.
+    fence: int
+
+    def valid(self) -> bool:
+        """Whether the lease is surely still held (renewed less than its TTL ago)."""
+
+    async def refence(self, floor: int) -> int:
+        """A token above `floor` if the lease is still held (the coordinator lost its
+        counter), else 0: a newer grant exists, and this holder must not write."""
+
+
+@runtime_checkable
+class Fenced(Protocol):
+    """A backend whose state writes check a coordinator's lease, so that the lease can
+    stand in for the backend's own cross-process lock (S3: no lease objects, no polling).
+    Backends whose lock is a kernel's (flock) keep it: no fence is needed there."""
+
+    def fenced_lock(
+        self, upload_id: str, lease: Lease, *, chunk: int | None = None
+    ) -> AbstractAsyncContextManager[UploadLock]:
+        """Write the upload (or chunk) under `lease`: each state write checks its fence."""
+
+
 @runtime_checkable
 class Storage(Protocol):
     async def create(self, info: UploadInfo) -> None:
