@@ -12,6 +12,9 @@ Keys under ``s3://bucket/prefix/``:
 ``<id>.chunk-<n>.lock``, ``<id>.chunk-<n>.preempt``
                      the lease on one chunk, so only one instance uploads part n at a time
 
+With a coordinator (Redis) its leases stand in for the lease objects, and every write of
+the info object checks the lease's fencing token (`state.save`).
+
 The info object is the commit point: parts and tail are uploaded first, then the info
 object names them, so the offset a client is told is always bytes S3 has confirmed. A
 tail is written under a new key each time and the old one deleted after the commit, so a

@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from uploadsrv.core.errors import StorageUnavailable, UploadNotFound
+from uploadsrv.core.storage import Lease as CoordinatorLease
 
 T = TypeVar("T")
 
@@ -100,6 +101,8 @@ class S3Client:
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3")
         #: Names this process in leases; see `Lease._take_over_stale`.
         self.instance = secrets.token_hex(8)
+        #: Uploads held here under a coordinator's lease: their info writes check it.
+        self.fences: dict[str, CoordinatorLease] = {}
 
     def key(self, upload_id: str, suffix: str = "") -> str:
         return f"{self.prefix}{upload_id}{suffix}"

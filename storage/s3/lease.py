@@ -13,9 +13,12 @@ from uploadsrv.core.errors import StorageUnavailable, UploadBusy, UploadNotFound
 
 from .client import S3Client
 
-LEASE_SECONDS = 30.0  #: a lock whose holder died frees itself after this long
-LEASE_POLL_SECONDS = 0.1
-PREEMPT_POLL_SECONDS = 3.0  #: how often a lease holder looks for a waiter's marker
+LEASE_SECONDS = 6.0  #: a lock whose holder died frees itself after this long...
+RENEW_SECONDS = 2.0  #: ...as its holder renews it this often (a heartbeat)
+#: A waiter's pauses between attempts: quick at first (a live holder lets go within
+#: PREEMPT_POLL_SECONDS), then once a second until a dead holder's lease runs out.
+LEASE_POLL_SECONDS = (0.2, 0.3, 0.45, 0.7, 1.0)
+PREEMPT_POLL_SECONDS = 0.25  #: how often a lease holder looks for a waiter's marker
 
 
 class Lease:
@@ -41,15 +44,18 @@ class Lease:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         asked = False
+        attempt = 0
         while not await self._try_take():
             if not preempt:
                 raise UploadBusy()
             if not asked:
                 await self._s3.put(self._marker)
                 asked = True
-            if loop.time() > deadline:
+            pause = LEASE_POLL_SECONDS[min(attempt, len(LEASE_POLL_SECONDS) - 1)]
+            if loop.time() + pause > deadline:
                 raise UploadBusy("another request holds this upload; retry shortly")
-            await asyncio.sleep(LEASE_POLL_SECONDS)
+            attempt += 1
+            await asyncio.sleep(pause)
         if asked:
             await self._s3.delete_quietly(self._marker)
         self._keeper = asyncio.ensure_future(self._keep())
@@ -85,7 +91,7 @@ class Lease:
 
     async def _keep(self) -> None:
         """Renew the lease and watch for a preempt marker while held."""
-        renew_at = time.monotonic() + LEASE_SECONDS / 3
+        renew_at = time.monotonic() + RENEW_SECONDS
         while True:
             await asyncio.sleep(PREEMPT_POLL_SECONDS)
             with suppress(StorageUnavailable):
@@ -94,7 +100,7 @@ class Lease:
                     if not await self._renew():
                         self._asked = True  # the lease was lost: stop writing
                         return
-                    renew_at = time.monotonic() + LEASE_SECONDS / 3
+                    renew_at = time.monotonic() + RENEW_SECONDS
 
     async def _look_for_marker(self) -> None:
         try:

@@ -7,9 +7,12 @@ object names them, so the offset a client is told is always bytes S3 has confirm
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from botocore.exceptions import ClientError
+
+from uploadsrv.core.errors import StorageUnavailable, Superseded
 from uploadsrv.core.model import UploadInfo
 
 from .client import S3Client
@@ -63,6 +66,10 @@ class State:
     completed: bool = False
     #: The multipart upload's checksum algorithm; None for uploads begun without one.
     checksum: str | None = None
+    #: The fencing token of the Redis lease it was last written under (0: none).
+    fence: int = 0
+    #: The info object's ETag as read or last written: the next write's If-Match. Not stored.
+    etag: str | None = field(default=None, compare=False)
 
     @property
     def offset(self) -> int:
@@ -72,19 +79,43 @@ class State:
         return UploadInfo.from_record(self.record, offset=self.offset)
 
     def to_json(self) -> bytes:
-        return json.dumps({**self.__dict__, "parts": [p.to_json() for p in self.parts]}).encode()
+        # Without a fence the object reads as before, also by instances not yet upgraded.
+        stored = {k: v for k, v in self.__dict__.items() if k != "etag" and (k != "fence" or v)}
+        return json.dumps({**stored, "parts": [p.to_json() for p in self.parts]}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> State:
         stored = json.loads(data)
         parts = [Part.from_json(p) for p in stored.pop("parts", None) or ()]
-        return cls(**stored, parts=parts)
+        return cls(**{k: v for k, v in stored.items() if k in _STORED}, parts=parts)
+
+
+_STORED = {f.name for f in fields(State)} - {"etag", "parts"}
 
 
 async def load(s3: S3Client, upload_id: str) -> State:
-    body, _ = await s3.read_object(s3.key(upload_id, ".info"))
-    return State.from_json(body)
+    body, etag = await s3.read_object(s3.key(upload_id, ".info"))
+    state = State.from_json(body)
+    state.etag = etag
+    return state
 
 
 async def save(s3: S3Client, upload_id: str, state: State) -> None:
-    await s3.put(s3.key(upload_id, ".info"), state.to_json())
+    """Write the info object over the version this request read (or last wrote), never
+    over a newer one: a holder that lost its lease while paused finds another instance's
+    write there and stops (Superseded) instead of undoing it. Under a Redis lease the
+    state also carries the lease's fencing token, which catches such a holder even
+    before anyone wrote."""
+    lease = s3.fences.get(upload_id)
+    if lease is not None:
+        if not lease.valid():
+            raise StorageUnavailable("this server's lease on the upload ran out; retry")
+        if state.fence > lease.fence and not await lease.refence(state.fence):
+            raise Superseded("a newer request holds this upload")
+        state.fence = lease.fence
+    condition = {"IfMatch": state.etag} if state.etag else {}
+    try:
+        response = await s3.put(s3.key(upload_id, ".info"), state.to_json(), **condition)
+    except ClientError as exc:  # the condition failed: someone wrote it since
+        raise Superseded("another request changed this upload meanwhile") from exc
+    state.etag = response["ETag"]

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from uploadsrv.core.errors import StorageUnavailable, UploadNotFound
+from uploadsrv.core.errors import StorageUnavailable, Superseded, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
+from uploadsrv.core.storage import Lease as CoordinatorLease
 from uploadsrv.core.storage import Orphan, StoredChunk
 
 from . import chunks as chunk_store
@@ -141,11 +142,20 @@ class S3Storage:
     @asynccontextmanager
     async def writer(self, info: UploadInfo, *, transactional: bool) -> AsyncIterator[PartWriter]:
         multipart = await self._multipart(info)
-        yield PartWriter(multipart, info.length, concurrency=self.concurrency, spool_dir=self.spool_dir)
+        writer = PartWriter(
+            multipart,
+            info.length,
+            concurrency=self.concurrency,
+            spool_dir=self.spool_dir,
+            record_progress=not transactional,  # a checksummed body may yet be discarded
+        )
+        try:
+            yield writer
+        finally:
+            await writer.settle()
 
     async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
-        # A crash may have come between the last byte and the completion.
-        await (await self._fresh(info.id)).complete()
+        await self._complete_unlocked(info.id)  # a crash may have come between last byte and completion
         if start >= end:
             return
         response = await self.s3.call(
@@ -162,8 +172,17 @@ class S3Storage:
         """A presigned GET URL when configured, so downloads bypass this server."""
         if not self.presign_downloads:
             return None
-        await (await self._fresh(info.id)).complete()
+        await self._complete_unlocked(info.id)
         return self.s3.presigned_get(self.s3.key(info.id), expires_in=3600)
+
+    async def _complete_unlocked(self, upload_id: str) -> None:
+        """Complete for a download, which holds no lock: should another request complete
+        the upload at the same moment, its write of the info object wins, as good as ours."""
+        try:
+            await (await self._fresh(upload_id)).complete()
+        except Superseded:
+            if not (await self._fresh(upload_id)).state.completed:
+                raise StorageUnavailable("the upload is being completed; retry") from None
 
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
         """Join finished uploads with UploadPartCopy (see `Joiner`)."""
@@ -220,3 +239,19 @@ class S3Storage:
             yield lease
         finally:
             await lease.release()
+
+    @asynccontextmanager
+    async def fenced_lock(
+        self, upload_id: str, lease: CoordinatorLease, *, chunk: int | None = None
+    ) -> AsyncIterator[CoordinatorLease]:
+        """Under a coordinator's lease no lease object is needed: the info object's writes
+        check the lease instead (a chunk writes no shared state, only its own marker)."""
+        if chunk is not None:
+            yield lease
+            return
+        self.s3.fences[upload_id] = lease
+        try:
+            yield lease
+        finally:
+            if self.s3.fences.get(upload_id) is lease:
+                del self.s3.fences[upload_id]

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from uploadsrv.core.errors import StorageUnavailable, UploadError
+
 from . import state as records
 from .client import READ_BLOCK
 from .multipart import Multipart
@@ -82,9 +84,20 @@ class PartWriter:
     """
 
     def __init__(
-        self, multipart: Multipart, length: int | None, *, concurrency: int, spool_dir: Path
+        self,
+        multipart: Multipart,
+        length: int | None,
+        *,
+        concurrency: int,
+        spool_dir: Path,
+        record_progress: bool,
     ) -> None:
         self._multipart = multipart
+        #: Name each part in the info object as soon as S3 confirms it, so a crash loses
+        #: only the parts still in flight.
+        self._record_progress = record_progress
+        self._saving = asyncio.Lock()  #: one info write at a time, in order
+        self._progress: asyncio.Task[None] | None = None
         self._s3 = multipart.s3
         self._length = length
         self._concurrency = concurrency
@@ -129,13 +142,45 @@ class PartWriter:
 
     async def _start_part(self, spool: Spool) -> None:
         while len(self._in_flight) >= self._concurrency:
-            done, self._in_flight = await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
-            self._collect(done)
+            await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+            self._collect_done()
         if self._failure is not None:
             spool.close()
             raise self._failure
         number = len(self._committed_parts) + len(self._new_parts) + len(self._in_flight) + 1
-        self._in_flight.add(asyncio.ensure_future(self._upload(number, spool)))
+        task = asyncio.ensure_future(self._upload(number, spool))
+        if self._record_progress:
+            task.add_done_callback(self._part_done)
+        self._in_flight.add(task)
+
+    def _part_done(self, task: asyncio.Task[Part]) -> None:
+        if not task.cancelled() and task.exception() is None and self._progress is None:
+            self._progress = asyncio.ensure_future(self._save_progress())
+
+    async def _save_progress(self) -> None:
+        """Record the parts confirmed so far; an outage here is left to the commit."""
+        try:
+            await self.checkpoint()
+        except StorageUnavailable:
+            pass  # an outage: the commit tries again
+        except UploadError as exc:  # superseded (a newer holder wrote), gone: stop at the next part
+            self._failure = self._failure or exc
+        finally:
+            self._progress = None
+        if any(task.done() for task in self._in_flight):  # confirmed while this one was saving
+            self._progress = asyncio.ensure_future(self._save_progress())
+
+    async def settle(self) -> None:
+        """Wait for a progress write still running: the request is over and its lease is
+        released next. A cancellation arriving meanwhile is raised once it is done."""
+        cancelled = False
+        while self._progress is not None:
+            try:
+                await asyncio.shield(self._progress)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError()
 
     async def _upload(self, number: int, spool: Spool) -> Part:
         try:
@@ -143,7 +188,11 @@ class PartWriter:
         finally:
             spool.close()
 
-    def _collect(self, done: set[asyncio.Task[Part]]) -> None:
+    def _collect_done(self) -> None:
+        """Move finished uploads out of `_in_flight`, each exactly once: a progress write
+        may collect some while the request waits for others."""
+        done = {task for task in self._in_flight if task.done()}
+        self._in_flight -= done
         for task in done:
             if task.exception() is not None:
                 self._failure = self._failure or task.exception()
@@ -151,14 +200,17 @@ class PartWriter:
                 self._new_parts.append(task.result())
 
     async def _drain(self) -> None:
-        if self._in_flight:
-            done, _ = await asyncio.wait(self._in_flight)
-            self._in_flight = set()
-            self._collect(done)
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+            self._collect_done()
 
     async def commit(self) -> int:
         """Wait for the parts in flight, store the unfilled rest as the tail, then the info object."""
         await self._drain()
+        async with self._saving:
+            return await self._commit()
+
+    async def _commit(self) -> int:
         parts = sorted(self._new_parts, key=lambda p: p.number)
         run = unbroken(parts, len(self._committed_parts))  # only an unbroken run of parts counts
         state = self._state
@@ -199,9 +251,11 @@ class PartWriter:
 
     async def checkpoint(self) -> int:
         """Name the parts S3 has confirmed so far in the info object, without waiting."""
-        done = {task for task in self._in_flight if task.done()}
-        self._in_flight -= done
-        self._collect(done)
+        async with self._saving:
+            return await self._checkpoint()
+
+    async def _checkpoint(self) -> int:
+        self._collect_done()
         self._new_parts.sort(key=lambda p: p.number)
         run = unbroken(self._new_parts, len(self._committed_parts))
         if run:

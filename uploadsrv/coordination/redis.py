@@ -12,8 +12,9 @@ Channels: ``uploadsrv:release`` (a lease key whose holder should let go),
 ``uploadsrv:events`` (upload events for other instances' event streams).
 
 A lease lives LEASE_SECONDS and is renewed every third of that while held, so a dead
-instance's leases free themselves within LEASE_SECONDS. A holder that cannot renew in
-time (Redis gone, or the key taken over) counts its lease as lost and stops writing.
+instance's leases free themselves within LEASE_SECONDS. A holder whose lease was taken
+over stops at once; one that cannot reach Redis stops STOP_MARGIN_SECONDS before its
+lease would run out, and records what it received while the lease surely still holds.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ log = logging.getLogger("uploadsrv.redis")
 
 LEASE_SECONDS = 5.0  #: a dead instance's lease is free after this long
 RENEW_SECONDS = LEASE_SECONDS / 3
+#: A holder that cannot renew stops this long before its lease runs out, so it records
+#: what it received while the lease still surely holds.
+STOP_MARGIN_SECONDS = LEASE_SECONDS * 0.4
 REASK_SECONDS = 1.0  #: a waiter asks again (and retries) at least this often, should a message be lost
 RECONNECT_SECONDS = (0.05, 1.0)  #: the subscriber's first and longest pause before reconnecting
 OUTBOX = 10_000  #: events queued for publishing while Redis is slow; more are dropped
@@ -388,10 +392,9 @@ class RedisLease:
                 "renew", [self.key, self._chunks_key], [self._holder, self._ttl_ms, self._chunk]
             )
         except StorageUnavailable:
-            if loop.time() >= self._valid_until:
-                self.ask(lost=True)  # cannot prove it is still ours: stop writing, keep the bytes
-            else:
-                self._schedule_renewal(min(RENEW_SECONDS, 0.25))
+            if loop.time() >= self._valid_until - STOP_MARGIN_SECONDS:
+                self.ask(lost=True)  # soon it cannot be proven ours: stop, keep the bytes
+            self._schedule_renewal(0.25)  # and try on, so the commit still finds it valid
             return
         if not kept:
             self._valid_until = 0.0
