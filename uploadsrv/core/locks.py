@@ -176,6 +176,7 @@ class UploadLocks:
         deadline = loop.time() + self._timeout
         async with AsyncExitStack() as held:
             try:
+                lease = None
                 if self._coordinator is not None:
                     lease = await held.enter_async_context(
                         self._coordinator.lock(
@@ -187,20 +188,17 @@ class UploadLocks:
                         )
                     )
                     hold.watch(lease)
-                    if isinstance(self._storage, Fenced):
-                        await held.enter_async_context(
-                            self._storage.fenced_lock(upload_id, lease, chunk=chunk)
+                if lease is not None and isinstance(self._storage, Fenced):
+                    await held.enter_async_context(self._storage.fenced_lock(upload_id, lease, chunk=chunk))
+                else:
+                    backend_lock = await held.enter_async_context(
+                        self._storage.lock(
+                            upload_id, timeout=max(0.0, deadline - loop.time()), preempt=preempt, chunk=chunk
                         )
-                        yield hold
-                        return
-                backend_lock = await held.enter_async_context(
-                    self._storage.lock(
-                        upload_id, timeout=max(0.0, deadline - loop.time()), preempt=preempt, chunk=chunk
                     )
-                )
+                    hold.watch(backend_lock)
             except UploadBusy:
                 if preempt:  # without, busy is an answer, not a timeout
                     self._emit(LockEvent.TIMED_OUT, self._timeout)
                 raise
-            hold.watch(backend_lock)
             yield hold
