@@ -257,3 +257,34 @@ async def test_a_redis_outage_is_503_at_once_and_uploads_continue_when_it_is_bac
     assert offset == sent
     assert (await patch(client, group.on(b, url), offset, data[offset:])).status_code == 204
     assert sha256(await download(client, group.on(a, url))) == sha256(data)
+
+
+async def test_per_owner_limits_count_across_instances_in_redis(client, instances, redis_server):
+    from .test_auth import CLAIMS, SECRET, bearer, mint
+
+    auth = ("--auth", "jwt", "--jwt-secret", SECRET, *CLAIMS)
+    group = instances(2, redis_server, *auth, "--max-uploads-per-owner", "2", "--max-requests-per-owner", "1")
+    alice = {**TUS, **bearer(mint("alice")), "Upload-Length": "10"}
+    first = await client.post(group.next().files, headers=alice)
+    second = await client.post(group.next().files, headers=alice)
+    assert (first.status_code, second.status_code) == (201, 201)
+    refused = await client.post(group.next().files, headers=alice)  # on the first instance again
+    assert refused.status_code == 429, refused.text
+    assert (
+        await client.post(group.next().files, headers={**alice, **bearer(mint("bob"))})
+    ).status_code == 201
+    a, b = group.servers
+    url = first.headers["location"].split("?")[0]  # without its signature: counted as alice's
+    head = (
+        f"PATCH {url[url.index('/files/') :]} HTTP/1.1\nHost: 127.0.0.1\nTus-Resumable: 1.0.0\n"
+        f"Authorization: Bearer {mint('alice')}\nUpload-Offset: 0\n"
+        "Content-Type: application/offset+octet-stream\nContent-Length: 10\n"
+    )
+    stalled = raw_request(a.port, head, b"01234", close=False)  # alice's request in flight on A
+    try:
+        busy = {**TUS, **bearer(mint("alice"))}
+        other = group.on(b, second.headers["location"].split("?")[0])  # her other upload: no takeover
+        wait_for(lambda: httpx.head(other, headers=busy).status_code == 429, 10, "429 on B")
+    finally:
+        stalled.close()
+    wait_for(lambda: httpx.head(other, headers=busy).status_code == 200, 10, "alice served again")

@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     quotas = None
     if settings.max_uploads_per_owner is not None or settings.max_requests_per_owner is not None:
         quotas = OwnerQuotas(
-            LocalCounters(),
+            coordinator.counters if coordinator is not None else LocalCounters(),
             max_uploads=settings.max_uploads_per_owner,
             max_requests=settings.max_requests_per_owner,
         )

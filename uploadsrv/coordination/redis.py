@@ -99,6 +99,29 @@ if fence <= tonumber(ARGV[2]) then
 end
 return fence
 """
+#: Add one if below the limit: 1, else 0. KEYS: count; ARGV: limit, ms it lives unused (or 0).
+COUNT_UP = """
+local count = tonumber(redis.call('get', KEYS[1]) or '0')
+if count >= tonumber(ARGV[1]) then return 0 end
+redis.call('incr', KEYS[1])
+if tonumber(ARGV[2]) > 0 then redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 1
+"""
+#: Take one, never below zero. KEYS: count.
+COUNT_DOWN = """
+if redis.call('decr', KEYS[1]) <= 0 then redis.call('del', KEYS[1]) end
+return 1
+"""
+#: Add the counts found in storage, once for all instances (the first to start seeds).
+#: KEYS: the seeded marker, then the counts; ARGV: the counts.
+SEED = """
+if not redis.call('set', KEYS[1], '1', 'NX') then return 0 end
+for i = 2, #KEYS do redis.call('incrby', KEYS[i], ARGV[i - 1]) end
+return 1
+"""
+#: A count of requests in flight lives this long after its last use, should the instance
+#: counting them die with some in flight.
+REQUEST_COUNT_MS = 600_000
 #: How many chunk leases of a session are live. KEYS: chunk set.
 CHUNKS_BUSY = """
 local now = redis.call('time')
@@ -176,8 +199,12 @@ class RedisCoordinator:
                 "release": RELEASE_SCRIPT,
                 "refence": REFENCE,
                 "chunks_busy": CHUNKS_BUSY,
+                "count_up": COUNT_UP,
+                "count_down": COUNT_DOWN,
+                "seed": SEED,
             }.items()
         }
+        self.counters = RedisCounters(self)
 
     def __repr__(self) -> str:
         return f"RedisCoordinator({self._url!r})"
@@ -422,3 +449,31 @@ class RedisLease:
             await self._coordinator.script(
                 "release", [self.key, self._chunks_key], [self._holder, self._chunk, RELEASED]
             )
+
+
+class RedisCounters:
+    """Per-owner counts (`core.quotas.Counters`) shared by every instance.
+
+    Counts of requests in flight expire ten minutes after their last change, so an
+    instance that died with requests in flight cannot hold an owner back for longer.
+    Upload counts are seeded from storage by the first instance to start; after a Redis
+    restart they start from zero again, which only makes the limit looser for a while.
+    """
+
+    def __init__(self, coordinator: RedisCoordinator) -> None:
+        self._coordinator = coordinator
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return f"uploadsrv:{{quota}}:{key}"  # one slot for all: the seed writes them at once
+
+    async def acquire(self, key: str, limit: int) -> bool:
+        lives = REQUEST_COUNT_MS if key.startswith("requests:") else 0
+        return bool(await self._coordinator.script("count_up", [self._key(key)], [limit, lives]))
+
+    async def release(self, key: str) -> None:
+        await self._coordinator.script("count_down", [self._key(key)], [])
+
+    async def seed(self, counts: dict[str, int]) -> None:
+        keys = [self._key(key) for key in counts]  # also when empty: later starters must not seed
+        await self._coordinator.script("seed", ["uploadsrv:{quota}:seeded", *keys], list(counts.values()))

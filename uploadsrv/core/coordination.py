@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
+from .quotas import Counters
 from .storage import Lease
 
 #: An event from another instance: its name, the upload's id and what it carries.
@@ -21,6 +22,9 @@ RemoteListener = Callable[[str, str, dict[str, object]], None]
 
 @runtime_checkable
 class Coordinator(Protocol):
+    #: Per-owner counts shared by every instance (`--max-uploads-per-owner`, ...).
+    counters: Counters
+
     def lock(
         self,
         upload_id: str,
