@@ -22,8 +22,9 @@ RemoteListener = Callable[[str, str, dict[str, object]], None]
 
 @runtime_checkable
 class Coordinator(Protocol):
-    #: Per-owner counts shared by every instance (`--max-uploads-per-owner`, ...).
-    counters: Counters
+    @property
+    def counters(self) -> Counters:
+        """Per-owner counts shared by every instance (`--max-uploads-per-owner`, ...)."""
 
     def lock(
         self,
