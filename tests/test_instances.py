@@ -250,11 +250,15 @@ async def test_a_redis_outage_is_503_at_once_and_uploads_continue_when_it_is_bac
         assert time.monotonic() - started < 2.0  # at once, no hang
         assert (await client.head(group.on(server, url), headers=TUS)).status_code == 503
     assert a.stored_size(url) == sent  # nothing lost
+    ready = httpx.get(a.url + "/readyz", timeout=30)
+    assert ready.status_code == 503  # a load balancer takes the instance out meanwhile
+    assert ready.json()["checks"]["storage"] == "ok" and ready.json()["checks"]["redis"] != "ok"
     own_redis.start()
     head = await client.head(group.on(a, url), headers=TUS)
     assert head.status_code == 200, head.text
     offset = int(head.headers["upload-offset"])
     assert offset == sent
+    assert httpx.get(a.url + "/readyz", timeout=30).json()["checks"] == {"storage": "ok", "redis": "ok"}
     assert (await patch(client, group.on(b, url), offset, data[offset:])).status_code == 204
     assert sha256(await download(client, group.on(a, url))) == sha256(data)
 

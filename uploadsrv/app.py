@@ -84,8 +84,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    # The coordinator's check joins here (issue 16): readiness.checks["redis"] = ...
     readiness = Readiness({"storage": storage.check})
+    if coordinator is not None:
+        readiness.checks["redis"] = coordinator.check
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

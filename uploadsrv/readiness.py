@@ -1,7 +1,7 @@
 """`GET /readyz`: whether this instance can serve uploads now, for load balancers.
 
-`/healthz` says the process answers; `/readyz` asks what it depends on (the storage; the
-coordinator's check is to join it, issue 16), each within `TIMEOUT`, and answers 503 naming what
+`/healthz` says the process answers; `/readyz` asks what it depends on (the storage, and
+Redis with `--redis-url`), each within `TIMEOUT`, and answers 503 naming what
 failed, so a load balancer sends uploads elsewhere until it is back. Probes that arrive
 while a round of checks runs share its answer, so a storage outage never piles up calls.
 """

@@ -216,6 +216,12 @@ class RedisCoordinator:
             raise RuntimeError(f"Redis at {self._url} is not usable: {exc}") from exc
         self._tasks = [asyncio.ensure_future(self._subscribe()), asyncio.ensure_future(self._send())]
 
+    async def check(self) -> None:
+        try:
+            await self._client.ping()
+        except RedisError as exc:
+            raise RuntimeError(f"Redis unreachable: {exc}") from exc
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

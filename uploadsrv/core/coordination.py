@@ -53,4 +53,7 @@ class Coordinator(Protocol):
     async def start(self) -> None:
         """Connect (raise RuntimeError if the coordinator cannot be used) and listen."""
 
+    async def check(self) -> None:
+        """Raise if the coordinator does not answer now (for /readyz)."""
+
     async def close(self) -> None: ...
