@@ -80,14 +80,18 @@ class LocalStorage:
         # the event loop's time for a small upload.
         self._uploads = str(self.root / "uploads")
         os.makedirs(self._uploads, exist_ok=True)
+        self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-disk")
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        """`fn` on a disk thread."""
+        """`fn` on a disk thread; once the pool is closed (the server is stopping while a
+        cancelled request still commits what arrived), on the caller's thread."""
         with _disk_errors():
+            if self._closed:
+                return fn(*args)
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _run_owned(self, fn: Callable[..., T], close: Callable[[T], object], *args: object) -> T:
@@ -159,6 +163,7 @@ class LocalStorage:
             raise RuntimeError(f"data directory {self._uploads} is not writable")
 
     async def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=True)
 
     # -- bytes -------------------------------------------------------------------

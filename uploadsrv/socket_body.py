@@ -45,11 +45,20 @@ class SocketReader:
         self.remaining = remaining
         self._idle_timeout = idle_timeout
         self._stop = threading.Event()
+        self._ready: asyncio.Future[None] | None = None
         self.gone = False  #: the client closed or reset the connection, or stayed idle too long
 
     def stop(self) -> None:
         """Make a `readinto` waiting on a disk thread give up now."""
         self._stop.set()
+
+    def abandon(self) -> None:
+        """On the event loop, when the server stops: end the body here, as if the client
+        had gone (what arrived is kept, the connection closes, the client resumes)."""
+        self.gone = True
+        self.stop()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
 
     @property
     def complete(self) -> bool:
@@ -58,6 +67,8 @@ class SocketReader:
     def readinto(self, view: memoryview) -> int:
         if self.gone or not self.remaining:
             return 0
+        if self._stop.is_set():
+            raise BlockingIOError()
         wanted = min(len(view), self.remaining)
         waited = False
         while True:
@@ -81,7 +92,7 @@ class SocketReader:
         """On the event loop: until bytes (or the end) can be read; after `idle_timeout`
         seconds without any, the client counts as gone."""
         loop = asyncio.get_running_loop()
-        ready = loop.create_future()
+        ready = self._ready = loop.create_future()
         fd = self._sock.fileno()
 
         def readable() -> None:
@@ -129,6 +140,12 @@ class SocketBody:
         sock = socket.socket(fileno=fd)  # shares the transport's non-blocking mode
         self._reader = SocketReader(sock, remaining, getattr(protocol, "body_idle_timeout", None))
         return bytes(cycle.body), self._reader
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping: a body still being read ends now, keeping what arrived,
+        instead of holding the request until uvicorn cancels it."""
+        if self._reader is not None:
+            self._reader.abandon()
 
     def finish(self) -> None:
         """After the copy, on the event loop: give the connection back to uvicorn."""

@@ -199,6 +199,12 @@ class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
                 length = int(value) if value.isdigit() else None
         return length if length is not None and length >= MIN_LENGTH else None
 
+    def shutdown(self) -> None:
+        direct = _extensions(self.scope).get(SOCKET_BODY) if self.scope else None
+        if direct is not None and self.cycle is not None and not self.cycle.response_complete:
+            direct.shutdown()
+        super().shutdown()
+
     def body_read_directly(self) -> None:
         """The rest of the current body was read past the parser: parse afresh from the
         next request on, with uvicorn's own parser settings."""
