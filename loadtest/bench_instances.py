@@ -17,6 +17,7 @@ holds, not how it scales on separate machines.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import tempfile
@@ -120,6 +121,26 @@ def head_ms(url: str, count: int) -> float:
         return (time.perf_counter() - started) * 1000 / count
 
 
+def redis_lock_ms(url: str, count: int) -> float:
+    """Mean milliseconds of one Redis lease taken and released, measured in this process
+    (the part of a request's lock that is Redis, without HTTP or S3 around it)."""
+    from uploadsrv.coordination.redis import RedisCoordinator
+
+    async def run() -> float:
+        coordinator = RedisCoordinator(url)
+        await coordinator.start()
+        try:
+            started = time.perf_counter()
+            for _ in range(count):
+                async with coordinator.lock("0" * 32, timeout=5):
+                    pass
+            return (time.perf_counter() - started) * 1000 / count
+        finally:
+            await coordinator.close()
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,6 +170,7 @@ def main() -> None:
             s3.create_bucket(Bucket=bucket)
             with instances(1, work, endpoint, bucket, url_of_redis) as urls:
                 lock[name] = head_ms(urls[0], args.heads)
+        bare = redis_lock_ms(redis_url, args.heads * 10)
     mib = args.size / (1 << 20)
     print(
         f"{args.uploads} concurrent tus uploads of {mib:.0f} MiB, created on one instance, sent via the next"
@@ -158,6 +180,7 @@ def main() -> None:
     print(f"HEAD (takes and releases the upload's lock), mean of {args.heads} sequential")
     for name, ms in lock.items():
         print(f"  lock in {name:<8}: {ms:6.2f} ms per request")
+    print(f"  the Redis lease alone (acquire + release, in-process): {bare:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ async def test_a_request_on_another_instance_takes_over_a_stalled_upload(
     assert head.status_code == 200, head.text
     offset = int(head.headers["upload-offset"])
     assert offset >= 5 * MiB
-    assert took < (0.6 if with_redis else 1.5), f"takeover took {took:.3f} s"
+    # Targets 0.3 s and 1.5 s; the margins are for a loaded machine (1.52 s measured at a
+    # load of 15 on two cores), below what the fallbacks take (a 1 s re-ask, a 3 s marker poll).
+    assert took < (0.8 if with_redis else 2.5), f"takeover took {took:.3f} s"
     print(f"live takeover: {took * 1000:.0f} ms, offset {offset}")
     assert (await patch(client, group.on(b, url), offset, data[offset:])).status_code == 204
     assert sha256(await download(client, group.on(a, url))) == sha256(data)
@@ -215,6 +217,7 @@ async def test_a_paused_holder_that_lost_its_lease_never_overwrites_the_newer_st
             assert response.status_code == 204, response.text
         finally:
             a.process.send_signal(signal.SIGCONT)
+        sock.settimeout(30)
         status, _, body = read_response(sock)  # A wakes, finds its lease gone, stops
     finally:
         sock.close()
@@ -236,6 +239,7 @@ async def test_a_redis_outage_is_503_at_once_and_uploads_continue_when_it_is_bac
     wait_for(lambda: a.landed(url) >= 10 * MiB, 30, "the streaming request's part in S3")
     own_redis.stop()
     try:  # its lease can no longer be renewed: within the TTL it stops, keeping its bytes
+        streaming.settimeout(30)
         status, headers, _ = read_response(streaming)
     finally:
         streaming.close()

@@ -17,7 +17,7 @@ LEASE_SECONDS = 6.0  #: a lock whose holder died frees itself after this long...
 RENEW_SECONDS = 2.0  #: ...as its holder renews it this often (a heartbeat)
 #: A waiter's pauses between attempts: quick at first (a live holder lets go within
 #: PREEMPT_POLL_SECONDS), then once a second until a dead holder's lease runs out.
-LEASE_POLL_SECONDS = (0.2, 0.3, 0.45, 0.7, 1.0)
+LEASE_POLL_SECONDS = (0.2, 0.2, 0.2, 0.3, 0.4, 0.7, 1.0)
 PREEMPT_POLL_SECONDS = 0.25  #: how often a lease holder looks for a waiter's marker
 
 
