@@ -200,6 +200,10 @@ class ChunkSessions:
             )
         return info
 
+    def writing(self, session_id: str) -> list[int]:
+        """The chunks being written through this process right now (for the console)."""
+        return self._service.locks.chunks_held(session_id)
+
     def expires_at(self, info: UploadInfo) -> float | None:
         return self._service.expires_at(info)
 

@@ -124,6 +124,14 @@ class UploadLocks:
         for listener in self._listeners:
             listener(event, seconds)
 
+    def chunks_held(self, upload_id: str) -> list[int]:
+        """The chunks of a session that requests in this process are writing now."""
+        return sorted(
+            chunk
+            for (held_id, chunk), slot in self._slots.items()
+            if held_id == upload_id and chunk is not None and slot.holder is not None
+        )
+
     @asynccontextmanager
     async def hold(
         self, upload_id: str, *, preempt: bool = True, chunk: int | None = None

@@ -42,6 +42,7 @@ from .common import (
     parse_base64,
     parse_content_digest,
     parse_offset,
+    sse_event,
     status_of,
 )
 
@@ -174,10 +175,10 @@ class ChunkProtocol:
             try:
                 status = await self.sessions.status(session_id, caller)
             except e.UploadError as error:
-                yield _event(_ending(error), {"id": session_id})
+                yield sse_event(_ending(error), {"id": session_id})
                 return
             seen = {c.number: c.size for c in status.chunks}
-            yield _event("status", self._session(request, status))
+            yield sse_event("status", self._session(request, status))
             loop = asyncio.get_running_loop()
             poll_at = loop.time() + POLL_SECONDS
             while not status.info.is_complete:
@@ -190,22 +191,22 @@ class ChunkProtocol:
                     except e.UploadError as error:
                         # Gone past its expiry: another instance expired it between two polls.
                         expired = self.sessions.is_expired(status.info)
-                        yield _event("expired" if expired else _ending(error), {"id": session_id})
+                        yield sse_event("expired" if expired else _ending(error), {"id": session_id})
                         return
                     for chunk in status.chunks:
                         if chunk.number not in seen:
                             seen[chunk.number] = chunk.size
-                            yield _event("chunk", _progress(chunk, seen, status.info))
+                            yield sse_event("chunk", _progress(chunk, seen, status.info))
                     yield ": still here\n\n"  # keeps proxies from closing an idle stream
                     continue
                 if isinstance(subject, StoredChunk):
                     if subject.number not in seen:
                         seen[subject.number] = subject.size
-                        yield _event("chunk", _progress(subject, seen, status.info))
+                        yield sse_event("chunk", _progress(subject, seen, status.info))
                     continue
-                yield _event(SSE_ENDINGS[kind], self._ending_body(request, subject))
+                yield sse_event(SSE_ENDINGS[kind], self._ending_body(request, subject))
                 return
-            yield _event("completed", self._ending_body(request, status.info))
+            yield sse_event("completed", self._ending_body(request, status.info))
 
     def _ending_body(self, request: Request, info: UploadInfo) -> dict[str, object]:
         body: dict[str, object] = {"id": info.id}
@@ -289,10 +290,6 @@ def _progress(chunk: StoredChunk, seen: dict[int, int], info: UploadInfo) -> dic
 
 def _ending(error: e.UploadError) -> str:
     return "expired" if isinstance(error, e.UploadGone) else "aborted"
-
-
-def _event(name: str, data: dict[str, object]) -> str:
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
 def _timestamp(seconds: float) -> str:

@@ -164,6 +164,11 @@ def _first(value: str | None) -> str | None:
     return value.split(",")[0].strip() if value else None
 
 
+def sse_event(name: str, data: object) -> str:
+    """One Server-Sent Event with a JSON payload."""
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
 def http_date(timestamp: float) -> str:
     return formatdate(timestamp, usegmt=True)
 
