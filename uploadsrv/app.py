@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from . import auth, metrics
 from .backend import open_storage
@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await coordinator.close()
             await storage.close()
 
-    routes = [
+    routes: list[BaseRoute] = [
         *upload_routes(settings.base_path, tus_protocol, ietf_protocol),
         *chunk_protocol.routes(),
         Route("/openapi.json", openapi.endpoint),
@@ -125,6 +125,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     if settings.metrics:
         routes.append(Route(settings.metrics_path, metrics.endpoint(settings.metrics_token)))
+    if settings.console:
+        routes += _console_routes(service, sessions, settings, authenticator)
     app = Starlette(
         routes=routes,
         middleware=[
@@ -158,6 +160,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.service = service
     return app
+
+
+def _console_routes(
+    service: UploadService,
+    sessions: ChunkSessions,
+    settings: Settings,
+    authenticator: auth.Authenticator | None,
+) -> list[BaseRoute]:
+    from .console import console_routes  # loaded only with --console
+
+    return console_routes(service, sessions, settings, authenticator)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -89,6 +89,8 @@ SERVE_FLAGS = {
     "metrics": "serve Prometheus metrics (true/false)",
     "metrics_path": "URL path of the metrics",
     "metrics_token": "serve metrics only with Authorization: Bearer <this token>",
+    "console": "serve the web console at /console/ (true/false; the flag alone means true)",
+    "console_token": "the console operator's bearer token (auth none: a random one is logged if unset)",
 }
 
 
@@ -107,9 +109,12 @@ def _flag_type(name: str) -> Callable[[str], object]:
 def _add_settings(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
     defaults = Settings()
     for name, help_text in flags.items():
+        switch = isinstance(getattr(defaults, name), bool)  # `--console` alone means true
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
+            nargs="?" if switch else None,
+            const=True if switch else None,
             type=_flag_type(name),
             help=f"{help_text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
         )
@@ -163,6 +168,11 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     settings.data_dir = settings.data_dir.resolve()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.console:
+        from .console import console_url, ensure_token
+
+        if ensure_token(settings):  # before the workers start, so they share it
+            print(f"uploadsrv: console at {console_url(settings)}", file=sys.stderr)
     # Workers rebuild the settings from the environment, so one path serves 1 or N.
     os.environ.update(settings.to_env())
     with _metrics_dir(settings):

@@ -136,6 +136,12 @@ class Settings:
     metrics: bool = True
     metrics_path: str = "/metrics"
     metrics_token: str | None = None
+    #: Serve the web console at /console/ (off: a public server exposes nothing new).
+    console: bool = False
+    #: The console's bearer token: whoever holds it sees every session. With the console
+    #: on, auth off and none set, a random one is made at start-up and logged with the
+    #: console's URL; with auth on, users of the server's auth see their own sessions.
+    console_token: str | None = None
 
     _parsers: ClassVar[dict[str, Callable[[str], object]]] = {
         "port": int,
@@ -166,6 +172,7 @@ class Settings:
         "s3_concurrency": int,
         "s3_presign_downloads": _parse_bool,
         "s3_checksums": _parse_bool,
+        "console": _parse_bool,
     }
 
     @classmethod
