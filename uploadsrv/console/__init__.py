@@ -53,7 +53,8 @@ def ensure_token(settings: Settings) -> bool:
 
 def console_url(settings: Settings) -> str:
     """Where to open the console, token included (in the fragment, which no server sees)."""
-    return f"http://{settings.host}:{settings.port}{PATH}#token={settings.console_token}"
+    scheme = "https" if settings.tls_cert else "http"
+    return f"{scheme}://{settings.host}:{settings.port}{PATH}#token={settings.console_token}"
 
 
 def console_routes(

@@ -27,13 +27,13 @@ from uploadsrv.core.caller import Caller
 from uploadsrv.operator import describe
 from uploadsrv.protocols.chunks import PATH as CHUNKS_PATH
 from uploadsrv.protocols.common import (
-    ERROR_STATUS,
     IDENTITY,
     Identity,
     error_problem,
     make_caller,
     problem,
     sse_event,
+    status_of,
 )
 
 from .hub import OPERATOR, TICK_SECONDS, ConsoleHub, SessionView, Viewer
@@ -99,7 +99,7 @@ class ConsoleApi:
             try:
                 response = await handler(request, viewer)
             except e.UploadError as error:
-                response = error_problem(error, ERROR_STATUS.get(type(error), 500))
+                response = error_problem(error, status_of(error))
             response.headers["Cache-Control"] = "no-store"
             return response
 
