@@ -464,6 +464,8 @@ class RedisCounters:
     instance that died with requests in flight cannot hold an owner back for longer.
     Upload counts are seeded from storage by the first instance to start; after a Redis
     restart they start from zero again, which only makes the limit looser for a while.
+    While Redis is down the limits are not enforced (a limit is a guard, not a lock):
+    requests that need a lock answer 503 anyway, and the rest go on.
     """
 
     def __init__(self, coordinator: RedisCoordinator) -> None:
@@ -475,10 +477,15 @@ class RedisCounters:
 
     async def acquire(self, key: str, limit: int) -> bool:
         lives = REQUEST_COUNT_MS if key.startswith("requests:") else 0
-        return bool(await self._coordinator.script("count_up", [self._key(key)], [limit, lives]))
+        try:
+            return bool(await self._coordinator.script("count_up", [self._key(key)], [limit, lives]))
+        except StorageUnavailable as exc:
+            log.warning("per-owner limit not counted", extra={"key": key, "error": exc.detail})
+            return True
 
     async def release(self, key: str) -> None:
-        await self._coordinator.script("count_down", [self._key(key)], [])
+        with suppress(StorageUnavailable):  # never below zero, so a count lost this way is harmless
+            await self._coordinator.script("count_down", [self._key(key)], [])
 
     async def seed(self, counts: dict[str, int]) -> None:
         keys = [self._key(key) for key in counts]  # also when empty: later starters must not seed
