@@ -149,7 +149,7 @@ class LocalStorage:
         """Nothing to do: the bytes are already in place and durable."""
 
     async def delete(self, upload_id: str) -> None:
-        await self._run(shutil.rmtree, self._dir(upload_id), True)
+        await self._run(_remove_upload, self._dir(upload_id))
 
     async def upload_ids(self) -> AsyncIterator[str]:
         shards = await self._run(_list_dir, self._uploads)
@@ -601,6 +601,19 @@ def _concatenate(target: str, sources: list[str]) -> None:
                 _copy_range(part.fileno(), out.fileno(), 0, offset, size)
                 offset += size
         os.fsync(out.fileno())
+
+
+def _remove_upload(path: str) -> None:
+    """Rename the upload's directory away, then remove it. A chunk request of the session
+    may be creating its lock file right now; in the directory as it is removed, that file
+    would keep it (and the deleted upload) alive. Under the new name, which is not an
+    upload id, nothing is added, and a removal a crash cut short is an orphan for prune."""
+    doomed = f"{path}.deleted"
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _make_directory(path: str) -> bool:

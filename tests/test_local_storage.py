@@ -203,3 +203,22 @@ async def test_an_unreadable_record_is_an_unknown_upload_not_a_crash(storage):
         await storage.get(info.id)
     orphans = [orphan.name async for orphan in storage.orphans(0)]
     assert orphans == [str(storage.root / "uploads" / info.id[:2] / info.id)]  # prune can clear it
+
+
+async def test_a_chunk_request_racing_the_deletion_of_its_session_leaves_nothing(storage):
+    """A chunk PUT creates its lock file while the session's directory is being removed;
+    the removal must still take everything, or a deleted session lives on as a directory."""
+    for _ in range(100):
+        info = UploadInfo(id=new_upload_id(), length=4, chunk_size=1)
+        await storage.create(info)
+        directory = storage.root / "uploads" / info.id[:2] / info.id
+        for number in range(2, 30):  # the lock files of earlier chunks, for the removal to walk
+            (directory / "chunks" / f"{number}.lock").touch()
+        deleted = asyncio.ensure_future(storage.delete(info.id))
+        while not deleted.done():
+            with contextlib.suppress(errors.UploadNotFound):
+                async with storage.lock(info.id, timeout=1, chunk=1):
+                    pass
+            await asyncio.sleep(0)
+        await deleted
+        assert not directory.exists(), sorted(p.name for p in directory.rglob("*"))
