@@ -13,6 +13,7 @@ import time
 import pytest
 
 from uploadsrv.core import UploadService, errors
+from uploadsrv.core.events import LockEvent
 from uploadsrv.core.locks import UploadLocks
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.core.pump import pump
@@ -131,6 +132,8 @@ async def test_a_request_arriving_as_the_lock_changes_hands_still_gives_up_in_ti
     info = await _new_upload(storage)
     locks = UploadLocks(storage, timeout=0.5)
     release = asyncio.Event()
+    queued = asyncio.Event()  # the waiter asks the holder to stop, then queues for the lock
+    locks.subscribe(lambda event, _: event is LockEvent.PREEMPTED and queued.set())
 
     async def first() -> None:
         async with locks.hold(info.id):
@@ -146,7 +149,7 @@ async def test_a_request_arriving_as_the_lock_changes_hands_still_gives_up_in_ti
     holder = asyncio.create_task(first())
     await asyncio.sleep(0)
     waiter = asyncio.create_task(stalled())
-    await asyncio.sleep(0.05)
+    await queued.wait()
     release.set()
     try:
         await asyncio.wait_for(holder, 5)
