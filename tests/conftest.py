@@ -172,7 +172,7 @@ class Server:
     def __repr__(self) -> str:
         return f"Server({self.backend}, {self.url})"
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, columns: int | None = None) -> subprocess.CompletedProcess[str]:
         """Run an operator command (`uploadsrv list`, ...) against this server's storage."""
         storage = ["--data-dir", str(self.data_dir)]
         if self.moto:
@@ -187,6 +187,8 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("UPLOADSRV_")}
         if self.moto:
             env.update(Moto.credentials)
+        if columns is not None:  # the width of the terminal it pretends to print to
+            env["COLUMNS"] = str(columns)
         command = [sys.executable, "-m", "uploadsrv", args[0], *storage, *args[1:]]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 

@@ -177,3 +177,37 @@ async def test_prune_removes_half_created_upload_directories(client, start_serve
     assert report["orphans"] == [{"kind": "directory", "name": str(broken), "size": 10}]
     assert int(started - crashed_at) <= age <= oldest
     assert not broken.exists()
+
+
+async def test_the_list_shows_full_ids_human_sizes_and_progress_at_80_columns(client, srv):
+    ids = await _sessions(client, srv)
+    table = srv.cli("list", columns=80)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), table.stdout
+    row = next(line for line in lines if line.startswith(ids["fresh"]))  # the whole id, pasteable
+    assert row.split()[1:5] == ["incomplete", "40%", "40", "B"]
+    assert srv.cli("inspect", row.split()[0]).returncode == 0
+    limited = _json(srv.cli("list", "--json", "--sort", "stored", "--limit", "2"))
+    assert [r["id"] for r in limited] == [ids["expired"], ids["fresh"]]  # 700 and 40 bytes
+
+
+async def test_chunk_sessions_count_their_stored_bytes_in_list_stats_and_prune(client, srv):
+    created = await client.post(srv.url + "/chunks/", json={"size": 12 * 1024 * 1024})
+    session = created.json()
+    chunk = os.urandom(session["chunk_size"])
+    assert (await client.put(session["url"] + "/1", content=chunk)).status_code == 201
+    (row,) = [r for r in _json(srv.cli("list", "--json")) if r["id"] == session["id"]]
+    assert row["offset"] == 0 and row["stored"] == len(chunk)
+    assert _json(srv.cli("stats", "--json"))["incomplete"] == {"count": 1, "bytes": len(chunk)}
+    stored_at = time.time()
+    wait_for(lambda: time.time() > stored_at + 1.5, what="the session to be idle for a second")
+    dry = _json(srv.cli("prune", "--older-than", "1s", "--dry-run", "--json"))
+    assert [r["id"] for r in dry["removed"]] == [session["id"]]
+    assert dry["bytes_reclaimed"] == len(chunk)
+
+
+def test_stats_prints_sizes_without_colour(srv):
+    result = srv.cli("stats")
+    assert result.returncode == 0 and "\x1b" not in result.stdout
+    assert "0 bytes (0 B)" in result.stdout

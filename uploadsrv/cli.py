@@ -39,6 +39,7 @@ PROTOCOL_CLASSES = {
     "h11": "uploadsrv.uvicorn_protocols:H11UploadProtocol",
 }
 
+#: Flags of the storage, its limits and expiry: `serve` and every operator command take them.
 STORAGE_FLAGS = {
     "data_dir": "where uploads are stored (with S3: scratch space)",
     "storage": "empty for local disk, or s3://bucket/prefix",
@@ -48,10 +49,6 @@ STORAGE_FLAGS = {
     "expiry": "unfinished uploads idle this long expire, e.g. 12h or 7d; 'never' keeps them",
     "lock_timeout": "seconds a request waits for a busy upload",
     "redis_url": "Redis shared by several instances (leases, release requests, events): redis://host:port/db",
-}
-SERVE_FLAGS = {
-    "host": "address to listen on (0.0.0.0 for every interface)",
-    "port": "TCP port",
     "max_size": "largest upload accepted, e.g. 512M or 16G",
     "expiry_interval": "how often the server removes expired uploads; 'never' leaves it to cron",
     "s3_part_size": "preferred S3 part size, at least 5M",
@@ -59,6 +56,11 @@ SERVE_FLAGS = {
     "s3_presign_downloads": "redirect downloads to presigned S3 URLs (true/false)",
     "s3_checksums": "CRC32 of every S3 part, checked by S3 (true/false); false for stores without checksums",
     "chunk_size": "chunk size of a chunk session whose client names none",
+    "io_threads": "threads for blocking disk calls",
+}
+SERVE_FLAGS = {
+    "host": "address to listen on (0.0.0.0 for every interface)",
+    "port": "TCP port",
     "base_path": "URL path of the tus endpoint",
     "cors_origins": "comma-separated origins allowed by CORS, or *",
     "trust_proxy": "trust X-Forwarded-Proto/Host from a reverse proxy (true/false)",
@@ -75,7 +77,6 @@ SERVE_FLAGS = {
     "url_secret_previous": "the previous --url-secret, still accepted while you rotate",
     "max_uploads_per_owner": "unfinished uploads one user may have (429 beyond)",
     "max_requests_per_owner": "requests one user may have in flight (429 beyond)",
-    "io_threads": "threads for blocking disk calls",
     "workers": "worker processes",
     "http": "HTTP implementation: httptools or h11",
     "log_level": "debug, info, warning or error",
@@ -285,7 +286,12 @@ async def list_command(
     from . import operator
 
     rows = await operator.list_uploads(
-        service, state=args.state, older_than=args.older_than, owner=args.owner, sort=args.sort
+        service,
+        state=args.state,
+        older_than=args.older_than,
+        owner=args.owner,
+        sort=args.sort,
+        limit=args.limit,
     )
     if args.json:
         operator.emit_json(rows)
@@ -349,8 +355,7 @@ async def stats_command(
     if args.json:
         operator.emit_json(totals)
     else:
-        for state, entry in totals.items():
-            console.print(f"{state:<11} {entry['count']:>8} uploads {entry['bytes']:>18,} bytes")
+        operator.print_stats(totals, console)
     return 0
 
 
@@ -374,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--older-than", type=_duration, help="no activity for this long, e.g. 2d")
     listing.add_argument("--owner")
     listing.add_argument(
-        "--sort", default="last_activity", choices=("last_activity", "created", "offset", "id")
+        "--sort", default="last_activity", choices=("last_activity", "created", "stored", "offset", "id")
     )
+    listing.add_argument("--limit", type=int, help="show at most this many (after sorting)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_operator(list_command))
 

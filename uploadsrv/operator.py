@@ -7,13 +7,14 @@ servers are serving.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
@@ -25,14 +26,17 @@ from .core.errors import UploadError
 STATES = ("incomplete", "complete", "expired")
 
 
-def describe(service: UploadService, info: UploadInfo) -> dict[str, Any]:
-    """One upload as the CLI shows it (and as --json prints it)."""
+def describe(service: UploadService, info: UploadInfo, stored: int) -> dict[str, Any]:
+    """One upload as the CLI shows it (and as --json prints it); `stored` is what it holds
+    (`UploadService.stored_bytes`: a chunk session's offset stays 0 until it is assembled)."""
     return {
         "id": info.id,
         "protocol": info.protocol,
         "state": service.state_of(info),
         "length": info.length,
         "offset": info.offset,
+        "stored": stored,
+        "progress": None if not info.length else round(stored / info.length, 4),
         "created": _iso(info.created_at),
         "last_activity": _iso(info.updated_at),
         "expires": _iso(service.expires_at(info)),
@@ -43,6 +47,24 @@ def describe(service: UploadService, info: UploadInfo) -> dict[str, Any]:
         "parts": info.parts,
         "chunk_size": info.chunk_size,
     }
+
+
+def human_size(size: int) -> str:
+    """1023 B, 6.0 MiB, 1.5 GiB: binary units, as the size flags take them."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _idle(seconds: float) -> str:
+    """How long ago, in the largest whole unit: 40s, 12m, 5h, 3d."""
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{int(seconds // length)}{unit}"
+    return f"{max(int(seconds), 0)}s"
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -58,44 +80,61 @@ async def list_uploads(
     older_than: float | None,
     owner: str | None,
     sort: str,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
     now = time.time()
     rows = []
     async for info in service.uploads():
-        row = describe(service, info)
-        if state and row["state"] != state:
-            continue
         if older_than is not None and info.updated_at > now - older_than:
             continue
         if owner is not None and info.owner != owner:
             continue
+        if state and service.state_of(info) != state:
+            continue
+        row = describe(service, info, await service.stored_bytes(info))
+        row["idle_seconds"] = max(now - info.updated_at, 0.0)
         rows.append(row)
-    rows.sort(key=lambda r: (r[sort] is None, r[sort]), reverse=sort in ("offset", "length"))
-    return rows
+    rows.sort(key=lambda r: (r[sort] is None, r[sort]), reverse=sort in ("offset", "stored", "length"))
+    return rows[:limit] if limit is not None else rows
+
+
+#: The list's columns, the first ones always (75 characters: full ids fit 80 columns),
+#: the others while the terminal is wide enough: (title, width, justify, cell).
+_COLUMNS: list[tuple[str, int, JustifyMethod, Callable[[dict[str, Any]], str]]] = [
+    ("id", 32, "left", lambda r: r["id"]),
+    ("state", 10, "left", lambda r: r["state"]),
+    ("done", 4, "right", lambda r: "" if r["progress"] is None else f"{int(r['progress'] * 100)}%"),
+    ("stored", 10, "right", lambda r: human_size(r["stored"])),
+    ("length", 10, "right", lambda r: "deferred" if r["length"] is None else human_size(r["length"])),
+    ("idle", 4, "right", lambda r: _idle(r["idle_seconds"])),
+    ("protocol", 8, "left", lambda r: r["protocol"]),
+    ("owner", 16, "left", lambda r: r["owner"] or ""),
+    ("filename", 24, "left", lambda r: r["filename"] or ""),
+]
+_ALWAYS = 6
 
 
 def print_uploads(rows: list[dict[str, Any]], console: Console) -> None:
-    table = Table(box=None, header_style="bold")
-    for column in ("id", "protocol", "state", "offset", "length", "last activity", "owner", "filename"):
-        table.add_column(column, justify="right" if column in ("offset", "length") else "left", no_wrap=True)
+    """A table with full ids at any width from 80 columns; sizes in binary units (bytes
+    are in --json)."""
+    columns, used = [], -1
+    for i, column in enumerate(_COLUMNS):
+        if i >= _ALWAYS and used + 1 + column[1] > console.width:
+            break
+        columns.append(column)
+        used += 1 + column[1]
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
+    for title, width, justify, _ in columns:
+        table.add_column(title, justify=justify, no_wrap=True, min_width=width, max_width=width)
     for r in rows:
-        table.add_row(
-            r["id"],
-            r["protocol"],
-            r["state"],
-            f"{r['offset']:,}",
-            "deferred" if r["length"] is None else f"{r['length']:,}",
-            r["last_activity"],
-            r["owner"] or "",
-            r["filename"] or "",
-        )
+        table.add_row(*(cell(r) for _, _, _, cell in columns))
     console.print(table)
     console.print(f"{len(rows)} upload(s)")
 
 
 async def inspect(service: UploadService, upload_id: str) -> dict[str, Any]:
     info = await service.peek_any(upload_id)
-    details = describe(service, info)
+    details = describe(service, info, await service.stored_bytes(info))
     if info.chunk_size is not None and isinstance(service.storage, Chunked):
         stored = await service.storage.stored_chunks(info)
         details["chunks"] = {
@@ -118,7 +157,7 @@ class PruneReport:
 
     @property
     def bytes_reclaimed(self) -> int:
-        return sum(r["offset"] for r in self.removed) + sum(o["size"] for o in self.orphans)
+        return sum(r["stored"] for r in self.removed) + sum(o["size"] for o in self.orphans)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -143,13 +182,13 @@ async def prune(
 ) -> PruneReport:
     report = PruneReport(dry_run=dry_run)
     try:
-        async for upload, _removed in service.prune(
+        async for upload, _removed, stored in service.prune(
             idle_for, include_complete=include_complete, dry_run=dry_run
         ):
             if isinstance(upload, str):
                 report.busy.append(upload)
             else:
-                report.removed.append(describe(service, upload))
+                report.removed.append(describe(service, upload, stored))
             progress(upload if isinstance(upload, str) else upload.id)
     except UploadError as error:
         report.errors.append(f"stopped: {error.detail}")
@@ -178,18 +217,22 @@ def print_prune(report: PruneReport, console: Console) -> None:
     passive = "would be removed" if report.dry_run else "removed"
     for row in report.removed:
         console.print(
-            f"{verb} {row['id']}  {row['state']}  {row['offset']:,} bytes  idle since {row['last_activity']}"
+            f"{verb} {row['id']}  {row['state']}  {_bytes(row['stored'])}  idle since {row['last_activity']}"
         )
     for orphan in report.orphans:
-        console.print(f"{verb} orphaned {orphan['kind']} {orphan['name']}  {orphan['size']:,} bytes")
+        console.print(f"{verb} orphaned {orphan['kind']} {orphan['name']}  {_bytes(orphan['size'])}")
     for upload_id in report.busy:
         console.print(f"skipped {upload_id}: being written right now")
     for error in report.errors:
         console.print(f"[red]error[/red] {error}")
     console.print(
         f"{len(report.removed)} session(s) and {len(report.orphans)} orphan(s) {passive}, "
-        f"{report.bytes_reclaimed:,} bytes {'to reclaim' if report.dry_run else 'reclaimed'}"
+        f"{_bytes(report.bytes_reclaimed)} {'to reclaim' if report.dry_run else 'reclaimed'}"
     )
+
+
+def _bytes(size: int) -> str:
+    return f"{size:,} bytes ({human_size(size)})"
 
 
 async def stats(service: UploadService) -> dict[str, dict[str, int]]:
@@ -197,13 +240,20 @@ async def stats(service: UploadService) -> dict[str, dict[str, int]]:
     async for info in service.uploads():
         entry = totals[service.state_of(info)]
         entry["count"] += 1
-        entry["bytes"] += info.offset
+        entry["bytes"] += await service.stored_bytes(info)
     return totals
 
 
+def print_stats(totals: dict[str, dict[str, int]], console: Console) -> None:
+    for state, entry in totals.items():
+        console.print(f"{state:<11} {entry['count']:>8} uploads  {_bytes(entry['bytes'])}")
+
+
 def console() -> Console:
-    """Standard output, wide enough for full ids when it is not a terminal."""
-    return Console(width=None if sys.stdout.isatty() else 200)
+    """Standard output without rich's number colouring; 200 columns when it is not a
+    terminal (COLUMNS, if set, wins)."""
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(width=None if wide else 200, highlight=False)
 
 
 def progress_bar(console: Console) -> Progress:

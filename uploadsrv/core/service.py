@@ -309,10 +309,10 @@ class UploadService:
 
     async def prune(
         self, idle_for: float, *, include_complete: bool = False, dry_run: bool = False
-    ) -> AsyncIterator[tuple[UploadInfo | str, bool]]:
+    ) -> AsyncIterator[tuple[UploadInfo | str, bool, int]]:
         """Remove uploads with no activity for `idle_for` seconds, unfinished ones only
-        unless `include_complete`. Yields `(upload, removed)`; an upload being written
-        right now is never touched and is yielded as `(id, False)`.
+        unless `include_complete`. Yields `(upload, removed, bytes it stored)`; an upload
+        being written right now is never touched and is yielded as `(id, False, 0)`.
 
         Each upload is checked and removed under its lock, so an interrupted prune leaves
         every remaining upload intact and can simply run again.
@@ -329,21 +329,22 @@ class UploadService:
                         continue
                     if await self._chunks_busy(info):  # chunks take their own locks, not this one
                         raise UploadBusy()
+                    stored = await self.stored_bytes(info)
                     if not dry_run:
                         await self.storage.delete(upload_id)
             except UploadBusy:
-                yield upload_id, False
+                yield upload_id, False, 0
                 continue
             except UploadNotFound:
                 continue
-            yield info, not dry_run
+            yield info, not dry_run, stored
 
     async def expire(self) -> list[str]:
         """Delete every expired upload not being written right now; returns their ids."""
         if self.expiry is None:
             return []
         removed = []
-        async for info, deleted in self.prune(self.expiry):
+        async for info, deleted, _ in self.prune(self.expiry):
             if deleted and isinstance(info, UploadInfo):
                 removed.append(info.id)
                 await self._upload_ended(info)
@@ -440,6 +441,13 @@ class UploadService:
         if self.coordinator is not None and await self.coordinator.chunks_busy(info.id):
             return True
         return await self.storage.chunks_busy(info)
+
+    async def stored_bytes(self, info: UploadInfo) -> int:
+        """Bytes the upload holds: its offset, or for a chunk session not yet assembled
+        (offset 0 until then) the sizes of its stored chunks."""
+        if info.chunk_size is None or info.is_complete or not isinstance(self.storage, Chunked):
+            return info.offset
+        return sum(chunk.size for chunk in await self.storage.stored_chunks(info))
 
     async def _note_chunk_activity(self, info: UploadInfo) -> None:
         """A chunk session's stored chunks are activity its record does not show (they
