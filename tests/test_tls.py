@@ -184,7 +184,9 @@ async def test_sigterm_mid_patch_keeps_the_bytes_that_arrived(client, start_serv
     finally:
         stalled.close()
     assert srv.process.returncode == -signal.SIGTERM  # uvicorn shuts down, then re-raises the signal
-    assert "Traceback" not in srv.log.read_text()
+    log = srv.log.read_text()
+    # The append's commit ran before the storage closed (uvicorn still logs the cancellation).
+    assert "request dropped without an answer" in log and "RuntimeError" not in log
     assert srv.stored_size(url) == sent
     srv.start()
     head = await client.head(url, headers=TUS)

@@ -112,6 +112,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            with contextlib.suppress(TimeoutError):  # appends ended at shutdown commit first
+                async with asyncio.timeout(settings.lock_timeout):
+                    await service.locks.idle()
             if coordinator is not None:
                 await coordinator.close()
             await storage.close()

@@ -114,7 +114,14 @@ class UploadLocks:
         self._timeout = timeout
         self._coordinator = coordinator
         self._slots: dict[tuple[str, int | None], _Slot] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._listeners: list[LockListener] = []
+
+    async def idle(self) -> None:
+        """Return once no upload is held or waited for: a stopping server waits for this
+        before closing the storage, so an append it cancelled can still commit its bytes."""
+        await self._idle.wait()
 
     def subscribe(self, listener: LockListener) -> None:
         """Tell `listener` about waits, preemptions and timeouts (metrics)."""
@@ -143,6 +150,7 @@ class UploadLocks:
         """
         key = (upload_id, chunk)
         slot = self._slots.setdefault(key, _Slot())
+        self._idle.clear()
         slot.users += 1
         try:
             if slot.holder is not None and preempt:
@@ -173,6 +181,8 @@ class UploadLocks:
             if slot.users == 0:
                 with suppress(KeyError):
                     del self._slots[key]
+                if not self._slots:
+                    self._idle.set()
 
     @asynccontextmanager
     async def _cross_process(self, upload_id: str, preempt: bool, chunk: int | None) -> AsyncIterator[Hold]:
