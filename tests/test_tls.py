@@ -184,9 +184,8 @@ async def test_sigterm_mid_patch_keeps_the_bytes_that_arrived(client, start_serv
     finally:
         stalled.close()
     assert srv.process.returncode == -signal.SIGTERM  # uvicorn shuts down, then re-raises the signal
-    log = srv.log.read_text()
-    # The append's commit ran before the storage closed (uvicorn still logs the cancellation).
-    assert "request dropped without an answer" in log and "RuntimeError" not in log
+    # The append's commit ran before the storage closed (no "cannot schedule new futures").
+    assert "RuntimeError" not in srv.log.read_text()
     assert srv.stored_size(url) == sent
     srv.start()
     head = await client.head(url, headers=TUS)

@@ -26,9 +26,11 @@ from .core.errors import UploadError
 STATES = ("incomplete", "complete", "expired")
 
 
-def describe(service: UploadService, info: UploadInfo, stored: int) -> dict[str, Any]:
+def describe(service: UploadService, info: UploadInfo, stored: int | None = None) -> dict[str, Any]:
     """One upload as the CLI shows it (and as --json prints it); `stored` is what it holds
-    (`UploadService.stored_bytes`: a chunk session's offset stays 0 until it is assembled)."""
+    (`UploadService.stored_bytes`: a chunk session's offset stays 0 until it is assembled),
+    its offset when not given."""
+    stored = info.offset if stored is None else stored
     return {
         "id": info.id,
         "protocol": info.protocol,
