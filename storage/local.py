@@ -37,13 +37,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from uploadsrv.core.errors import (
     ChecksumMismatch,
     StorageFull,
     StorageUnavailable,
     UploadBusy,
+    UploadExists,
     UploadNotFound,
 )
 from uploadsrv.core.model import UploadInfo, is_upload_id
@@ -79,8 +80,11 @@ class LocalStorage:
         # Paths inside are plain strings: pathlib's joins and conversions took a fifth of
         # the event loop's time for a small upload.
         self._uploads = str(self.root / "uploads")
+        self._outbox = str(self.root / "outbox")
         os.makedirs(self._uploads, exist_ok=True)
         self._closed = False
+        os.makedirs(self._outbox, exist_ok=True)
+        self._claims: dict[str, int] = {}  # event id -> descriptor holding its flock
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-disk")
 
     def __repr__(self) -> str:
@@ -117,7 +121,10 @@ class LocalStorage:
     async def create(self, info: UploadInfo) -> None:
         path = self._dir(info.id)
         with _disk_errors():
-            new_shard = _make_directory(path)
+            try:
+                new_shard = _make_directory(path)
+            except FileExistsError:  # only an id a hook chose can be taken
+                raise UploadExists(f"an upload with id {info.id} already exists") from None
         if new_shard:  # one of 256, so syncing its entry is rare
             await self._run(_sync, self._uploads)
         with _disk_errors():
@@ -147,6 +154,10 @@ class LocalStorage:
 
     async def finish(self, info: UploadInfo) -> None:
         """Nothing to do: the bytes are already in place and durable."""
+
+    def location(self, info: UploadInfo) -> dict[str, str]:
+        path = self._dir(info.id)
+        return {"Type": "filestore", "Path": f"{path}/data", "InfoPath": f"{path}/info.json"}
 
     async def delete(self, upload_id: str) -> None:
         await self._run(_remove_upload, self._dir(upload_id))
@@ -281,6 +292,59 @@ class LocalStorage:
             await self._run(shutil.rmtree, orphan.name, True)
         else:
             await self._run(_remove_file, orphan.name)
+
+    # -- hook outbox -------------------------------------------------------------
+    # One file per event, ``outbox/<id>.json``, written and fsynced (with its directory
+    # entry) before `put_event` returns. A claim is a flock on the file, so it ends with
+    # the process that holds it, also when that process is killed.
+
+    def _event_path(self, event_id: str) -> str:
+        if not is_upload_id(event_id):
+            raise ValueError(f"not an event id: {event_id!r}")
+        return f"{self._outbox}/{event_id}.json"
+
+    async def put_event(self, event_id: str, record: dict[str, Any]) -> None:
+        await self._run(_write_durably, self._event_path(event_id), json.dumps(record).encode())
+
+    async def event_ids(self) -> AsyncIterator[str]:
+        for name in sorted(await self._run(_list_dir, self._outbox)):
+            if name.endswith(".json"):
+                yield name[: -len(".json")]
+
+    async def read_event(self, event_id: str) -> dict[str, Any] | None:
+        try:
+            with open(self._event_path(event_id), "rb") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    async def claim_event(self, event_id: str, lease: float) -> dict[str, Any] | None:
+        path = self._event_path(event_id)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        if not _try_flock(fd) or os.fstat(fd).st_ino != _inode(path):  # taken, or replaced meanwhile
+            os.close(fd)
+            return None
+        try:
+            record = json.loads(os.pread(fd, 1 << 20, 0))
+        except ValueError:
+            os.close(fd)
+            return None
+        self._claims[event_id] = fd
+        return record
+
+    async def release_event(self, event_id: str, record: dict[str, Any] | None) -> None:
+        fd = self._claims.pop(event_id)
+        try:
+            path = self._event_path(event_id)
+            if record is None:
+                await self._run(_remove_file, path)
+            else:
+                await self._run(_write_durably, path, json.dumps(record).encode())
+        finally:
+            os.close(fd)
 
     # -- locks -------------------------------------------------------------------
 
@@ -637,6 +701,19 @@ def _fill_new_upload(path: str, info: UploadInfo) -> None:
     # upload's record (`get` says: create it again), never a stored byte.
     with open(f"{path}/info.json", "xb") as record:
         record.write(json.dumps(info.to_record()).encode())
+
+
+def _write_durably(path: str, content: bytes) -> None:
+    """Replace `path` with `content` and make both the file and its entry durable."""
+    _write_atomically(path, content)
+    _sync(os.path.dirname(path))
+
+
+def _inode(path: str) -> int:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return -1
 
 
 def _write_atomically(path: str, content: bytes) -> None:

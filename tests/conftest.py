@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 TUS = {"Tus-Resumable": "1.0.0"}
-STARTUP_SECONDS = 15
+STARTUP_SECONDS = 60  #: generous: a loaded CI machine takes over 15 s to import and start a server
 
 
 def free_port() -> int:
@@ -282,6 +282,64 @@ class Server:
         self.moto.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(state).encode())
 
 
+class Receiver:
+    """A real hook receiver process (tests/hook_receiver.py) that records what it gets."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hooks"
+        self.record = directory / f"hooks-{self.port}.jsonl"
+        self.log = directory / f"receiver-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Receiver:
+        script = str(Path(__file__).with_name("hook_receiver.py"))
+        command = [sys.executable, script, str(self.port), str(self.record)]
+        self.process = spawn(command, self.log, f"http://127.0.0.1:{self.port}/_control")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def answer(self, hook: str, status: int = 200, delay: float = 0, **answer: object) -> None:
+        """What the receiver answers to `hook` (a tusd hook response) from now on."""
+        rule = {"status": status, "answer": answer, "delay": delay}
+        httpx.post(f"http://127.0.0.1:{self.port}/_control", json={hook: rule}).raise_for_status()
+
+    def requests(self, hook: str | None = None, upload_id: str | None = None) -> list[dict]:
+        """The hook requests received so far, oldest first, with `json` parsed from the body
+        and header names in lowercase."""
+        if not self.record.exists():
+            return []
+        entries = [json.loads(line) for line in self.record.read_text().splitlines()]
+        for entry in entries:
+            entry["json"] = json.loads(entry["body"])
+            entry["headers"] = {name.lower(): value for name, value in entry["headers"].items()}
+        return [
+            e
+            for e in entries
+            if (hook is None or e["json"]["Type"] == hook)
+            and (upload_id is None or e["json"]["Event"]["Upload"]["ID"] == upload_id)
+        ]
+
+    def wait(
+        self, hook: str, upload_id: str | None = None, count: int = 1, timeout: float = 30
+    ) -> list[dict]:
+        """The first `count` requests for `hook`, once they have arrived."""
+        wait_for(lambda: len(self.requests(hook, upload_id)) >= count, timeout, f"{count} {hook} hook(s)")
+        return self.requests(hook, upload_id)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A fresh hook receiver for one test."""
+    started = Receiver(tmp_path).start()
+    yield started
+    started.stop()
+
+
 BACKENDS = ["local", "s3"]
 NODE_DIR = Path(__file__).parent / "node"
 
@@ -323,9 +381,11 @@ def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
     """Start a dedicated server with extra flags: `start_server(*flags, backend="s3")`."""
     started: list[Server] = []
 
-    def start(*args: str, backend: str = "local", data_dir: Path | None = None) -> Server:
+    def start(
+        *args: str, backend: str = "local", data_dir: Path | None = None, bucket: str | None = None
+    ) -> Server:
         moto = request.getfixturevalue("moto") if backend == "s3" else None
-        srv = Server(data_dir or tmp_path / f"data{len(started)}", *args, moto=moto).start()
+        srv = Server(data_dir or tmp_path / f"data{len(started)}", *args, moto=moto, bucket=bucket).start()
         started.append(srv)
         return srv
 

@@ -22,9 +22,11 @@ from .config import Settings
 from .coordination import open_coordinator
 from .core import UploadService
 from .core.chunks import ChunkSessions
+from .core.outbox import running
 from .core.quotas import LocalCounters, OwnerQuotas
 from .exchange import REQUEST_ID_HEADER as REQUEST_ID
 from .exchange import ExchangeMiddleware, Observer, route_templates
+from .hook_delivery import open_hooks
 from .logs import AccessLog
 from .protocols import chunks, ietf, openapi, tus
 from .protocols.common import Links, problem
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_uploads=settings.max_uploads_per_owner,
             max_requests=settings.max_requests_per_owner,
         )
+    hooks = open_hooks(settings, storage)
     service = UploadService(
         storage,
         max_size=settings.max_size,
@@ -55,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         coordinator=coordinator,
         enforce_owners=authenticator is not None,
         quotas=quotas,
+        hooks=hooks,
     )
     on_start: list[Observer] = []
     observers: list[Observer] = [AccessLog(every_request=settings.access_log)]
@@ -64,6 +68,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         service.subscribe(metrics.on_event)
         service.locks.subscribe(metrics.on_lock)
         observers.append(metrics.observe_exchange)
+        if hooks is not None:
+            metrics.watch_hooks(hooks)
     links = Links(trust_proxy=settings.trust_proxy, signer=signer, lifetime=settings.expiry)
     tus_protocol = tus.TusProtocol(service, settings, links)
     ietf_protocol = ietf.IetfProtocol(service, settings, links)
@@ -107,7 +113,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             },
         )
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                if hooks is not None:
+                    stack.push_async_callback(hooks.close)
+                    if hooks.sender is not None:
+                        await stack.enter_async_context(running(hooks.sender))
+                yield
         finally:
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -93,6 +93,18 @@ SERVE_FLAGS = {
     "console": "serve the web console at /console/ (true/false; the flag alone means true)",
     "console_token": "the console operator's bearer token (auth none: a random one is logged if unset)",
 }
+HOOK_FLAGS = {
+    "hooks_http": "POST every hook event (tusd's JSON) to this URL",
+    "hooks_dir": "or run the executable named after the event in this directory (tusd's file hooks)",
+    "hooks_http_timeout": "seconds a hook may take to answer",
+    "hooks_http_retry": "retries of a hook that failed (5xx, network errors)",
+    "hooks_http_backoff": "seconds before the first retry; doubling, with jitter",
+    "hooks_http_forward_headers": "comma-separated request headers copied onto hook requests",
+    "hooks_enabled_events": "comma-separated hook events to send",
+    "progress_hooks_interval": "seconds between two post-receive hooks of one upload",
+    "hooks_secret": "Standard Webhooks secret (whsec_...) that signs every HTTP hook",
+    "hooks_max_age": "give up on a durable hook event not delivered for this long, e.g. 3d",
+}
 
 
 def _flag_type(name: str) -> Callable[[str], object]:
@@ -247,12 +259,14 @@ def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespac
         from .coordination import open_coordinator
         from .core import UploadService
         from .core.errors import UploadError
+        from .hook_delivery import open_hooks
 
         settings = _settings(args)
 
         async def main() -> int:
             storage = open_storage(settings)
             coordinator = open_coordinator(settings.redis_url)
+            hooks = open_hooks(settings, storage, send=False)  # prune records post-expire
             try:
                 await storage.check()
                 if coordinator is not None:
@@ -263,9 +277,12 @@ def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespac
                     expiry=settings.expiry,
                     lock_timeout=settings.lock_timeout,
                     coordinator=coordinator,
+                    hooks=hooks,
                 )
                 return await run(service, settings, args, operator.console())
             finally:
+                if hooks is not None:
+                    await hooks.close()
                 if coordinator is not None:
                     await coordinator.close()
                 await storage.close()
@@ -359,6 +376,45 @@ async def stats_command(
     return 0
 
 
+async def hooks_command(
+    service: UploadService, settings: Settings, args: argparse.Namespace, console: Console
+) -> int:
+    from . import operator
+    from .core.outbox import drop_event, retry_event
+    from .core.storage import Outbox
+
+    outbox = service.storage
+    if not isinstance(outbox, Outbox):
+        print(f"uploadsrv hooks: {outbox!r} keeps no hook outbox", file=sys.stderr)
+        return 1
+    if args.action == "list":
+        rows = await operator.hook_events(outbox)
+        if args.json:
+            operator.emit_json(rows)
+        else:
+            operator.print_hook_events(rows, console)
+        return 0
+    if args.action == "drop":
+        if not args.event_id:
+            print("uploadsrv hooks drop: which event? (see uploadsrv hooks list)", file=sys.stderr)
+            return 2
+        ids = [args.event_id]
+    else:
+        ids = [args.event_id] if args.event_id else [row["id"] for row in await operator.hook_events(outbox)]
+    act = drop_event if args.action == "drop" else retry_event
+    failed = 0
+    for event_id in ids:
+        if await act(outbox, event_id):
+            console.print(f"{args.action}: {event_id}")
+        else:
+            print(
+                f"uploadsrv hooks {args.action}: {event_id}: no such event, or a server is sending it",
+                file=sys.stderr,
+            )
+            failed += 1
+    return 1 if failed else 0
+
+
 def _duration(text: str) -> float:
     value = parse_duration(text)
     if value is None:
@@ -371,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
 
     serve = commands.add_parser("serve", help="run the upload server")
-    _add_settings(serve, {**STORAGE_FLAGS, **SERVE_FLAGS})
+    _add_settings(serve, {**STORAGE_FLAGS, **SERVE_FLAGS, **HOOK_FLAGS})
     serve.set_defaults(run=serve_command)
 
     listing = commands.add_parser("list", help="list upload sessions")
@@ -407,7 +463,18 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help; `main` hands everything after it to the load test's own parser.
     commands.add_parser("loadtest", help="load a server and verify every upload (see loadtest --help)")
 
-    for sub in (listing, inspect, prune, stats):
+    hooks = commands.add_parser(
+        "hooks",
+        help="durable hook events not delivered yet",
+        description="list: pending and given-up events with attempts and last error; "
+        "retry [ID]: send one event (or all) again now; drop ID: remove one without sending it",
+    )
+    hooks.add_argument("action", choices=("list", "retry", "drop"))
+    hooks.add_argument("event_id", nargs="?")
+    hooks.add_argument("--json", action="store_true")
+    hooks.set_defaults(run=_operator(hooks_command))
+
+    for sub in (listing, inspect, prune, stats, hooks):
         _add_settings(sub, STORAGE_FLAGS)
     return parser
 

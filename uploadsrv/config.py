@@ -34,8 +34,14 @@ def parse_duration(text: str) -> float | None:
     return float(match[1]) * _DURATION_UNITS[match[2]]
 
 
-def _parse_origins(text: str) -> list[str]:
+def _parse_list(text: str) -> list[str]:
     return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
+def _parse_events(text: str) -> list[str]:
+    from .core.hooks import parse_events
+
+    return parse_events(text)
 
 
 def _parse_bool(text: str) -> bool:
@@ -142,6 +148,33 @@ class Settings:
     #: on, auth off and none set, a random one is made at start-up and logged with the
     #: console's URL; with auth on, users of the server's auth see their own sessions.
     console_token: str | None = None
+    #: Hooks (tusd's): POST every event's JSON to this URL...
+    hooks_http: str | None = None
+    #: ...or run the executable named after the event in this directory.
+    hooks_dir: Path | None = None
+    hooks_http_timeout: float = 15.0
+    #: Retries of a failed blocking or best-effort hook (5xx, network errors).
+    hooks_http_retry: int = 3
+    #: Seconds before the first retry; each next one waits about twice as long, with jitter.
+    hooks_http_backoff: float = 1.0
+    #: Request headers copied onto hook requests as they are (e.g. Authorization, Cookie).
+    hooks_http_forward_headers: list[str] = field(default_factory=list)
+    hooks_enabled_events: list[str] = field(
+        default_factory=lambda: [
+            "pre-create",
+            "post-create",
+            "post-receive",
+            "post-finish",
+            "post-terminate",
+            "post-expire",
+        ]
+    )
+    #: Seconds between two post-receive hooks of one upload.
+    progress_hooks_interval: float = 1.0
+    #: A Standard Webhooks secret (whsec_...): every HTTP hook is signed with it.
+    hooks_secret: str | None = None
+    #: A durable event not delivered for this long is given up (kept for `uploadsrv hooks`).
+    hooks_max_age: float | None = 3 * 86400.0
 
     _parsers: ClassVar[dict[str, Callable[[str], object]]] = {
         "port": int,
@@ -154,7 +187,7 @@ class Settings:
         "max_size": parse_size,
         "expiry": parse_duration,
         "expiry_interval": parse_duration,
-        "cors_origins": _parse_origins,
+        "cors_origins": _parse_list,
         "trust_proxy": _parse_bool,
         "lock_timeout": float,
         "io_threads": int,
@@ -173,6 +206,14 @@ class Settings:
         "s3_presign_downloads": _parse_bool,
         "s3_checksums": _parse_bool,
         "console": _parse_bool,
+        "hooks_dir": Path,
+        "hooks_http_timeout": float,
+        "hooks_http_retry": int,
+        "hooks_http_backoff": float,
+        "hooks_http_forward_headers": _parse_list,
+        "hooks_enabled_events": _parse_events,
+        "progress_hooks_interval": float,
+        "hooks_max_age": parse_duration,
     }
 
     @classmethod
@@ -200,7 +241,7 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:
-                text = "never" if f.name.startswith("expiry") else ""
+                text = "never" if f.name.startswith("expiry") or f.name == "hooks_max_age" else ""
             elif isinstance(value, list):
                 text = ",".join(value)
             else:

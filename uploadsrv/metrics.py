@@ -36,6 +36,7 @@ from starlette.responses import Response
 
 from .core import UploadEvent, UploadInfo
 from .core.events import LockEvent
+from .core.hooks import Hooks
 
 if TYPE_CHECKING:  # the HTTP protocols count connections here, and the exchange imports them
     from .exchange import Exchange
@@ -100,7 +101,24 @@ STORAGE_SECONDS = Histogram(
     buckets=STORAGE_BUCKETS,
     registry=REGISTRY,
 )
-# Hook deliveries (issue 15) add their counters here: uploadsrv_hooks_delivered, uploadsrv_hooks_pending.
+HOOK_DELIVERIES = _counter(
+    "uploadsrv_hook_deliveries",
+    "Hook deliveries by event and outcome (delivered, failed, given-up)",
+    ("event", "outcome"),
+)
+# Every process scans the whole outbox, so the processes' largest figure is the outbox's.
+HOOK_PENDING = Gauge(
+    "uploadsrv_hook_outbox_pending",
+    "Durable hook events not delivered yet (as of the last outbox scan)",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
+HOOK_OLDEST = Gauge(
+    "uploadsrv_hook_outbox_oldest_seconds",
+    "Age of the oldest durable hook event not delivered yet (as of the last outbox scan)",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 
 #: Storage calls timed by `instrument`; writers are timed per write and commit.
 STORAGE_OPERATIONS = (
@@ -147,6 +165,22 @@ def on_event(event: UploadEvent, info: UploadInfo) -> None:
     counter = UPLOADS.get(event)
     if counter is not None:
         _child(counter, info.protocol).inc()
+
+
+def watch_hooks(hooks: Hooks) -> None:
+    """Count hook deliveries, and follow the outbox after each of its scans."""
+
+    def delivered(event: str, outcome: str) -> None:
+        _child(HOOK_DELIVERIES, event, outcome).inc()
+
+    def scanned(pending: int, oldest: float) -> None:
+        HOOK_PENDING.set(pending)
+        HOOK_OLDEST.set(oldest)
+
+    hooks.listeners.append(delivered)
+    if hooks.sender is not None:
+        hooks.sender.listeners.append(delivered)
+        hooks.sender.scanned.append(scanned)
 
 
 def on_lock(event: LockEvent, seconds: float) -> None:

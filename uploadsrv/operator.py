@@ -18,7 +18,8 @@ from rich.console import Console, JustifyMethod
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from uploadsrv.core.storage import Chunked, Housekeeping
+from uploadsrv.core.outbox import pending_events
+from uploadsrv.core.storage import Chunked, Housekeeping, Outbox
 
 from .core import UploadInfo, UploadService
 from .core.errors import UploadError
@@ -272,3 +273,42 @@ def progress_bar(console: Console) -> Progress:
 def emit_json(value: object) -> None:
     json.dump(value, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+async def hook_events(outbox: Outbox) -> list[dict[str, Any]]:
+    """The hook outbox: every durable event not delivered yet, oldest first."""
+    rows = [
+        {
+            "id": event.id,
+            "hook": event.hook,
+            "upload_id": event.upload_id,
+            "state": event.state,
+            "created": _iso(event.created_at),
+            "attempts": event.attempts,
+            "next_attempt": _iso(event.next_at) if event.state == "pending" else None,
+            "last_error": event.last_error,
+        }
+        async for event in pending_events(outbox)
+    ]
+    return sorted(rows, key=lambda row: row["created"] or "")
+
+
+def print_hook_events(rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "hook", "upload", "state", "created", "attempts", "next attempt", "last error"):
+        table.add_column(
+            column, justify="right" if column == "attempts" else "left", no_wrap=column != "last error"
+        )
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["hook"],
+            r["upload_id"],
+            r["state"],
+            r["created"],
+            str(r["attempts"]),
+            r["next_attempt"] or "",
+            r["last_error"] or "",
+        )
+    console.print(table)
+    console.print(f"{len(rows)} event(s)")

@@ -11,6 +11,8 @@ Keys under ``s3://bucket/prefix/``:
                      chunk n of a chunk session is stored (as part n); one listing finds all
 ``<id>.chunk-<n>.lock``, ``<id>.chunk-<n>.preempt``
                      the lease on one chunk, so only one instance uploads part n at a time
+``_outbox/<event>.json``
+                     a hook event not delivered yet (no upload id starts with ``_``)
 
 With a coordinator (Redis) its leases stand in for the lease objects, and every write of
 the info object checks the lease's fencing token (`state.save`).
@@ -23,7 +25,7 @@ crash at any point leaves the previous state whole. Any instance can serve any u
 The rooms: `client` (boto3, the pool, keys, listing pages), `state` (the info object and
 its `Part`s), `multipart` (parts, completion, joins), `writer` (appends through spooled
 parts), `lease` (the shared lock), `chunks` (chunk sessions), `housekeeping` (describe,
-orphans), `store` (`S3Storage`, which hands each job to its room).
+orphans), `outbox` (hook events), `store` (`S3Storage`, which hands each job to its room).
 """
 
 from .client import MAX_PART, MAX_PARTS, MIN_PART, part_size_for

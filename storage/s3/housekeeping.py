@@ -13,6 +13,7 @@ from uploadsrv.core.storage import Orphan
 
 from . import state as records
 from .client import S3Client
+from .outbox import OUTBOX
 from .state import State
 
 
@@ -70,6 +71,8 @@ async def _objects_by_upload(s3: S3Client) -> dict[str, list[dict[str, Any]]]:
     """Every object under the prefix, by the upload id its key starts with."""
     objects: dict[str, list[dict[str, Any]]] = {}
     async for obj in s3.objects(s3.prefix):
+        if obj["Key"].startswith(s3.prefix + OUTBOX):
+            continue  # hook events, not an upload's
         upload_id = obj["Key"][len(s3.prefix) :].partition(".")[0]
         objects.setdefault(upload_id, []).append(obj)
     return objects

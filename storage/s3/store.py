@@ -7,8 +7,11 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from uploadsrv.core.errors import StorageUnavailable, Superseded, UploadNotFound
+from botocore.exceptions import ClientError
+
+from uploadsrv.core.errors import StorageUnavailable, Superseded, UploadExists, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
 from uploadsrv.core.storage import Lease as CoordinatorLease
 from uploadsrv.core.storage import Orphan, StoredChunk
@@ -19,6 +22,7 @@ from . import state as records
 from .client import CHECKSUM, MAX_PART, MIN_PART, READ_BLOCK, S3Client, part_size_for
 from .lease import Lease
 from .multipart import Joiner, Multipart, algorithm, object_headers
+from .outbox import S3Outbox
 from .state import State
 from .writer import PartWriter, Spool
 
@@ -58,6 +62,7 @@ class S3Storage:
         #: Scratch space for parts on their way to S3 (never state: that lives in S3).
         self.spool_dir = Path(spool_dir or tempfile.gettempdir())
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = S3Outbox(self.s3)
 
     def __repr__(self) -> str:
         return f"S3Storage('s3://{self.bucket}/{self.prefix}')"
@@ -87,7 +92,11 @@ class S3Storage:
             part_size=part_size_for(info.length, self.part_size, self.max_size),
             checksum=self.checksum,
         )
-        await records.save(self.s3, info.id, state)
+        try:  # only an id a hook chose can be taken
+            await self.s3.put(self.s3.key(info.id, ".info"), state.to_json(), IfNoneMatch="*")
+        except ClientError:
+            await Multipart(self.s3, info.id, state).abort()
+            raise UploadExists(f"an upload with id {info.id} already exists") from None
 
     async def get(self, upload_id: str) -> UploadInfo:
         state = await records.load(self.s3, upload_id)
@@ -118,6 +127,26 @@ class S3Storage:
     async def finish(self, info: UploadInfo) -> None:
         await (await self._multipart(info)).complete()
 
+    def location(self, info: UploadInfo) -> dict[str, str]:
+        return {"Type": "s3store", "Bucket": self.bucket, "Key": self.s3.key(info.id)}
+
+    # -- hook outbox (the `outbox` room) -------------------------------------------
+
+    async def put_event(self, event_id: str, record: dict[str, Any]) -> None:
+        await self.outbox.put_event(event_id, record)
+
+    def event_ids(self) -> AsyncIterator[str]:
+        return self.outbox.event_ids()
+
+    async def read_event(self, event_id: str) -> dict[str, Any] | None:
+        return await self.outbox.read_event(event_id)
+
+    async def claim_event(self, event_id: str, lease: float) -> dict[str, Any] | None:
+        return await self.outbox.claim_event(event_id, lease)
+
+    async def release_event(self, event_id: str, record: dict[str, Any] | None) -> None:
+        await self.outbox.release_event(event_id, record)
+
     async def delete(self, upload_id: str) -> None:
         try:
             multipart = await self._fresh(upload_id)
@@ -126,7 +155,9 @@ class S3Storage:
         else:
             if not multipart.state.completed:
                 await multipart.abort()
-        keys = [{"Key": obj["Key"]} async for obj in self.s3.objects(self.s3.key(upload_id))]
+        # `<id>` and `<id>.*` only: ids differ in length, so a bare prefix would reach others.
+        keys = [{"Key": self.s3.key(upload_id)}]
+        keys += [{"Key": obj["Key"]} async for obj in self.s3.objects(self.s3.key(upload_id, "."))]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys at most
             batch = keys[start : start + 1000]
             await self.s3.call("delete_objects", Delete={"Objects": batch, "Quiet": True})

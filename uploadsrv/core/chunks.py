@@ -13,7 +13,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .caller import Caller
@@ -161,7 +161,18 @@ class ChunkSessions:
             session_id,
             {"number": chunk.number, "size": chunk.size, "sha256": chunk.sha256},
         )
+        hooks = self._service.hooks
+        if hooks is not None and hooks.progress_due(session_id):
+            hooks.progress_later(self._progress_of(info), caller)
         return chunk, True
+
+    async def _progress_of(self, info: UploadInfo) -> tuple[UploadInfo, dict[str, object]]:
+        """The session as a post-receive reports it: the bytes and chunks stored so far."""
+        chunks = await self._storage.stored_chunks(info)
+        snapshot = replace(info, offset=sum(c.size for c in chunks), stored_state=None)
+        return snapshot, {
+            "Chunks": {"Size": info.chunk_size, "Count": info.chunk_count, "Stored": len(chunks)}
+        }
 
     async def status(self, session_id: str, caller: Caller | None = None) -> ChunkStatus:
         info = await self._session(session_id, caller)
@@ -177,6 +188,8 @@ class ChunkSessions:
         """
         async with self._service.hold(session_id, caller):
             info = await self._session(session_id, caller)
+            if info.finish_pending:  # assembled, but the pre-finish hook was down
+                await self._service.finish(info, caller)
             if info.is_complete:
                 return info
             status = ChunkStatus(info, await self._storage.stored_chunks(info))
@@ -192,7 +205,7 @@ class ChunkSessions:
             else:
                 intact = True
                 info.offset = status.stored_bytes
-                await self._service.finish(info)
+                await self._service.finish(info, caller)
         if not intact:
             await self._service.terminate(session_id)
             raise ChecksumMismatch(

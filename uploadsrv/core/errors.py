@@ -192,3 +192,34 @@ class TooManyRequests(Retryable):
 class StorageFull(UploadError):
     slug = "storage-full"
     message = "The storage has no space left; the upload resumes once space returns."
+
+
+class UploadExists(Conflict):
+    slug = "upload-exists"
+    message = "An upload with this id already exists."
+
+
+class HookUnavailable(Retryable):
+    slug = "hook-unavailable"
+    message = "The application's hook could not be reached or failed; nothing was changed, retry later."
+
+
+# -- the application decided -------------------------------------------------------
+
+
+class Refused(UploadError):
+    """A hook refused the request; its own answer goes to the client as given."""
+
+    slug = "refused"
+    message = "The application refused the request."
+
+    def __init__(self, detail: str, *, status: int, body: str, headers: dict[str, str]) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+class HookInvalid(UploadError):
+    slug = "hook-invalid"
+    message = "The application's hook answered something this server cannot use; nothing was changed."

@@ -8,8 +8,10 @@ import secrets
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-#: 128 random bits as 32 lowercase hex digits; anything else is not one of ours.
-ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+#: Our ids are 128 random bits as 32 lowercase hex digits; a pre-create hook may choose
+#: its own within this pattern: URL-safe in a path segment, no dots (no `..`, and no clash
+#: with a backend's `<id>.info`-style names), no slashes, at most 128 characters.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 
 
@@ -19,6 +21,15 @@ def new_upload_id() -> str:
 
 def is_upload_id(value: str) -> bool:
     return ID_PATTERN.fullmatch(value) is not None
+
+
+@dataclass
+class Reply:
+    """What the application adds to the answer that finishes an upload (a pre-finish hook)."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int | None = None
+    body: str | None = None
 
 
 @dataclass
@@ -46,13 +57,18 @@ class UploadInfo:
     chunk_size: int | None = None
     #: The whole file's sha256 (hex) the client declared, checked on completion.
     sha256: str | None = None
+    #: Its bytes are all stored, but a pre-finish hook has not agreed yet (it was down):
+    #: the upload is not finished until the next request for it gets that answer.
+    finish_pending: bool = False
+    #: What the application adds to the answer that finishes the upload (pre-finish). Never stored.
+    reply: Reply | None = field(default=None, repr=False, compare=False)
     #: The backend's own state, read together with this record (S3: the info object), so
     #: the later steps of one request under one lock need not read it again. Never stored.
     stored_state: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_complete(self) -> bool:
-        return self.length is not None and self.offset == self.length
+        return self.length is not None and self.offset == self.length and not self.finish_pending
 
     @property
     def is_final(self) -> bool:
@@ -106,5 +122,5 @@ class UploadInfo:
 
 #: The stored fields, in both directions: `offset` comes from the bytes, `stored_state` from the backend.
 _RECORD_FIELDS = tuple(
-    f.name for f in dataclasses.fields(UploadInfo) if f.name not in ("offset", "stored_state")
+    f.name for f in dataclasses.fields(UploadInfo) if f.name not in ("offset", "stored_state", "reply")
 )

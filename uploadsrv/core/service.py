@@ -7,6 +7,7 @@ protocols translate HTTP into these calls and the backend stores the bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -17,13 +18,18 @@ from .caller import Caller
 from .checksums import ALGORITHMS, Checksum, Digester
 from .coordination import Coordinator
 from .errors import (
+    HookInvalid,
+    HookUnavailable,
     InvalidRequest,
     NotReady,
+    Superseded,
     UploadBusy,
+    UploadExists,
     UploadGone,
     UploadNotFound,
 )
 from .events import Listener, UploadEvent
+from .hooks import Hook, HookAnswer, Hooks
 from .locks import Hold, UploadLocks
 from .model import UploadInfo, is_upload_id, new_upload_id
 from .pump import pump
@@ -48,11 +54,13 @@ class UploadService:
         lock_timeout: float = 10.0,
         enforce_owners: bool = False,
         quotas: OwnerQuotas | None = None,
+        hooks: Hooks | None = None,
         clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
     ) -> None:
         """With `enforce_owners` (auth is on), an upload is visible only to its owner;
-        `quotas` limits each owner's unfinished uploads."""
+        `quotas` limits each owner's unfinished uploads;
+        `hooks` tells the application what happens and asks it where it decides."""
         self.storage = storage
         #: Shared with other instances (Redis), if configured: leases and events.
         self.coordinator = coordinator
@@ -62,6 +70,7 @@ class UploadService:
         self.locks = UploadLocks(storage, timeout=lock_timeout, coordinator=coordinator)
         self.enforce_owners = enforce_owners
         self.quotas = quotas
+        self.hooks = hooks
         self._clock = clock
         self._listeners: list[Listener] = []
         self._owned: OrderedDict[tuple[str | None, str], None] = OrderedDict()
@@ -95,7 +104,7 @@ class UploadService:
         if self.quotas is not None and info.owner is not None:
             await self.quotas.reserve_upload(info.owner)
         try:
-            await self.storage.create(info)
+            await self._create_record(info, caller)
         except BaseException:
             await self._upload_ended(info)
             raise
@@ -103,8 +112,9 @@ class UploadService:
             self._remember((info.owner, info.id))
         self.emit(UploadEvent.CREATED, info)
         log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": info.protocol})
+        await self._record(Hook.POST_CREATE, info, caller)
         if info.is_complete:  # a zero-byte upload is done at once
-            await self.finish(info)
+            await self.finish(info, caller)
         return info
 
     async def concatenate(
@@ -132,7 +142,7 @@ class UploadService:
             parts.append(part)
         total = sum(part.offset for part in parts)
         info = self._new(total, metadata, caller, parts=list(part_ids))
-        await self.storage.create(info)
+        await self._create_record(info, caller)
         try:
             await self.storage.concatenate(info, parts)
         except BaseException:
@@ -140,13 +150,18 @@ class UploadService:
             raise
         info.offset = total
         self.emit(UploadEvent.CREATED, info)
-        await self.finish(info)
+        await self._record(Hook.POST_CREATE, info, caller)
+        await self.finish(info, caller)
         return info
 
     async def get(self, upload_id: str, caller: Caller | None = None) -> UploadInfo:
-        """The upload's state; a stale request still holding it is stopped first."""
+        """The upload's state; a stale request still holding it is stopped first. An upload
+        whose pre-finish hook was down is finished now, if the hook answers this time."""
         async with self.hold(upload_id, caller):
-            return await self._live(upload_id, caller)
+            info = await self._live(upload_id, caller)
+            if info.finish_pending:
+                await self.finish(info, caller)
+            return info
 
     async def peek_any(self, upload_id: str) -> UploadInfo:
         """The upload's state, expired or not (for operators)."""
@@ -197,20 +212,33 @@ class UploadService:
         ask = AppendRequest(offset, content_length, length, complete, replay_finished)
         async with self.hold(upload_id, caller) as hold:
             info = await self._live(upload_id, caller)
+            if info.finish_pending:  # its pre-finish hook was down: ask again first
+                await self.finish(info, caller)
             plan = plan_append(info, ask, self.max_size)
             if plan.replay:
                 return info  # a repeated final request: nothing to store
             if plan.length != info.length:
                 info.length = plan.length
                 await self.storage.update(info)
-            if checksum is not None or trailer_checksum is not None:
-                await self._store_verified(info, body, hold, plan.limit, checksum, trailer_checksum)
-            else:
-                await self._store_streaming(info, body, hold, plan.limit, progress)
+            was_complete = info.is_complete
+            receiving = self._receiving(info, caller, hold)
+            try:
+                if checksum is not None or trailer_checksum is not None:
+                    await self._store_verified(info, body, hold, plan.limit, checksum, trailer_checksum)
+                else:
+                    await self._store_streaming(info, body, hold, plan.limit, progress, receiving)
+            except Superseded:
+                if receiving is not None and receiving.stop is not None:
+                    await self._stop(info, receiving.stop)
+                raise
+            if receiving is not None:
+                receiving.ended(info)
             if complete and info.length is None:  # a chunked body ended the upload
                 await self._declare_length(info, info.offset)
-        if info.is_complete:
-            await self.finish(info)
+        if info.is_complete and not was_complete:
+            await self.finish(info, caller)
+        elif was_complete:  # an empty request to a finished upload: the backend's step is safe to repeat
+            await self.storage.finish(info)
         return info
 
     async def _store_verified(
@@ -241,12 +269,15 @@ class UploadService:
         hold: Hold,
         limit: int,
         progress: Callable[[int], Awaitable[None]] | None,
+        receiving: _Receiving | None,
     ) -> None:
-        """Store `body`, keeping every byte that arrived even if the request breaks off."""
+        """Store `body`, keeping every byte that arrived even if the request breaks off;
+        `progress` and a post-receive hook (`receiving`) follow the bytes as they arrive."""
         async with self.storage.writer(info, transactional=False) as writer:
             reporter = None if progress is None else _ProgressReporter(writer, progress, info.offset)
+            after_write = _both(reporter, receiving)
             try:
-                await hold.run(pump(body, writer, limit=limit, digester=None, after_write=reporter))
+                await hold.run(pump(body, writer, limit=limit, digester=None, after_write=after_write))
             except BaseException:
                 info.offset = await writer.commit()
                 self._after_append(info)
@@ -260,11 +291,18 @@ class UploadService:
             info = await self.storage.get(upload_id)
             if not self._permits(caller, info):
                 raise UploadNotFound()
-            await self.storage.delete(upload_id)
+            if self.hooks is not None and caller is not None:  # the server's own cleanup asks no one
+                await self.hooks.pre_terminate(info, caller)
+            await self._remove(info, caller)
+
+    async def _remove(self, info: UploadInfo, caller: Caller | None) -> None:
+        """Delete the upload (its lock is held) and report it as terminated."""
+        await self.storage.delete(info.id)
         if not info.is_complete:
             await self._upload_ended(info)
         self.emit(UploadEvent.TERMINATED, info)
-        log.info("upload terminated", extra={"upload_id": upload_id})
+        await self._record(Hook.POST_TERMINATE, info, caller)
+        log.info("upload terminated", extra={"upload_id": info.id})
 
     def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
         """Stream bytes [start, end) of a finished upload."""
@@ -332,6 +370,8 @@ class UploadService:
                     stored = await self.stored_bytes(info)
                     if not dry_run:
                         await self.storage.delete(upload_id)
+                        if not info.is_complete:
+                            await self._record(Hook.POST_EXPIRE, info, None)
             except UploadBusy:
                 yield upload_id, False, 0
                 continue
@@ -466,13 +506,106 @@ class UploadService:
         info.updated_at = self._clock()
         self.emit(UploadEvent.APPENDED, info)
 
-    async def finish(self, info: UploadInfo) -> None:
-        """The upload reached its length: let the backend finalise it, and tell listeners."""
+    async def finish(self, info: UploadInfo, caller: Caller | None = None, *, asked: bool = False) -> None:
+        """The upload reached its length: ask the pre-finish hook (unless `asked` already),
+        let the backend finalise it, and tell listeners.
+
+        A pre-finish hook that cannot be reached leaves the upload unfinished, marked so,
+        and raises: the next request for it asks again (503 until then).
+        """
+        if self.hooks is not None and not asked:
+            try:
+                await self.hooks.pre_finish(info, caller)
+            except (HookUnavailable, HookInvalid):
+                if not info.finish_pending:
+                    info.finish_pending = True
+                    await self.storage.update(info)
+                raise
+        if info.finish_pending:
+            info.finish_pending = False
+            await self.storage.update(info)
         await self.storage.finish(info)
         if not info.is_final:  # a concatenation result was never an unfinished upload
             await self._upload_ended(info)
         self.emit(UploadEvent.COMPLETED, info)
+        await self._record(Hook.POST_FINISH, info, caller)
         log.info("upload completed", extra={"upload_id": info.id, "length": info.length})
+
+    # -- hooks -------------------------------------------------------------------
+
+    async def _create_record(self, info: UploadInfo, caller: Caller | None) -> None:
+        """Ask the pre-create hook (it may refuse, or change the id and metadata), then store."""
+        if self.hooks is None:
+            await self.storage.create(info)
+            return
+        await self.hooks.pre_create(info, caller)
+        try:
+            await self.storage.create(info)
+        except UploadExists:
+            raise HookInvalid(f"the pre-create hook chose the id of an existing upload, {info.id}") from None
+
+    async def _record(self, hook: Hook, info: UploadInfo, caller: Caller | None) -> None:
+        """Commit a durable hook event before the client hears of the change it reports."""
+        if self.hooks is not None:
+            await self.hooks.record(hook, info, caller)
+
+    def _receiving(self, info: UploadInfo, caller: Caller | None, hold: Hold) -> _Receiving | None:
+        if self.hooks is None or not self.hooks.enabled(Hook.POST_RECEIVE):
+            return None
+        return _Receiving(self.hooks, info, caller, hold)
+
+    async def _stop(self, info: UploadInfo, answer: HookAnswer) -> None:
+        """A post-receive hook said StopUpload: the upload goes, the client gets the hook's answer."""
+        await self._remove(info, None)
+        raise answer.refusal(400, "upload has been stopped by server")
+
+
+class _Receiving:
+    """post-receive while a body streams in: at most one per interval and upload, sent in
+    the background (the copy never waits for it); a StopUpload answer stops the copy."""
+
+    def __init__(self, hooks: Hooks, info: UploadInfo, caller: Caller | None, hold: Hold) -> None:
+        self._hooks = hooks
+        self._info = info
+        self._caller = caller
+        self._hold = hold
+        self._offset = info.offset
+        self._sent = info.offset
+        self.stop: HookAnswer | None = None
+
+    async def __call__(self, written: int) -> None:
+        self._offset += written
+        if self._hooks.progress_due(self._info.id):
+            self._send(self._offset)
+
+    def ended(self, info: UploadInfo) -> None:
+        """The request ended: one more with where it stands, if it stored anything."""
+        if info.offset > self._sent:
+            self._send(info.offset)
+
+    def _send(self, offset: int) -> None:
+        self._sent = offset
+        snapshot = dataclasses.replace(self._info, offset=offset, stored_state=None)
+        self._hooks.progress(snapshot, self._caller, self._answered)
+
+    def _answered(self, answer: HookAnswer) -> None:
+        if answer.stop_upload and self.stop is None:
+            self.stop = answer
+            self._hold.preempt()
+
+
+def _both(
+    first: Callable[[int], Awaitable[None]] | None, second: Callable[[int], Awaitable[None]] | None
+) -> Callable[[int], Awaitable[None]] | None:
+    """One after-write callback from two, either of which may be absent."""
+    if first is None or second is None:
+        return first or second
+
+    async def both(written: int) -> None:
+        await first(written)
+        await second(written)
+
+    return both
 
 
 class _ProgressReporter:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .model import UploadInfo
 
@@ -246,3 +246,37 @@ class Concatenating(Protocol):
 
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
         """Fill the new upload `info` with the bytes of `parts`, in order."""
+
+
+@runtime_checkable
+class Locating(Protocol):
+    """A backend that can say where an upload's bytes are, for hooks (tusd's `Storage`)."""
+
+    def location(self, info: UploadInfo) -> dict[str, str]:
+        """`{"Type": "filestore", "Path": ..., "InfoPath": ...}` on disk,
+        `{"Type": "s3store", "Bucket": ..., "Key": ...}` on S3."""
+
+
+@runtime_checkable
+class Outbox(Protocol):
+    """A durable queue of hook events, kept with the uploads whose changes they report.
+
+    An event is a small JSON record under an id. Several server processes may share the
+    outbox; a claim gives one of them an event for a while, so no two send it at once.
+    """
+
+    async def put_event(self, event_id: str, record: dict[str, Any]) -> None:
+        """Store the event durably before returning (the client is answered after); the
+        same id again replaces it."""
+
+    def event_ids(self) -> AsyncIterator[str]:
+        """Every stored event's id."""
+
+    async def read_event(self, event_id: str) -> dict[str, Any] | None:
+        """The event's record without claiming it; None if there is none."""
+
+    async def claim_event(self, event_id: str, lease: float) -> dict[str, Any] | None:
+        """Take the event for up to `lease` seconds; None if it is gone or another process has it."""
+
+    async def release_event(self, event_id: str, record: dict[str, Any] | None) -> None:
+        """Give a claimed event back: None removes it (delivered, dropped), a record replaces it."""

@@ -44,6 +44,7 @@ from .common import (
     parse_offset,
     sse_event,
     status_of,
+    with_reply,
 )
 
 PATH = "/chunks/"
@@ -148,7 +149,7 @@ class ChunkProtocol:
             "sha256": info.sha256,
             "upload_url": url,
         }
-        return JSONResponse(body, headers={"Location": url})
+        return with_reply(JSONResponse(body, headers={"Location": url}), info)
 
     async def abort(self, request: Request, caller: Caller) -> Response:
         await self.sessions.abort(request.path_params["session_id"], caller)

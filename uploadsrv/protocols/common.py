@@ -45,6 +45,7 @@ ERROR_STATUS: dict[type[e.UploadError], int] = {
     e.UploadBusy: 423,
     e.TooManyRequests: 429,
     e.StorageFull: 507,
+    e.HookInvalid: 502,
 }
 
 
@@ -87,6 +88,9 @@ def _title(status: int) -> str:
 
 
 def error_problem(error: UploadError, status: int, headers: Mapping[str, str] | None = None) -> Response:
+    """The error as problem+json; one the application answered itself (a hook) as it answered."""
+    if isinstance(error, e.Refused):
+        return Response(error.body, error.status, {**(headers or {}), **error.headers})
     return problem(status, error.detail, type_=PROBLEM_TYPE + error.slug, headers=headers, **error.extra)
 
 
@@ -104,6 +108,20 @@ class Identity:
 
 
 ANONYMOUS = Identity(None)
+
+
+def with_reply(response: Response, info: UploadInfo) -> Response:
+    """The answer that finished an upload, with what the application adds to it (pre-finish)."""
+    reply = info.reply
+    if reply is None:
+        return response
+    if reply.status is not None:
+        response.status_code = reply.status
+    if reply.body is not None and response.status_code not in (204, 304):
+        response.body = reply.body.encode()
+        response.headers["content-length"] = str(len(response.body))
+    response.headers.update(reply.headers)
+    return response
 
 
 def make_caller(request: Request, protocol: str) -> Caller:

@@ -31,11 +31,13 @@ from .common import (
     Links,
     content_length,
     error_headers,
+    error_problem,
     make_caller,
     parse_content_digest,
     parse_offset,
     problem,
     status_of,
+    with_reply,
 )
 from .download import download
 from .tus import parse_metadata
@@ -161,7 +163,8 @@ class IetfProtocol:
             first["Upload-Limit"] = limit
         await x.informational(first)  # the upload exists: tell the client where, before the body
         info = await self._append(x, info.id, 0, complete)
-        return Response(status_code=201, headers={"Location": x.location, **self._state(x.interop, info)})
+        created = Response(status_code=201, headers={"Location": x.location, **self._state(x.interop, info)})
+        return with_reply(created, info)
 
     async def offset(self, x: _Exchange) -> Response:
         info = await self.service.get(x.request.path_params["upload_id"], x.caller)
@@ -174,7 +177,7 @@ class IetfProtocol:
         complete = x.upload_complete(required=x.interop.complete_required)
         offset = parse_offset(x.request.headers.get("upload-offset"), "Upload-Offset")
         info = await self._append(x, x.request.path_params["upload_id"], offset, complete)
-        return Response(status_code=204, headers=self._state(x.interop, info))
+        return with_reply(Response(status_code=204, headers=self._state(x.interop, info)), info)
 
     async def download(self, x: _Exchange) -> Response:
         info = await self.service.peek(x.request.path_params["upload_id"], x.caller)
@@ -245,6 +248,8 @@ class IetfProtocol:
         if x.informed and error.resumable:
             await x.abort()  # the client knows where its upload is: let it resume, not give up
             return Response(status_code=503)  # never sent: the connection is gone
+        if isinstance(error, e.Refused):  # the application's own answer
+            return error_problem(error, error.status, {"Location": x.location} if x.location else None)
         status = status_of(error)  # a failed digest: 400, the draft has no status of its own
         headers = error_headers(error)
         if isinstance(error, e.OffsetMismatch):

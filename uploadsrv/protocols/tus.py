@@ -32,6 +32,7 @@ from .common import (
     parse_offset,
     problem,
     status_of,
+    with_reply,
 )
 from .download import download
 
@@ -147,9 +148,10 @@ class TusProtocol:
         if concat is not None and concat.startswith("final"):
             part_ids = self._parse_final(concat)
             info = await self.service.concatenate(part_ids, metadata=metadata, caller=caller)
-            return Response(
+            created = Response(
                 status_code=201, headers={"Location": self._url(request, info), **self._state(info)}
             )
+            return with_reply(created, info)
         if concat not in (None, "partial"):
             raise e.InvalidRequest("Upload-Concat must be 'partial' or 'final;<urls>'")
         if headers.get("upload-defer-length") is not None:
@@ -170,7 +172,7 @@ class TusProtocol:
             except e.UploadError as error:
                 # The upload exists: tell the client where, so it can resume.
                 return self._error(error, location)
-        return Response(status_code=201, headers={**location, **self._state(info)})
+        return with_reply(Response(status_code=201, headers={**location, **self._state(info)}), info)
 
     async def head(self, request: Request, caller: Caller) -> Response:
         info = await self.service.get(request.path_params["upload_id"], caller)
@@ -181,7 +183,7 @@ class TusProtocol:
             return problem(415, f"Content-Type must be {OFFSET_STREAM}")
         offset = parse_offset(request.headers.get("upload-offset"), "Upload-Offset")
         info = await self._append(request, caller, request.path_params["upload_id"], offset)
-        return Response(status_code=204, headers=self._state(info))
+        return with_reply(Response(status_code=204, headers=self._state(info)), info)
 
     async def delete(self, request: Request, caller: Caller) -> Response:
         await self.service.terminate(request.path_params["upload_id"], caller)
