@@ -30,7 +30,7 @@ from pathlib import Path
 import boto3
 import httpx
 
-from uploadsrv.config import _parse_bool, parse_size
+from uploadsrv.config import parse_bool, parse_size
 
 from .procs import boto3_credentials, free_port, start_moto, start_uploadsrv
 
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, default=parse_size("32M"), help="bytes per upload")
     parser.add_argument("--uploads", type=int, default=12, help="uploads at once")
     parser.add_argument("--heads", type=int, default=300, help="HEADs for the lock's round trip")
-    parser.add_argument("--redis", type=_parse_bool, default=True, help="throughput rows with Redis")
+    parser.add_argument("--redis", type=parse_bool, default=True, help="throughput rows with Redis")
     args = parser.parse_args()
     data = os.urandom(args.size)
     with tempfile.TemporaryDirectory(prefix="bench-instances-") as tmp, ExitStack() as stack:

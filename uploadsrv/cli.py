@@ -19,9 +19,10 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from .config import ENV_PREFIX, Settings, parse_duration
+from . import __version__
+from .config import ConfigError, Settings, env_name, flag_name, parse_duration
 
 if TYPE_CHECKING:  # the operator commands import these lazily, to keep `serve` start-up lean
     from rich.console import Console
@@ -107,9 +108,15 @@ HOOK_FLAGS = {
 }
 
 
-def _flag_type(name: str) -> Callable[[str], object]:
-    """The parser of one setting's flag; its error says what a valid value looks like."""
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line that names the flag and what it accepts, exit status 2."""
 
+    def error(self, message: str) -> NoReturn:
+        message = message.removeprefix("argument ")
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _setting_type(name: str) -> Callable[[str], object]:
     def parse(text: str) -> object:
         try:
             return Settings.parse(name, text)
@@ -124,12 +131,12 @@ def _add_settings(parser: argparse.ArgumentParser, flags: dict[str, str]) -> Non
     for name, help_text in flags.items():
         switch = isinstance(getattr(defaults, name), bool)  # `--console` alone means true
         parser.add_argument(
-            "--" + name.replace("_", "-"),
+            flag_name(name),
             dest=name,
             nargs="?" if switch else None,
             const=True if switch else None,
-            type=_flag_type(name),
-            help=f"{help_text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
+            type=_setting_type(name),
+            help=f"{help_text} [env {env_name(name)}; default {getattr(defaults, name)}]",
         )
 
 
@@ -156,8 +163,6 @@ def serve_command(args: argparse.Namespace) -> int:
     if problem:
         sys.exit(f"uploadsrv: {problem}")
     settings = _settings(args)
-    if settings.http not in PROTOCOL_CLASSES:
-        sys.exit(f"uploadsrv: --http must be one of {', '.join(PROTOCOL_CLASSES)}")
     problem = _tls_problem(settings)
     if problem:
         sys.exit(f"uploadsrv: {problem}")
@@ -170,7 +175,7 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         _check_redis_url(settings.redis_url)
     except ValueError as exc:
-        sys.exit(f"uploadsrv: --redis-url: {exc}")
+        raise ConfigError(f"--redis-url: {exc}") from None
     from . import auth
 
     try:
@@ -180,7 +185,11 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"uploadsrv serve: {error}", file=sys.stderr)
         return 2
     settings.data_dir = settings.data_dir.resolve()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--data-dir: cannot create {str(settings.data_dir)!r}: {error.strerror}") from None
+    _check_storage(settings)
     if settings.console:
         from .console import console_url, ensure_token
 
@@ -248,6 +257,25 @@ def _metrics_dir(settings: Settings) -> Iterator[None]:
                 del os.environ[MULTIPROC_DIR]
     else:
         yield
+
+
+def _check_storage(settings: Settings) -> None:
+    """Open the storage once before serving: a missing bucket or an unreachable endpoint
+    is one line and exit status 1, not a traceback from every worker's start-up."""
+    from .backend import open_storage
+
+    async def check() -> None:
+        storage = open_storage(settings)
+        try:
+            await storage.check()
+        finally:
+            await storage.close()
+
+    try:
+        asyncio.run(check())
+    except RuntimeError as error:
+        print(f"uploadsrv serve: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespace], int]:
@@ -423,8 +451,9 @@ def _duration(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uploadsrv", description="Resumable upload server.")
-    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
+    parser = _Parser(prog="uploadsrv", description="Resumable upload server.")
+    parser.add_argument("--version", action="version", version=f"uploadsrv {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command", parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the upload server")
     _add_settings(serve, {**STORAGE_FLAGS, **SERVE_FLAGS, **HOOK_FLAGS})
@@ -486,7 +515,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return loadtest(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ConfigError as error:  # a bad UPLOADSRV_* value, or a setting the system refuses
+        print(f"uploadsrv {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -14,13 +14,28 @@ ENV_PREFIX = "UPLOADSRV_"
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"\s*(\d{1,15})\s*([kmgt]?)(?:i?b)?\s*", re.ASCII)
+_DURATION = re.compile(r"\s*(\d{1,9}(?:\.\d{1,9})?)\s*([smhd]?)\s*", re.ASCII)
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class ConfigError(ValueError):
+    """A flag or `UPLOADSRV_*` value the setting does not accept; one line for the operator."""
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
 
 
 def parse_size(text: str) -> int:
     """Bytes from '1048576', '512M', '16GiB', '2T' (binary units)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    match = _SIZE.fullmatch(text.lower())
     if not match:
-        raise ValueError(f"not a size: {text!r} (try 512M or 16G)")
+        raise ValueError(f"{text!r} is not a size; use e.g. 512M or 16G")
     return int(match[1]) * _SIZE_UNITS[match[2]]
 
 
@@ -28,9 +43,14 @@ def parse_duration(text: str) -> float | None:
     """Seconds from '3600', '30m', '12h', '7d'; '0' or 'never' means no limit (None)."""
     if text.strip().lower() in ("0", "never", "none"):
         return None
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    return parse_seconds(text)
+
+
+def parse_seconds(text: str) -> float:
+    """Seconds from '10', '1.5', '90s', '30m', '12h', '7d'; 0 is 0 here."""
+    match = _DURATION.fullmatch(text.lower())
     if not match:
-        raise ValueError(f"not a duration: {text!r} (try 90s, 30m, 12h or 7d)")
+        raise ValueError(f"{text!r} is not a duration; use e.g. 90s, 30m, 12h or 7d")
     return float(match[1]) * _DURATION_UNITS[match[2]]
 
 
@@ -44,8 +64,62 @@ def _parse_events(text: str) -> list[str]:
     return parse_events(text)
 
 
-def _parse_bool(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
+def parse_bool(text: str) -> bool:
+    """Only the six spellings people mean: a typo is an error, not false."""
+    try:
+        return _BOOLEANS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{text!r} is not a boolean; use true or false (or 1/0, yes/no)") from None
+
+
+def _count(low: int, high: int | None = None, what: str = "a number") -> Callable[[str], int]:
+    """A decimal integer from `low` to `high`."""
+    accepts = f"{low} or more" if high is None else f"{low} to {high}"
+
+    def parse(text: str) -> int:
+        value = text.strip()
+        if not (value.isascii() and value.isdigit() and len(value) < 10):
+            raise ValueError(f"{text!r} is not {what}; use {accepts}")
+        number = int(value)
+        if number < low or (high is not None and number > high):
+            raise ValueError(f"{text!r} is out of range; use {accepts}")
+        return number
+
+    return parse
+
+
+def _at_least(minimum: int, parse: Callable[[str], int], hint: str) -> Callable[[str], int]:
+    def checked(text: str) -> int:
+        value = parse(text)
+        if value < minimum:
+            raise ValueError(f"{text!r} is too small; use {hint}")
+        return value
+
+    return checked
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _parse_storage(text: str) -> str:
+    value = text.strip()
+    if value and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", value):
+        raise ValueError(f"{text!r} is not a storage; use s3://bucket/prefix, or nothing for local disk")
+    return value
+
+
+def _parse_url(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", value):
+        raise ValueError(f"{text!r} is not a URL; use e.g. https://minio.internal:9000")
+    return value
 
 
 @dataclass
@@ -177,57 +251,69 @@ class Settings:
     hooks_max_age: float | None = 3 * 86400.0
 
     _parsers: ClassVar[dict[str, Callable[[str], object]]] = {
-        "port": int,
+        "port": _count(1, 65535, "a port"),
         "data_dir": Path,
         "tokens_file": Path,
         "jwt_public_key": Path,
-        "jwt_leeway": float,
-        "max_uploads_per_owner": int,
-        "max_requests_per_owner": int,
-        "max_size": parse_size,
+        "jwt_leeway": parse_seconds,
+        "max_uploads_per_owner": _count(0, 1 << 30),
+        "max_requests_per_owner": _count(0, 1 << 30),
+        "max_size": _at_least(1, parse_size, "e.g. 512M or 16G"),
         "expiry": parse_duration,
         "expiry_interval": parse_duration,
+        "storage": _parse_storage,
+        "s3_endpoint_url": _parse_url,
         "cors_origins": _parse_list,
-        "trust_proxy": _parse_bool,
-        "lock_timeout": float,
-        "io_threads": int,
-        "workers": int,
-        "access_log": _parse_bool,
-        "keep_alive": float,
+        "trust_proxy": parse_bool,
+        "lock_timeout": parse_seconds,
+        "io_threads": _count(1, 1024),
+        "workers": _count(1, 1024),
+        "http": _choice("httptools", "h11"),
+        "log_level": _choice("debug", "info", "warning", "error"),
+        "access_log": parse_bool,
+        "keep_alive": parse_seconds,
         "tls_cert": Path,
         "tls_key": Path,
         "unix_socket": Path,
-        "shutdown_timeout": float,
-        "metrics": _parse_bool,
-        "s3_path_style": _parse_bool,
-        "s3_part_size": parse_size,
-        "chunk_size": parse_size,
-        "s3_concurrency": int,
-        "s3_presign_downloads": _parse_bool,
-        "s3_checksums": _parse_bool,
-        "console": _parse_bool,
+        "shutdown_timeout": parse_seconds,
+        "metrics": parse_bool,
+        "s3_path_style": parse_bool,
+        "s3_part_size": _at_least(5 << 20, parse_size, "5M or more"),
+        "chunk_size": _at_least(1, parse_size, "e.g. 8M"),
+        "s3_concurrency": _count(1, 64),
+        "s3_presign_downloads": parse_bool,
+        "s3_checksums": parse_bool,
+        "console": parse_bool,
         "hooks_dir": Path,
-        "hooks_http_timeout": float,
-        "hooks_http_retry": int,
-        "hooks_http_backoff": float,
+        "hooks_http_timeout": parse_seconds,
+        "hooks_http_retry": _count(0, 1000),
+        "hooks_http_backoff": parse_seconds,
         "hooks_http_forward_headers": _parse_list,
         "hooks_enabled_events": _parse_events,
-        "progress_hooks_interval": float,
+        "progress_hooks_interval": parse_seconds,
         "hooks_max_age": parse_duration,
     }
 
     @classmethod
     def parse(cls, name: str, text: str) -> object:
+        """A setting's value from its text; ValueError says what the setting accepts."""
         return cls._parsers.get(name, str)(text)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
-        environ = dict(os.environ if environ is None else environ)
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from `UPLOADSRV_*` variables, then `overrides` (parsed flags) on top.
+
+        Raises ConfigError naming the variable when one holds what its setting does not accept.
+        """
+        environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
-            text = environ.get(ENV_PREFIX + f.name.upper())
+            text = environ.get(env_name(f.name))
             if text is not None and text != "":
-                values[f.name] = cls.parse(f.name, text)
+                try:
+                    values[f.name] = cls.parse(f.name, text)
+                except ValueError as error:
+                    raise ConfigError(f"{env_name(f.name)}: {error}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]  # each value comes from its field's parser
         settings.base_path = "/" + settings.base_path.strip("/") + "/"
@@ -241,10 +327,10 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:
-                text = "never" if f.name.startswith("expiry") or f.name == "hooks_max_age" else ""
+                text = "never" if self._parsers.get(f.name) is parse_duration else ""
             elif isinstance(value, list):
                 text = ",".join(value)
             else:
                 text = str(value)
-            env[ENV_PREFIX + f.name.upper()] = text
+            env[env_name(f.name)] = text
         return env
