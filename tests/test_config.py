@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +143,24 @@ def test_an_unreachable_s3_endpoint_at_start_up_is_one_line(tmp_path):
 def test_version():
     result = run("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"uploadsrv {__version__}"
+
+
+def test_max_connections_are_lowered_to_fit_the_open_file_limit(tmp_path):
+    """With `ulimit -n 1000` (soft and hard) 4,096 connections cannot be served: the
+    server says so in one line and serves (2 descriptors a connection, 256 spare) 372."""
+    with socket.socket() as taken:  # the server then stops right after its settings
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [SCRIPT, "serve", "--data-dir", str(tmp_path), "--port", str(taken.getsockname()[1])],
+            env={k: v for k, v in os.environ.items() if not k.startswith("UPLOADSRV_")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1000, 1000)),
+        )
+    first = result.stderr.splitlines()[0]
+    assert (
+        first
+        == "uploadsrv serve: --max-connections lowered to 372 to fit the open-file limit of 1000 (ulimit -n)"
+    )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import json
 import os
+import socket
+import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import TUS, Server, create, patch, raw_request, wait_for
+from tests.conftest import TUS, Server, create, patch, raw_request, read_response, wait_for
 
 OCTETS = "application/offset+octet-stream"
 NON_ASCII = "é²€".encode()  # the server decodes header bytes as latin-1: never ASCII, never digits
@@ -86,3 +93,186 @@ def test_aborted_downloads_leave_no_descriptors_open(start_server):
         sock.close()
     assert httpx.get(srv.url + "/healthz").status_code == 200
     wait_for(lambda: not upload_fds(srv), 20, f"descriptors to close: {len(upload_fds(srv))} open")
+
+
+# -- request heads ------------------------------------------------------------------
+
+PARSERS = ["httptools", "h11"]
+
+
+def refused(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """The problem the server answered with, after which it closed the connection."""
+    sock.settimeout(15)
+    status, headers, body = read_response(sock)
+    assert sock.recv(1) == b""  # closed after the answer
+    assert headers["content-type"] == "application/problem+json" and headers["connection"] == "close"
+    return status, headers, json.loads(body)
+
+
+def head_with(port: int, *lines: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    )
+    return sock
+
+
+@pytest.fixture(scope="module", params=PARSERS)
+def edge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with default limits and short timeouts, once per HTTP parser."""
+    data_dir = tmp_path_factory.mktemp(request.param) / "data"
+    srv = Server(data_dir, "--http", request.param, "--header-timeout", "1", "--idle-timeout", "1").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"X-Big: " + b"a" * (100 << 10)],  # one 100 KiB header
+        [b"X-Big: " + b"a" * (17 << 10)],  # just over 16 KiB
+        [b"X-%d: %s" % (n, b"a" * 200) for n in range(90)],  # 90 lines, 18 KiB together
+        [b"X-%d: 1" % n for n in range(101)],  # 101 short lines
+        [b"X-%d: 1" % n for n in range(1000)],
+    ],
+    ids=["100KiB-header", "17KiB-header", "18KiB-in-90-lines", "101-lines", "1000-lines"],
+)
+def test_a_head_over_16_kib_or_100_lines_is_a_431_and_the_connection_closes(edge, lines):
+    status, _headers, problem = refused(head_with(edge.port, *lines))
+    assert status == 431 and problem["status"] == 431
+
+
+def test_a_head_sent_in_pieces_is_refused_once_it_is_too_large(edge):
+    sock = socket.create_connection(("127.0.0.1", edge.port))
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    with contextlib.suppress(OSError):  # the server may stop reading before all of it is sent
+        for _ in range(40):
+            sock.sendall(b"a" * 1024)
+    assert refused(sock)[0] == 431
+
+
+def test_a_head_within_the_limits_is_served(edge):
+    sock = head_with(edge.port, b"X-Big: " + b"a" * (15 << 10), *[b"X-%d: 1" % n for n in range(97)])
+    assert read_response(sock)[0] == 200
+    sock.close()
+
+
+def test_metadata_over_4_kib_is_a_413_and_creates_nothing(edge):
+    value = base64.b64encode(os.urandom(3200)).decode()  # 4,268 bytes as a header
+    response = httpx.post(
+        edge.files, headers={**TUS, "Upload-Length": "1", "Upload-Metadata": f"filename {value}"}
+    )
+    assert response.status_code == 413, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert not list((edge.data_dir / "uploads").glob("*/*"))
+    small = httpx.post(
+        edge.files, headers={**TUS, "Upload-Length": "1", "Upload-Metadata": f"f {value[:4000]}"}
+    )
+    assert small.status_code == 201, small.text
+
+
+def test_a_chunk_session_with_metadata_over_4_kib_is_a_413(edge):
+    response = httpx.post(edge.url + "/chunks/", json={"size": 1, "metadata": {"filename": "x" * 4000}})
+    assert response.status_code == 413, response.text
+
+
+def test_a_chunk_api_json_body_over_64_kib_is_a_413(edge):
+    body = json.dumps({"size": 1, "padding": "x" * (64 << 10)})
+    response = httpx.post(edge.url + "/chunks/", content=body)
+    assert response.status_code == 413, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+# -- timeouts -----------------------------------------------------------------------
+
+MARGIN = 4.0  #: seconds the server may take beyond a timeout on a loaded machine
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float:
+    """Seconds until the server closes `sock`, sending `trickle` a byte at a time meanwhile."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - start < seconds:
+        if trickle:
+            with contextlib.suppress(OSError):
+                sock.send(trickle[:1])
+            trickle = trickle[1:]
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return time.monotonic() - start
+        assert data == b"", data[:200]
+        return time.monotonic() - start
+    raise AssertionError(f"still open after {seconds} s")
+
+
+def test_a_connection_that_sends_no_head_is_closed_after_the_header_timeout(edge):
+    sock = socket.create_connection(("127.0.0.1", edge.port))
+    assert closed_within(sock, 1 + MARGIN) > 0.8
+
+
+def test_a_head_dribbled_a_byte_at_a_time_is_closed_after_the_header_timeout(edge):
+    sock = socket.create_connection(("127.0.0.1", edge.port))
+    assert closed_within(sock, 1 + MARGIN, trickle=b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X" * 100) > 0.8
+
+
+def test_a_stalled_body_is_ended_after_the_idle_timeout_and_keeps_what_arrived(edge):
+    url = httpx.post(edge.files, headers={**TUS, "Upload-Length": "1000"}).headers["location"]
+    path = url.split(str(edge.port), 1)[1]
+    head = f"PATCH {path} HTTP/1.1\nHost: x\nTus-Resumable: 1.0.0\nUpload-Offset: 0\n"
+    head += f"Content-Type: {OCTETS}\nContent-Length: 1000\n"
+    data = os.urandom(1000)
+    sock = raw_request(edge.port, head, data[:300], close=False)
+    assert closed_within(sock, 1 + MARGIN) > 0.8
+    sock.close()
+    wait_for(lambda: httpx.head(url, headers=TUS).headers["upload-offset"] == "300", 10, "offset 300")
+    assert (patch_sync(url, 300, data[300:])).status_code == 204
+    assert hashlib.sha256(httpx.get(url).content).digest() == hashlib.sha256(data).digest()
+
+
+def test_a_slow_but_steady_body_is_not_cut_off(edge):
+    """Each byte resets the idle timer: 3 s of a byte every 0.2 s against an idle timeout of 1 s."""
+    url = httpx.post(edge.files, headers={**TUS, "Upload-Length": "15"}).headers["location"]
+    path = url.split(str(edge.port), 1)[1]
+    head = f"PATCH {path} HTTP/1.1\nHost: x\nTus-Resumable: 1.0.0\nUpload-Offset: 0\n"
+    head += f"Content-Type: {OCTETS}\nContent-Length: 15\n"
+    sock = raw_request(edge.port, head, close=False)
+    for byte in range(15):
+        sock.send(bytes([65 + byte]))
+        time.sleep(0.2)  # the pace of the client, not a synchronisation
+    sock.settimeout(15)
+    assert read_response(sock)[0] == 204
+    sock.close()
+
+
+def patch_sync(url: str, offset: int, data: bytes) -> httpx.Response:
+    return httpx.patch(
+        url, content=data, headers={**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS}
+    )
+
+
+# -- connections --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_connections_beyond_the_limit_get_a_503_and_open_ones_carry_on(start_server, parser):
+    srv: Server = start_server("--max-connections", "3", "--http", parser)
+    url = httpx.post(srv.files, headers={**TUS, "Upload-Length": "6"}).headers["location"]
+    with httpx.Client(limits=httpx.Limits(max_connections=1)) as first, httpx.Client() as second:
+        assert patch_with(first, url, 0, b"abc").status_code == 204
+        assert second.get(srv.url + "/healthz").status_code == 200
+        third = head_with(srv.port)
+        assert read_response(third)[0] == 200  # three connections open now
+        status, headers, problem = refused(head_with(srv.port))
+        assert status == 503 and problem["status"] == 503 and headers["retry-after"] == "5"
+        assert patch_with(first, url, 3, b"def").status_code == 204  # on its open connection
+        third.close()
+    assert httpx.get(url).content == b"abcdef"
+
+
+def patch_with(client: httpx.Client, url: str, offset: int, data: bytes) -> httpx.Response:
+    return client.patch(
+        url, content=data, headers={**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS}
+    )

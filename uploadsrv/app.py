@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         enforce_owners=authenticator is not None,
         quotas=quotas,
         hooks=hooks,
+        max_metadata_size=settings.max_metadata_size,
     )
     on_start: list[Observer] = []
     observers: list[Observer] = [AccessLog(every_request=settings.access_log)]

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import resource
 import ssl
 import sys
 import tempfile
@@ -32,6 +33,10 @@ if TYPE_CHECKING:  # the operator commands import these lazily, to keep `serve` 
 #: uvicorn minor versions `uvicorn_protocols.py`, which subclasses uvicorn's private
 #: protocol classes, is tested against; pyproject.toml pins the same range.
 TESTED_UVICORN = ("0.54",)
+#: Descriptors one connection may hold (its socket, a file it writes or reads), and what
+#: the process needs besides (logs, the listening socket, lock files, S3 connections).
+FDS_PER_CONNECTION = 2
+FDS_SPARE = 256
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -93,6 +98,11 @@ SERVE_FLAGS = {
     "metrics_token": "serve metrics only with Authorization: Bearer <this token>",
     "console": "serve the web console at /console/ (true/false; the flag alone means true)",
     "console_token": "the console operator's bearer token (auth none: a random one is logged if unset)",
+    "max_header_size": "largest request head (request line and headers), e.g. 16K; larger is a 431",
+    "max_metadata_size": "largest Upload-Metadata, e.g. 4K; larger is a 413",
+    "header_timeout": "seconds a request head may take; then the connection is closed ('never': no limit)",
+    "idle_timeout": "seconds a request body may stall; then it ends, keeping what came ('never': no limit)",
+    "max_connections": "open connections per worker; beyond it new connections get a 503 with Retry-After",
 }
 HOOK_FLAGS = {
     "hooks_http": "POST every hook event (tusd's JSON) to this URL",
@@ -184,6 +194,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except auth.ConfigError as error:
         print(f"uploadsrv serve: {error}", file=sys.stderr)
         return 2
+    _fit_open_files(settings)
     settings.data_dir = settings.data_dir.resolve()
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +225,7 @@ def serve_command(args: argparse.Namespace) -> int:
             proxy_headers=settings.trust_proxy,
             timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
             timeout_keep_alive=math.ceil(settings.keep_alive),  # uvicorn takes whole seconds
+            h11_max_incomplete_event_size=settings.max_header_size,
         )
     return 0
 
@@ -257,6 +269,25 @@ def _metrics_dir(settings: Settings) -> Iterator[None]:
                 del os.environ[MULTIPROC_DIR]
     else:
         yield
+
+
+def _fit_open_files(settings: Settings) -> None:
+    """Raise the soft open-file limit (`ulimit -n`) so that `--max-connections` fit, as
+    far as the hard limit allows; else lower the connection limit to what fits, so that
+    the 503 comes before the process runs out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = FDS_PER_CONNECTION * settings.max_connections + FDS_SPARE
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < needed:
+        settings.max_connections = max(1, (soft - FDS_SPARE) // FDS_PER_CONNECTION)
+        print(
+            f"uploadsrv serve: --max-connections lowered to {settings.max_connections} "
+            f"to fit the open-file limit of {soft} (ulimit -n)",
+            file=sys.stderr,
+        )
 
 
 def _check_storage(settings: Settings) -> None:

@@ -249,6 +249,18 @@ class Settings:
     hooks_secret: str | None = None
     #: A durable event not delivered for this long is given up (kept for `uploadsrv hooks`).
     hooks_max_age: float | None = 3 * 86400.0
+    #: Largest request head (request line and header lines) in bytes; larger is a 431.
+    max_header_size: int = 16 << 10
+    #: Largest `Upload-Metadata` (as the header carries it, base64 values); larger is a 413.
+    max_metadata_size: int = 4 << 10
+    #: Seconds a connection has to deliver a complete request head (None: no limit).
+    #: Slow-header clients (slowloris) otherwise hold a connection each, for ever.
+    header_timeout: float | None = 30.0
+    #: Seconds a request body may deliver no byte before the request is ended (None: no
+    #: limit). What arrived is kept; the client resumes from there.
+    idle_timeout: float | None = 60.0
+    #: Open connections per worker process; beyond it a new connection gets a 503.
+    max_connections: int = 4096
 
     _parsers: ClassVar[dict[str, Callable[[str], object]]] = {
         "port": _count(1, 65535, "a port"),
@@ -292,6 +304,11 @@ class Settings:
         "hooks_enabled_events": _parse_events,
         "progress_hooks_interval": parse_seconds,
         "hooks_max_age": parse_duration,
+        "max_header_size": _at_least(1 << 10, parse_size, "1K or more, e.g. 16K"),
+        "max_metadata_size": _at_least(1, parse_size, "e.g. 4K"),
+        "header_timeout": parse_duration,
+        "idle_timeout": parse_duration,
+        "max_connections": _count(1, 1 << 20),
     }
 
     @classmethod

@@ -19,6 +19,13 @@ the core keeps them and the client resumes after them: a phone losing its networ
 sending a small body would otherwise lose all of it. And the body is buffered as the
 parser's blocks, not copied twice more through a bytearray (`_BodyBlocks`).
 
+And the limits a server facing the internet needs, per connection (`_ConnectionLimits`,
+shared by both classes): a request head of at most `--max-header-size` bytes and 100
+header lines (431); `--header-timeout` for a complete head and `--idle-timeout` for a
+stalled body (the connection is closed; the app keeps what arrived); at most
+`--max-connections` open connections (503). Both timeouts are one timer per connection,
+re-armed only when it fires: a body block costs one timestamp.
+
 They also keep the open-connections gauge of `metrics.py`, which only the HTTP protocol
 sees. `uploadsrv serve` selects these classes for both of uvicorn's parsers (httptools, h11).
 """
@@ -26,7 +33,12 @@ sees. `uploadsrv serve` selects these classes for both of uvicorn's parsers (htt
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -34,8 +46,12 @@ import httptools
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from . import memory
+from .config import Settings
 from .metrics import OPEN_CONNECTIONS
 from .socket_body import MIN_LENGTH, SOCKET_BODY, SocketBody
+
+log = logging.getLogger("uploadsrv")
 
 TRAILERS = "uploadsrv.trailers"
 INFORMATIONAL = "http.response.informational"
@@ -156,12 +172,209 @@ class _CountsConnections(asyncio.Protocol):
         super().connection_lost(exc)
 
 
-class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What one connection may cost; from the settings, once per worker process."""
+
+    max_head: int
+    header_timeout: float | None
+    idle_timeout: float | None
+    max_connections: int
+    max_header_lines: int = 100
+    #: Seconds a refused connection is drained before it is closed, so that the client
+    #: reads the refusal instead of a reset (closing with unread input sends an RST).
+    linger: float = 2.0
+    retry_after: int = 5
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EdgeLimits:
+        return cls(
+            settings.max_header_size, settings.header_timeout, settings.idle_timeout, settings.max_connections
+        )
+
+
+@functools.cache
+def edge_limits() -> EdgeLimits:
+    """The worker's limits: `uploadsrv serve` passes its settings on in the environment."""
+    return EdgeLimits.from_settings(Settings.from_env())
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a request that has been refused."""
+
+
+#: Where a connection stands, for its timer.
+HEAD, BODY, WAIT, IDLE, LINGER = range(5)
+
+
+class _ConnectionLimits:
+    """Head size and line limits, header and idle timeouts and the connection limit, for
+    any uvicorn HTTP protocol class that calls `_head_complete` and `_body_complete`.
+
+    One timer per connection, armed for the earliest deadline of its phase: the head's
+    (`HEAD`, from its first byte), the body's last byte plus the idle timeout (`BODY`,
+    unless uvicorn paused reading because the app is behind), or the end of lingering
+    after a refusal. `WAIT` (the app answers) and `IDLE` (keep-alive, uvicorn's timer)
+    have none.
+    """
+
+    loop: Any
+    transport: Any
+    flow: Any
+    connections: set[Any]
+    cycle: Any
+    _phase: int
+    _last_read: float
+    _head_began: float
+    _head_bytes: int  #: raw bytes received since the head began
+    _head_size: int  #: bytes of the head the parser has reported
+    _head_lines: int
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._limits = edge_limits()
+        self._timer: Any = None
+        self._timer_at = float("inf")
+        self._refusal: int | None = None
+        self._begin_head(self.loop.time())
+        if len(self.connections) > self._limits.max_connections:
+            self._refuse(
+                503,
+                "too many connections; retry later",
+                [(b"retry-after", str(self._limits.retry_after).encode())],
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)  # type: ignore[misc]
+        memory.trim_soon(self.loop)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return  # lingering after a refusal: what the client still sends is dropped
+        now = self._last_read = self.loop.time()
+        if self._phase == IDLE:
+            self._begin_head(now)
+        if self._phase == HEAD:
+            self._head_bytes += len(data)
+        super().data_received(data)  # type: ignore[misc]
+        if self._phase == HEAD and self._head_bytes > self._limits.max_head and self._refusal is None:
+            self._refuse_head()  # an unfinished head, already larger than any we accept
+
+    @property
+    def body_idle_timeout(self) -> float | None:
+        """For a body read past the parser (`SocketBody`), which times its own waits."""
+        return self._limits.idle_timeout
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refusal is None:  # else the refusal is already on its way
+            super().send_400_response(msg)  # type: ignore[misc]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self._phase == WAIT:
+            self._phase = IDLE
+
+    # -- what the parser subclasses report -------------------------------------------
+
+    def _count_head(self, size: int, lines: int = 0, *, trailer: bool = False) -> None:
+        """Count a piece of the head (or of the trailers) the parser has taken apart;
+        refuse once it is too big."""
+        self._head_size += size
+        self._head_lines += lines
+        if self._head_size > self._limits.max_head or self._head_lines > self._limits.max_header_lines:
+            if trailer:  # the app is running: no 431 now, just the end of its body
+                self._refusal = 431
+                self.transport.close()
+            else:
+                self._refuse_head()
+            raise _Refused()
+
+    def _head_complete(self) -> None:
+        self._phase = BODY
+        self._arm(self._last_read + (self._limits.idle_timeout or float("inf")))
+
+    def _body_complete(self) -> None:
+        if self._phase == BODY:
+            answered = self.cycle is not None and self.cycle.response_complete
+            self._phase = IDLE if answered else WAIT  # answered before the body ended: next head
+
+    # -- timers and refusals ---------------------------------------------------------
+
+    def _begin_head(self, now: float) -> None:
+        self._phase = HEAD
+        self._last_read = self._head_began = now
+        self._head_bytes = self._head_size = self._head_lines = 0
+        self._arm(now + (self._limits.header_timeout or float("inf")))
+
+    def _deadline(self) -> float | None:
+        limits = self._limits
+        if self._phase == HEAD and limits.header_timeout is not None:
+            return self._head_began + limits.header_timeout
+        if self._phase == BODY and limits.idle_timeout is not None:
+            if self.flow.read_paused:  # the app is behind, not the client
+                return self.loop.time() + limits.idle_timeout
+            return self._last_read + limits.idle_timeout
+        if self._phase == LINGER:
+            return self._head_began + limits.linger
+        return None
+
+    def _arm(self, deadline: float) -> None:
+        if deadline == float("inf") or deadline >= self._timer_at:
+            return  # the pending timer fires first and looks again
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        deadline = self._deadline()
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:
+            self._arm(deadline)
+            return
+        if self._phase == BODY:
+            log.info(
+                "request body idle: connection closed", extra={"idle_timeout": self._limits.idle_timeout}
+            )
+        self.transport.close()  # a request under way sees the disconnect and keeps what arrived
+
+    def _refuse_head(self) -> None:
+        self._refuse(431, f"the request head is over {self._limits.max_head} bytes or 100 header lines")
+
+    def _refuse(self, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Answer with a problem and close, without running the app: a refused request
+        never had a head worth parsing, or the server has no room for it."""
+        self._refusal = status
+        body = json.dumps(
+            {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+        ).encode()
+        fields = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *headers,
+        ]
+        line = b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+        self.transport.write(line + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n" + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._phase, self._head_began = LINGER, self.loop.time()
+        self._arm(self._head_began + self._limits.linger)
+
+
+class HttpToolsUploadProtocol(_CountsConnections, _ConnectionLimits, HttpToolsProtocol):
     """llhttp reports trailer fields through `on_header` after the headers are complete.
 
     A large body may be read straight from the socket (`SocketBody`), so this protocol
     counts the body bytes its parser has seen, and starts a fresh parser after a body it
     did not see.
+
+    httptools has no limit of its own on the head: the callbacks count it.
     """
 
     _trailers: list[tuple[bytes, bytes]] | None = None
@@ -171,10 +384,17 @@ class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
         super().on_message_begin()
         self._trailers = None
         self.body_bytes_parsed = 0
+        self._head_size = self._head_lines = 0  # a pipelined head counts from its own start
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        self._head_complete()
         self._trailers = _start_trailers(self.scope)  # type: ignore[arg-type]  # uvicorn's TypedDict scope
+        self._head_size = self._head_lines = 0  # trailers get a budget of their own
         if self.cycle is not None and self.cycle.scope is self.scope:
             _with_informational(self.cycle, _encode_raw)
             _buffer_body_as_blocks(self.cycle)
@@ -210,26 +430,52 @@ class HttpToolsUploadProtocol(_CountsConnections, HttpToolsProtocol):
         next request on, with uvicorn's own parser settings."""
         self.parser = httptools.HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self._body_complete()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4, 1, trailer=self._trailers is not None)
         if self._trailers is None:
             super().on_header(name, value)
         else:
             self._trailers.append((name.lower(), value))
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._body_complete()
 
-class H11UploadProtocol(_CountsConnections, H11Protocol):
-    """h11 reports trailers on `EndOfMessage` and encodes interim responses itself."""
+
+class H11UploadProtocol(_CountsConnections, _ConnectionLimits, H11Protocol):
+    """h11 reports trailers on `EndOfMessage` and encodes interim responses itself.
+
+    h11 refuses an unfinished head over `h11_max_incomplete_event_size` (431); a finished
+    one of any size is counted here.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         next_event = self.conn.next_event
 
         def next_event_with_extensions() -> Any:
-            event = next_event()
-            if isinstance(event, h11.EndOfMessage) and event.headers and self.cycle is not None:
-                trailers = _start_trailers(self.scope)  # type: ignore[arg-type]  # uvicorn's TypedDict scope
-                trailers.extend((name.lower(), value) for name, value in event.headers)
+            try:
+                event = next_event()
+            except h11.RemoteProtocolError as error:
+                if error.error_status_hint == 431:
+                    self._refuse_head()
+                raise
+            if isinstance(event, h11.Request):
+                try:
+                    self._count_head(
+                        len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers),
+                        len(event.headers),
+                    )
+                except _Refused:
+                    raise h11.RemoteProtocolError("request head too large", 431) from None
+                self._head_complete()
+            elif isinstance(event, h11.EndOfMessage):
+                self._body_complete()
+                if event.headers and self.cycle is not None:
+                    trailers = _start_trailers(self.scope)  # type: ignore[arg-type]  # uvicorn's TypedDict scope
+                    trailers.extend((name.lower(), value) for name, value in event.headers)
             return event
 
         # h11 has no hook for trailers: its connection's next_event is the seam.

@@ -23,6 +23,7 @@ from .errors import (
     InvalidRequest,
     NotReady,
     Superseded,
+    TooLarge,
     UploadBusy,
     UploadExists,
     UploadGone,
@@ -55,6 +56,7 @@ class UploadService:
         enforce_owners: bool = False,
         quotas: OwnerQuotas | None = None,
         hooks: Hooks | None = None,
+        max_metadata_size: int = 4 << 10,
         clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
     ) -> None:
@@ -65,6 +67,7 @@ class UploadService:
         #: Shared with other instances (Redis), if configured: leases and events.
         self.coordinator = coordinator
         self.max_size = max_size
+        self.max_metadata_size = max_metadata_size
         self.expiry = expiry
         self.can_concatenate = isinstance(storage, Concatenating)
         self.locks = UploadLocks(storage, timeout=lock_timeout, coordinator=coordinator)
@@ -401,9 +404,11 @@ class UploadService:
         caller: Caller | None,
         **kind: object,
     ) -> UploadInfo:
-        """A new upload's record, its length checked against the limits."""
+        """A new upload's record, its length and metadata checked against the limits."""
         if length is not None:
             check_length(length, self.max_size)
+        if metadata and metadata_size(metadata) > self.max_metadata_size:
+            raise TooLarge(f"metadata is over {self.max_metadata_size} bytes (as Upload-Metadata)")
         now = self._clock()
         return UploadInfo(
             id=new_upload_id(),
@@ -627,3 +632,14 @@ class _ProgressReporter:
         if offset > self._reported:
             self._reported = offset
             await self._report(offset)
+
+
+def metadata_size(metadata: dict[str, str | None]) -> int:
+    """Bytes of `metadata` as an `Upload-Metadata` header (keys, base64 values, commas):
+    the form every HEAD returns it in, whichever protocol brought it."""
+    size = max(len(metadata) - 1, 0)
+    for key, value in metadata.items():
+        size += len(key.encode("utf-8", "surrogateescape"))
+        if value is not None:
+            size += 1 + 4 * -(-len(value.encode("utf-8", "surrogateescape")) // 3)
+    return size
