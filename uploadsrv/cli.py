@@ -219,6 +219,7 @@ def serve_command(args: argparse.Namespace) -> int:
             ssl_keyfile=settings.tls_key,
             workers=settings.workers,
             http=PROTOCOL_CLASSES[settings.http],
+            ws="none",  # no WebSocket routes: an Upgrade must not hand the connection past the limits
             loop="uvloop",
             log_config=configure(settings.log_level, settings.log_format),
             access_log=False,  # uploadsrv's own access log has the request's fields
