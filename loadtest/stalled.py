@@ -1,0 +1,99 @@
+"""Memory that stalled uploads hold: N PATCHes that send M bytes each, then stall.
+
+    python -m uploadsrv.loadtest.stalled [--uploads 200] [--sent 4M] [--backend local]
+
+Starts a server, reads its RSS from /proc before, at its peak while the requests stall,
+and after the clients went away and the server kept their bytes; prints them as JSON.
+The target (issue 14): peak under 150 MB, and within 30 MB of the start afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from uploadsrv.config import parse_size
+
+from .procs import spawned_server
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def stall(url: str, pid: int, uploads: int, sent: int) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        before = rss_mb(pid)
+        created = [
+            await client.post(url + "/files/", headers={**TUS, "Upload-Length": str(2 * sent)})
+            for _ in range(uploads)
+        ]
+        locations = [response.headers["location"] for response in created]
+        port = int(url.rsplit(":", 1)[1])
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in locations]
+        body = b"\0" * sent
+        for location, (_reader, writer) in zip(locations, connections, strict=True):
+            path = location.split(str(port), 1)[1]
+            head = (
+                f"PATCH {path} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n"
+                f"Content-Type: application/offset+octet-stream\r\nContent-Length: {2 * sent}\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+        await asyncio.gather(*(writer.drain() for _reader, writer in connections))
+        peak = before
+        settle = time.monotonic() + 5  # the server reads what the sockets hold meanwhile
+        while time.monotonic() < settle:
+            peak = max(peak, rss_mb(pid))
+            await asyncio.sleep(0.05)
+        stalled = rss_mb(pid)
+        for _reader, writer in connections:
+            writer.close()
+        # Gone: the server has kept every byte that arrived and let go of the requests.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            offsets = [
+                int((await client.head(loc, headers=TUS)).headers["upload-offset"]) for loc in locations
+            ]
+            if all(offset == sent for offset in offsets):
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2)
+        return {
+            "uploads": uploads,
+            "sent_each_mb": sent / (1 << 20),
+            "kept_every_byte": all(offset == sent for offset in offsets),
+            "rss_before_mb": round(before, 1),
+            "rss_peak_mb": round(peak, 1),
+            "rss_stalled_mb": round(stalled, 1),
+            "rss_after_mb": round(rss_mb(pid), 1),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uploadsrv.loadtest.stalled", description=__doc__)
+    parser.add_argument("--uploads", type=int, default=200)
+    parser.add_argument("--sent", type=parse_size, default=4 << 20, help="bytes each request sends, e.g. 4M")
+    parser.add_argument("--backend", choices=("local", "s3"), default="local")
+    args = parser.parse_args(argv)
+    with (
+        tempfile.TemporaryDirectory() as work,
+        spawned_server(args.backend, Path(work), "--idle-timeout", "10m") as (url, pid),
+    ):
+        figures = asyncio.run(stall(url, pid, args.uploads, args.sent))
+    print(json.dumps(figures))
+    return 0 if figures["kept_every_byte"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
