@@ -1,9 +1,11 @@
 """Memory that stalled uploads hold: N PATCHes that send M bytes each, then stall.
 
-    python -m uploadsrv.loadtest.stalled [--uploads 200] [--sent 4M] [--backend local]
+    python -m uploadsrv.loadtest.stalled [--uploads 200] [--sent 4M]
 
-Starts a server, reads its RSS from /proc before, at its peak while the requests stall,
-and after the clients went away and the server kept their bytes; prints them as JSON.
+Starts a server on local disk and reads its RSS from /proc: before, at its peak, once
+every byte sent is on disk while the requests stall (a stalled body is written out, not
+held), and after the clients went away and the server committed their bytes; prints them
+as JSON.
 The target (issue 14): peak under 150 MB, and within 30 MB of the start afterwards.
 """
 
@@ -32,7 +34,11 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-async def stall(url: str, pid: int, uploads: int, sent: int) -> dict[str, float]:
+def on_disk(data_dir: Path) -> int:
+    return sum(path.stat().st_size for path in data_dir.glob("uploads/*/*/data"))
+
+
+async def stall(url: str, pid: int, data_dir: Path, uploads: int, sent: int) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=60) as client:
         before = rss_mb(pid)
         created = [
@@ -52,11 +58,13 @@ async def stall(url: str, pid: int, uploads: int, sent: int) -> dict[str, float]
             writer.write(head.encode() + body)
         await asyncio.gather(*(writer.drain() for _reader, writer in connections))
         peak = before
-        settle = time.monotonic() + 5  # the server reads what the sockets hold meanwhile
-        while time.monotonic() < settle:
+        deadline = time.monotonic() + 120  # the server reads what the sockets hold meanwhile
+        while on_disk(data_dir) < uploads * sent and time.monotonic() < deadline:
             peak = max(peak, rss_mb(pid))
             await asyncio.sleep(0.05)
+        await asyncio.sleep(2)
         stalled = rss_mb(pid)
+        peak = max(peak, stalled)
         for _reader, writer in connections:
             writer.close()
         # Gone: the server has kept every byte that arrived and let go of the requests.
@@ -84,13 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uploadsrv.loadtest.stalled", description=__doc__)
     parser.add_argument("--uploads", type=int, default=200)
     parser.add_argument("--sent", type=parse_size, default=4 << 20, help="bytes each request sends, e.g. 4M")
-    parser.add_argument("--backend", choices=("local", "s3"), default="local")
     args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory() as work,
-        spawned_server(args.backend, Path(work), "--idle-timeout", "10m") as (url, pid),
+        spawned_server("local", Path(work), "--idle-timeout", "10m") as (url, pid),
     ):
-        figures = asyncio.run(stall(url, pid, args.uploads, args.sent))
+        figures = asyncio.run(stall(url, pid, Path(work) / "data", args.uploads, args.sent))
     print(json.dumps(figures))
     return 0 if figures["kept_every_byte"] else 1
 

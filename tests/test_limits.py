@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -276,3 +278,34 @@ def patch_with(client: httpx.Client, url: str, offset: int, data: bytes) -> http
     return client.patch(
         url, content=data, headers={**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS}
     )
+
+
+# -- memory -------------------------------------------------------------------------
+
+
+def test_a_stalled_body_is_written_out_while_the_request_waits(start_server):
+    """What arrived reaches the disk after a second without more, before the request ends:
+    a stalled request holds no batch of bytes in memory."""
+    srv: Server = start_server()
+    url = httpx.post(srv.files, headers={**TUS, "Upload-Length": "1000000"}).headers["location"]
+    path = url.split(str(srv.port), 1)[1]
+    head = f"PATCH {path} HTTP/1.1\nHost: x\nTus-Resumable: 1.0.0\nUpload-Offset: 0\n"
+    head += f"Content-Type: {OCTETS}\nContent-Length: 1000000\n"
+    sock = raw_request(srv.port, head, os.urandom(300_000), close=False)
+    wait_for(lambda: srv.stored_size(url) == 300_000, 15, "the stalled bytes on disk")
+    sock.close()
+    wait_for(lambda: httpx.head(url, headers=TUS).headers["upload-offset"] == "300000", 15, "offset")
+
+
+def test_the_stalled_memory_script_reports_before_peak_and_after(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "uploadsrv.loadtest.stalled", "--uploads", "10", "--sent", "1M"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["kept_every_byte"] is True
+    assert figures["rss_before_mb"] <= figures["rss_peak_mb"]
+    assert figures["rss_after_mb"] > 0

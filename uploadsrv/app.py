@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from . import auth, metrics
+from . import auth, memory, metrics
 from .backend import open_storage
 from .config import Settings
 from .coordination import open_coordinator
@@ -38,6 +38,7 @@ log = logging.getLogger("uploadsrv")
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    memory.tune()
     storage = open_storage(settings)
     coordinator = open_coordinator(settings.redis_url)
     authenticator = auth.authenticator(settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -18,6 +19,57 @@ BATCH_BYTES = 512 << 10
 #: or seconds, whichever first: for progress reports and preemption.
 SEGMENT_BYTES = 4 << 20
 SEGMENT_SECONDS = 1.0
+#: A batch that has waited this long for more bytes is written as it is: a stalled body
+#: (a phone that lost its network) then holds no batch while it waits, however long.
+STALL_SECONDS = 1.0
+#: Bytes the batches of all requests of this process hold together, at most. A request
+#: past it waits before it takes more of its body (its client waits in TCP's flow
+#: control), so 200 concurrent uploads take no more memory than 64 at full overlap.
+BUDGET_BYTES = 64 << 20
+
+
+class _Budget:
+    """A process-wide count of batched bytes; requests over it wait their turn (FIFO)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def fits(self, size: int) -> bool:
+        """Take `size` now if it fits (or nothing is held), without waiting."""
+        if self._waiting or (self.held and self.held + size > self.limit):
+            return False
+        self.held += size
+        return True
+
+    async def take(self, size: int) -> None:
+        """Wait until `size` fits. Cancelled, it is taken anyway: the caller holds the
+        bytes already and gives them back when they are written."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append((size, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if not waiter.done() or waiter.cancelled():
+                self._waiting.remove((size, waiter))
+                self.held += size
+                self._wake()
+            raise
+
+    def give(self, size: int) -> None:
+        self.held -= size
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and (not self.held or self.held + self._waiting[0][0] <= self.limit):
+            size, waiter = self._waiting.popleft()
+            if not waiter.done():
+                self.held += size
+                waiter.set_result(None)
+
+
+BUDGET = _Budget(BUDGET_BYTES)
 
 
 class Sink(Protocol):
@@ -76,34 +128,68 @@ async def pump(
     batch: list[bytes] = []
     batch_size = 0
     writing: asyncio.Future[None] | None = None
+    stall_timer: asyncio.TimerHandle | None = None
+    loop = asyncio.get_running_loop()
 
     async def write(blocks: list[bytes]) -> None:
-        if digester is not None:
-            await asyncio.to_thread(digester.update, blocks)
-        await writer.write(blocks)
+        size = sum(map(len, blocks))
+        try:
+            if digester is not None:
+                await asyncio.to_thread(digester.update, blocks)
+            await writer.write(blocks)
+        finally:
+            BUDGET.give(size)
         if after_write is not None:
-            await after_write(sum(map(len, blocks)))
+            await after_write(size)
+
+    def hand_over() -> None:
+        nonlocal batch, batch_size, copied, writing, stall_timer
+        if stall_timer is not None:
+            stall_timer.cancel()
+            stall_timer = None
+        writing = asyncio.ensure_future(write(batch))
+        copied += batch_size
+        batch, batch_size = [], 0
+
+    def write_stalled_batch() -> None:
+        """The body paused: write what the batch holds, once the write before it is done."""
+        nonlocal stall_timer
+        stall_timer = None
+        if writing is None or (writing.done() and not writing.cancelled() and writing.exception() is None):
+            hand_over()
+        elif not writing.done():
+            stall_timer = loop.call_later(STALL_SECONDS, write_stalled_batch)
+        # else the failed write is raised by the loop below, before any further write
 
     try:
         async for chunk in body:
             room = limit - copied - batch_size
-            if len(chunk) > room:
-                batch.append(chunk[:room])
-                batch_size += room
-                raise TooLarge(f"body goes past the end of the upload ({limit} more bytes allowed)")
+            too_long = len(chunk) > room
+            if too_long:
+                chunk = chunk[:room]
+            if not batch_size:  # one timer per batch, not per chunk
+                stall_timer = loop.call_later(STALL_SECONDS, write_stalled_batch)
             batch.append(chunk)
             batch_size += len(chunk)
+            if not BUDGET.fits(len(chunk)):
+                await BUDGET.take(len(chunk))  # the next chunk waits; this one is kept
+            if too_long:
+                raise TooLarge(f"body goes past the end of the upload ({limit} more bytes allowed)")
             if batch_size >= BATCH_BYTES:
                 if writing is not None:
                     await asyncio.shield(writing)
-                writing = asyncio.ensure_future(write(batch))
-                copied += batch_size
-                batch, batch_size = [], 0
+                hand_over()
     finally:
         # Runs on every exit, cancellation included: wait for the write in flight, then
         # hand over what is left, so nothing that arrived is dropped.
+        if stall_timer is not None:
+            stall_timer.cancel()
         if writing is not None:
-            await _settle(writing)
+            try:
+                await _settle(writing)
+            except BaseException:
+                BUDGET.give(batch_size)  # never written after a failed write
+                raise
         if batch_size:
             await _settle(asyncio.ensure_future(write(batch)))
             copied += batch_size
