@@ -309,3 +309,14 @@ def test_the_stalled_memory_script_reports_before_peak_and_after(tmp_path):
     assert figures["kept_every_byte"] is True
     assert figures["rss_before_mb"] <= figures["rss_peak_mb"]
     assert figures["rss_after_mb"] > 0
+
+
+def test_the_slowloris_script_sees_every_connection_closed_by_the_header_timeout():
+    command = [sys.executable, "-m", "uploadsrv.loadtest.slowloris", "--connections", "20", "--seconds", "10"]
+    result = subprocess.run(
+        [*command, "--", "--header-timeout", "2"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["closed_by_server"] == 20 and 1.5 < figures["last_closed_s"] < 2 + MARGIN
+    assert figures["timeline"][-1]["open"] == 0
