@@ -320,3 +320,16 @@ def test_the_slowloris_script_sees_every_connection_closed_by_the_header_timeout
     figures = json.loads(result.stdout.splitlines()[-1])
     assert figures["closed_by_server"] == 20 and 1.5 < figures["last_closed_s"] < 2 + MARGIN
     assert figures["timeline"][-1]["open"] == 0
+
+
+def test_too_many_trailer_lines_end_the_request_and_keep_its_body(start_server):
+    srv: Server = start_server()
+    url = httpx.post(srv.files, headers={**TUS, "Upload-Length": "10"}).headers["location"]
+    path = url.split(str(srv.port), 1)[1]
+    head = f"PATCH {path} HTTP/1.1\nHost: x\nTus-Resumable: 1.0.0\nUpload-Offset: 0\n"
+    head += f"Content-Type: {OCTETS}\nTransfer-Encoding: chunked\n"
+    trailers = b"".join(b"X-%d: 1\r\n" % n for n in range(150))
+    sock = raw_request(srv.port, head, b"3\r\nabc\r\n0\r\n" + trailers + b"\r\n", close=False)
+    assert closed_within(sock, 15) < 15
+    sock.close()
+    wait_for(lambda: httpx.head(url, headers=TUS).headers["upload-offset"] == "3", 15, "offset 3")
