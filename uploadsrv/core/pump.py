@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast, runtime_checkable
 
+from .. import memory
 from .checksums import Digester
 from .errors import ClientDisconnected, TooLarge
 from .storage import Receiving
@@ -157,6 +158,7 @@ async def pump(
         stall_timer = None
         if writing is None or (writing.done() and not writing.cancelled() and writing.exception() is None):
             hand_over()
+            memory.trim_soon(loop)  # what the stalled request held goes back to the system
         elif not writing.done():
             stall_timer = loop.call_later(STALL_SECONDS, write_stalled_batch)
         # else the failed write is raised by the loop below, before any further write
