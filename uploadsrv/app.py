@@ -24,6 +24,7 @@ from .core import UploadService
 from .core.chunks import ChunkSessions
 from .core.outbox import running
 from .core.quotas import LocalCounters, OwnerQuotas
+from .core.storage import Storage
 from .exchange import REQUEST_ID_HEADER as REQUEST_ID
 from .exchange import ExchangeMiddleware, Observer, route_templates
 from .hook_delivery import open_hooks
@@ -36,10 +37,11 @@ from .readiness import Readiness
 log = logging.getLogger("uploadsrv")
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, storage: Storage | None = None) -> Starlette:
+    """The server for `settings`, on the backend they name (or on `storage`, for tests)."""
     settings = settings or Settings.from_env()
     memory.tune()
-    storage = open_storage(settings)
+    storage = storage or open_storage(settings)
     coordinator = open_coordinator(settings.redis_url)
     authenticator = auth.authenticator(settings)
     signer = auth.url_signer(settings)
@@ -75,8 +77,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     links = Links(trust_proxy=settings.trust_proxy, signer=signer, lifetime=settings.expiry)
     tus_protocol = tus.TusProtocol(service, settings, links)
     ietf_protocol = ietf.IetfProtocol(service, settings, links)
-    sessions = ChunkSessions(service, chunk_size=settings.chunk_size)
-    chunk_protocol = chunks.ChunkProtocol(sessions, settings, links)
+    chunk_routes: list[Route] = []
+    if service.capabilities.chunks is not None:  # else: tus and the draft only, no /chunks/
+        sessions = ChunkSessions(service, chunk_size=settings.chunk_size)
+        chunk_routes = [
+            *chunks.ChunkProtocol(sessions, settings, links).routes(),
+            Route("/openapi.json", openapi.endpoint),
+        ]
     middleware = []
     if authenticator is not None and signer is not None:
         middleware.append(
@@ -134,8 +141,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes: list[BaseRoute] = [
         *upload_routes(settings.base_path, tus_protocol, ietf_protocol),
-        *chunk_protocol.routes(),
-        Route("/openapi.json", openapi.endpoint),
+        *chunk_routes,
         Route("/healthz", health),
         Route("/readyz", readiness.endpoint),
     ]

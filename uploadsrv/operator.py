@@ -19,7 +19,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from uploadsrv.core.outbox import pending_events
-from uploadsrv.core.storage import Chunked, Housekeeping, Outbox
+from uploadsrv.core.storage import Outbox
 
 from .core import UploadInfo, UploadService
 from .core.errors import UploadError
@@ -138,15 +138,16 @@ def print_uploads(rows: list[dict[str, Any]], console: Console) -> None:
 async def inspect(service: UploadService, upload_id: str) -> dict[str, Any]:
     info = await service.peek_any(upload_id)
     details = describe(service, info, await service.stored_bytes(info))
-    if info.chunk_size is not None and isinstance(service.storage, Chunked):
-        stored = await service.storage.stored_chunks(info)
+    if info.chunk_size is not None and service.capabilities.chunks is not None:
+        stored = await service.stored_chunks(info)
         details["chunks"] = {
             "count": info.chunk_count,
             "stored": len(stored),
             "bytes_stored": sum(chunk.size for chunk in stored),
         }
-    if isinstance(service.storage, Housekeeping):
-        details["storage"] = await service.storage.describe(upload_id)
+    storage = await service.storage_details(upload_id)
+    if storage is not None:
+        details["storage"] = storage
     return details
 
 
@@ -196,22 +197,21 @@ async def prune(
     except UploadError as error:
         report.errors.append(f"stopped: {error.detail}")
         return report
-    if isinstance(service.storage, Housekeeping):
-        async for orphan in service.storage.orphans(orphan_age):
-            entry = {
-                "kind": orphan.kind,
-                "name": orphan.name,
-                "size": orphan.size,
-                "age_seconds": int(orphan.age),
-            }
-            try:
-                if not dry_run:
-                    await service.storage.remove_orphan(orphan)
-            except UploadError as error:
-                report.errors.append(f"{orphan.kind} {orphan.name}: {error.detail}")
-                continue
-            report.orphans.append(entry)
-            progress(orphan.name)
+    async for orphan in service.orphans(orphan_age):
+        entry = {
+            "kind": orphan.kind,
+            "name": orphan.name,
+            "size": orphan.size,
+            "age_seconds": int(orphan.age),
+        }
+        try:
+            if not dry_run:
+                await service.remove_orphan(orphan)
+        except UploadError as error:
+            report.errors.append(f"{orphan.kind} {orphan.name}: {error.detail}")
+            continue
+        report.orphans.append(entry)
+        progress(orphan.name)
     return report
 
 

@@ -26,6 +26,8 @@ from .errors import (
     NotAppendable,
     TooLarge,
     UploadComplete,
+    UploadError,
+    UploadGone,
 )
 from .events import UploadEvent
 from .model import UploadInfo
@@ -34,12 +36,41 @@ from .service import UploadService
 from .storage import Chunked, StoredChunk
 
 MAX_CHUNKS = 10_000  #: S3's limit on parts, kept on every backend so sessions can move
+#: How often a session's follower looks for chunks stored through other server instances
+#: (those a coordinator does not report at once).
+POLL_SECONDS = 5.0
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 #: The events that end a chunk session.
 SESSION_ENDINGS = frozenset({UploadEvent.COMPLETED, UploadEvent.EXPIRED, UploadEvent.TERMINATED})
 #: What a session's watchers receive: (CHUNK, StoredChunk) or (one of SESSION_ENDINGS, UploadInfo).
 ChunkEvent = tuple[UploadEvent, StoredChunk | UploadInfo]
+
+
+@dataclass(frozen=True)
+class ChunkStored:
+    """News for a session's followers: a chunk was stored, and where the session stands."""
+
+    chunk: StoredChunk
+    chunks_stored: int
+    chunk_count: int
+    bytes_stored: int
+    fraction: float
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """News for a session's followers: it ended (COMPLETED, EXPIRED or TERMINATED).
+
+    `info` is the session as it ended, or None when it was found gone."""
+
+    event: UploadEvent
+    info: UploadInfo | None
+
+
+@dataclass(frozen=True)
+class StillHere:
+    """News for a session's followers: nothing new since the last look."""
 
 
 @dataclass
@@ -71,10 +102,11 @@ class ChunkSessions:
     """Create, fill, inspect, complete and abort chunk sessions on the upload core."""
 
     def __init__(self, service: UploadService, *, chunk_size: int) -> None:
-        if not isinstance(service.storage, Chunked):
+        storage = service.capabilities.chunks
+        if storage is None:  # the app serves no chunk API then
             raise TypeError(f"{service.storage!r} cannot store chunk sessions")
         self._service = service
-        self._storage: Chunked = service.storage
+        self._storage: Chunked = storage
         self.default_chunk_size = chunk_size
         self._watchers: dict[str, set[asyncio.Queue[ChunkEvent]]] = {}
         service.subscribe(self._on_event)
@@ -240,6 +272,60 @@ class ChunkSessions:
             if not watchers:
                 del self._watchers[session_id]
 
+    async def follow(
+        self, session_id: str, caller: Caller | None = None
+    ) -> AsyncIterator[ChunkStatus | ChunkStored | SessionEnded | StillHere]:
+        """A status snapshot, then every change in the order it happened, until the session ends.
+
+        Changes made in this process (or shared by the coordinator) arrive at once; chunks
+        stored through another instance are found by polling the status every POLL_SECONDS,
+        each poll yielding StillHere after what it found.
+        """
+        async with self.watch(session_id) as queue:
+            try:
+                status = await self.status(session_id, caller)
+            except UploadError as error:
+                yield SessionEnded(_ended_by(error), None)
+                return
+            yield ChunkStatus(status.info, list(status.chunks))
+            tracker = _Tracker(status)
+            loop = asyncio.get_running_loop()
+            poll_at = loop.time() + POLL_SECONDS
+            while not tracker.status.info.is_complete:
+                try:
+                    kind, subject = await asyncio.wait_for(queue.get(), max(0.0, poll_at - loop.time()))
+                except TimeoutError:
+                    poll_at = loop.time() + POLL_SECONDS
+                    for news in await self._poll(session_id, caller, tracker):
+                        yield news
+                        if isinstance(news, SessionEnded):
+                            return
+                    continue
+                if isinstance(subject, StoredChunk):
+                    if (stored := tracker.add(subject)) is not None:
+                        yield stored
+                    continue
+                yield SessionEnded(kind, subject)
+                return
+            yield SessionEnded(UploadEvent.COMPLETED, tracker.status.info)
+
+    async def _poll(
+        self, session_id: str, caller: Caller | None, tracker: _Tracker
+    ) -> list[ChunkStored | SessionEnded | StillHere]:
+        """What a look at the stored status finds that the follower has not heard of."""
+        try:
+            status = await self.status(session_id, caller)
+        except UploadError as error:
+            # Gone past its expiry: another instance expired it between two polls.
+            expired = self.is_expired(tracker.status.info)
+            return [SessionEnded(UploadEvent.EXPIRED if expired else _ended_by(error), None)]
+        found: list[ChunkStored | SessionEnded | StillHere] = []
+        for chunk in status.chunks:
+            if (stored := tracker.add(chunk)) is not None:
+                found.append(stored)
+        tracker.status.info = status.info
+        return [*found, StillHere()]
+
     # -- internals ---------------------------------------------------------------
 
     async def _session(self, session_id: str, caller: Caller | None) -> UploadInfo:
@@ -271,6 +357,29 @@ class ChunkSessions:
     def _notify(self, session_id: str, event: ChunkEvent) -> None:
         for queue in self._watchers.get(session_id, ()):
             queue.put_nowait(event)
+
+
+class _Tracker:
+    """The session as a follower knows it: each chunk counted once, however it was heard of."""
+
+    def __init__(self, status: ChunkStatus) -> None:
+        self.status = ChunkStatus(status.info, list(status.chunks))
+        self._numbers = {c.number for c in status.chunks}
+
+    def add(self, chunk: StoredChunk) -> ChunkStored | None:
+        if chunk.number in self._numbers:
+            return None
+        self._numbers.add(chunk.number)
+        self.status.chunks.append(chunk)
+        status = self.status
+        return ChunkStored(
+            chunk, len(status.chunks), status.info.chunk_count, status.stored_bytes, status.fraction
+        )
+
+
+def _ended_by(error: UploadError) -> UploadEvent:
+    """How a session a follower finds gone ended: expired, or removed."""
+    return UploadEvent.EXPIRED if isinstance(error, UploadGone) else UploadEvent.TERMINATED
 
 
 class _Nowhere:

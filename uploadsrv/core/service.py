@@ -15,6 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, S
 from contextlib import asynccontextmanager
 
 from .caller import Caller
+from .capabilities import Capabilities
 from .checksums import ALGORITHMS, Checksum, Digester
 from .coordination import Coordinator
 from .errors import (
@@ -36,7 +37,7 @@ from .model import UploadInfo, is_upload_id, new_upload_id
 from .pump import pump
 from .quotas import OwnerQuotas
 from .rules import AppendRequest, check_digest, check_length, declared_length, plan_append
-from .storage import Chunked, Concatenating, Presigning, Storage, Writer
+from .storage import Orphan, Storage, StoredChunk, Writer
 
 log = logging.getLogger("uploadsrv.core")
 
@@ -69,7 +70,8 @@ class UploadService:
         self.max_size = max_size
         self.max_metadata_size = max_metadata_size
         self.expiry = expiry
-        self.can_concatenate = isinstance(storage, Concatenating)
+        #: What the backend can do beyond the core contract, checked once.
+        self.capabilities = Capabilities.of(storage)
         self.locks = UploadLocks(storage, timeout=lock_timeout, coordinator=coordinator)
         self.enforce_owners = enforce_owners
         self.quotas = quotas
@@ -130,7 +132,8 @@ class UploadService:
         """A new, complete upload made of finished partial uploads, joined by the backend.
 
         A part the caller may not see is reported exactly as one that does not exist."""
-        if not isinstance(self.storage, Concatenating):
+        joiner = self.capabilities.concatenation
+        if joiner is None:
             raise InvalidRequest("this storage cannot concatenate uploads")
         if not part_ids:
             raise InvalidRequest("a concatenation needs at least one part")
@@ -147,7 +150,7 @@ class UploadService:
         info = self._new(total, metadata, caller, parts=list(part_ids))
         await self._create_record(info, caller)
         try:
-            await self.storage.concatenate(info, parts)
+            await joiner.concatenate(info, parts)
         except BaseException:
             await self.storage.delete(info.id)
             raise
@@ -315,9 +318,34 @@ class UploadService:
 
     async def download_url(self, info: UploadInfo) -> str | None:
         """Where else the finished upload can be fetched (a presigned URL), if anywhere."""
-        if not info.is_complete or not isinstance(self.storage, Presigning):
+        presigning = self.capabilities.presigning
+        if not info.is_complete or presigning is None:
             return None
-        return await self.storage.download_url(info)
+        return await presigning.download_url(info)
+
+    async def stored_chunks(self, info: UploadInfo) -> list[StoredChunk]:
+        """A chunk session's stored chunks (none for other uploads)."""
+        chunks = self.capabilities.chunks
+        if info.chunk_size is None or chunks is None:
+            return []
+        return await chunks.stored_chunks(info)
+
+    # -- housekeeping (the operator CLI) -----------------------------------------
+
+    async def storage_details(self, upload_id: str) -> dict[str, object] | None:
+        """What the backend can tell about one upload (paths, S3 parts), if it can."""
+        housekeeping = self.capabilities.housekeeping
+        return None if housekeeping is None else await housekeeping.describe(self._known(upload_id))
+
+    async def orphans(self, older_than: float) -> AsyncIterator[Orphan]:
+        """Leftovers in storage that no upload owns, untouched for `older_than` seconds."""
+        if self.capabilities.housekeeping is not None:
+            async for orphan in self.capabilities.housekeeping.orphans(older_than):
+                yield orphan
+
+    async def remove_orphan(self, orphan: Orphan) -> None:
+        if self.capabilities.housekeeping is not None:
+            await self.capabilities.housekeeping.remove_orphan(orphan)
 
     # -- expiry ------------------------------------------------------------------
 
@@ -481,26 +509,26 @@ class UploadService:
 
     async def _chunks_busy(self, info: UploadInfo) -> bool:
         """A chunk leased through the coordinator, or locked in the backend."""
-        if info.chunk_size is None or not isinstance(self.storage, Chunked):
+        chunks = self.capabilities.chunks
+        if info.chunk_size is None or chunks is None:
             return False
         if self.coordinator is not None and await self.coordinator.chunks_busy(info.id):
             return True
-        return await self.storage.chunks_busy(info)
+        return await chunks.chunks_busy(info)
 
     async def stored_bytes(self, info: UploadInfo) -> int:
         """Bytes the upload holds: its offset, or for a chunk session not yet assembled
         (offset 0 until then) the sizes of its stored chunks."""
-        if info.chunk_size is None or info.is_complete or not isinstance(self.storage, Chunked):
+        if info.chunk_size is None or info.is_complete:
             return info.offset
-        return sum(chunk.size for chunk in await self.storage.stored_chunks(info))
+        return sum(chunk.size for chunk in await self.stored_chunks(info))
 
     async def _note_chunk_activity(self, info: UploadInfo) -> None:
         """A chunk session's stored chunks are activity its record does not show (they
         arrive in parallel, and a shared record would need a write per chunk). Asked only
         when the record alone says the session is idle, so it costs nothing on busy ones."""
-        if info.chunk_size is not None and isinstance(self.storage, Chunked):
-            for chunk in await self.storage.stored_chunks(info):
-                info.updated_at = max(info.updated_at, chunk.stored_at)
+        for chunk in await self.stored_chunks(info):
+            info.updated_at = max(info.updated_at, chunk.stored_at)
 
     async def _declare_length(self, info: UploadInfo, length: int) -> None:
         """Set a deferred length once the body showed it."""

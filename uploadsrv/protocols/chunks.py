@@ -13,7 +13,6 @@ are `application/problem+json` from the core's error types.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -28,8 +27,7 @@ from uploadsrv.config import Settings
 from uploadsrv.core import Checksum, UploadEvent, UploadInfo
 from uploadsrv.core import errors as e
 from uploadsrv.core.caller import Caller
-from uploadsrv.core.chunks import ChunkSessions, ChunkStatus
-from uploadsrv.core.storage import StoredChunk
+from uploadsrv.core.chunks import ChunkSessions, ChunkStatus, ChunkStored, SessionEnded, StoredChunk
 from uploadsrv.exchange import note
 
 from .common import (
@@ -49,8 +47,6 @@ from .common import (
 
 PATH = "/chunks/"
 MAX_JSON = 64 << 10  #: a session's JSON description is small; anything bigger is refused
-#: How often an event stream looks for chunks stored through other server instances.
-POLL_SECONDS = 5.0
 
 #: A chunk's number on another kind of upload is not a session either.
 STATUS = {**ERROR_STATUS, e.NotAppendable: 404}
@@ -99,25 +95,9 @@ class ChunkProtocol:
     # -- handlers ----------------------------------------------------------------
 
     async def create(self, request: Request, caller: Caller) -> Response:
-        spec = await _json_object(request)
-        size = spec.get("size")
-        chunk_size = spec.get("chunk_size")
-        metadata = spec.get("metadata", {})
-        sha256 = spec.get("sha256")
-        if not _is_count(size) or not (chunk_size is None or _is_count(chunk_size)):
-            raise e.InvalidRequest("size (and chunk_size, if given) must be non-negative integers")
-        if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in metadata.items()
-        ):
-            raise e.InvalidRequest("metadata must be an object of strings")
-        if sha256 is not None and not isinstance(sha256, str):
-            raise e.InvalidRequest("sha256 must be a hex string")
+        size, chunk_size, metadata, sha256 = _session_spec(await _json_object(request))
         info = await self.sessions.create(
-            length=size,
-            chunk_size=chunk_size,
-            metadata=metadata,
-            caller=caller,
-            sha256=sha256.lower() if sha256 else None,
+            length=size, chunk_size=chunk_size, metadata=metadata, caller=caller, sha256=sha256
         )
         body = self._session(request, ChunkStatus(info, []))
         return JSONResponse(body, 201, headers={"Location": str(body["url"])})
@@ -167,51 +147,20 @@ class ChunkProtocol:
     # -- translation -------------------------------------------------------------
 
     async def _event_stream(self, request: Request, caller: Caller, session_id: str) -> AsyncIterator[str]:
-        """A status snapshot, then every change in the order it happened, until the session ends.
+        """The session's news (`ChunkSessions.follow`) as Server-Sent Events."""
+        async for news in self.sessions.follow(session_id, caller):
+            if isinstance(news, ChunkStatus):
+                yield sse_event("status", self._session(request, news))
+            elif isinstance(news, ChunkStored):
+                yield sse_event("chunk", _progress(news))
+            elif isinstance(news, SessionEnded):
+                yield sse_event(SSE_ENDINGS[news.event], self._ending_body(request, session_id, news.info))
+            else:
+                yield ": still here\n\n"  # keeps proxies from closing an idle stream
 
-        Changes made in this process arrive at once; chunks stored through another instance
-        are found by polling the status every POLL_SECONDS.
-        """
-        async with self.sessions.watch(session_id) as queue:
-            try:
-                status = await self.sessions.status(session_id, caller)
-            except e.UploadError as error:
-                yield sse_event(_ending(error), {"id": session_id})
-                return
-            seen = {c.number: c.size for c in status.chunks}
-            yield sse_event("status", self._session(request, status))
-            loop = asyncio.get_running_loop()
-            poll_at = loop.time() + POLL_SECONDS
-            while not status.info.is_complete:
-                try:
-                    kind, subject = await asyncio.wait_for(queue.get(), max(0.0, poll_at - loop.time()))
-                except TimeoutError:
-                    poll_at = loop.time() + POLL_SECONDS
-                    try:
-                        status = await self.sessions.status(session_id, caller)
-                    except e.UploadError as error:
-                        # Gone past its expiry: another instance expired it between two polls.
-                        expired = self.sessions.is_expired(status.info)
-                        yield sse_event("expired" if expired else _ending(error), {"id": session_id})
-                        return
-                    for chunk in status.chunks:
-                        if chunk.number not in seen:
-                            seen[chunk.number] = chunk.size
-                            yield sse_event("chunk", _progress(chunk, seen, status.info))
-                    yield ": still here\n\n"  # keeps proxies from closing an idle stream
-                    continue
-                if isinstance(subject, StoredChunk):
-                    if subject.number not in seen:
-                        seen[subject.number] = subject.size
-                        yield sse_event("chunk", _progress(subject, seen, status.info))
-                    continue
-                yield sse_event(SSE_ENDINGS[kind], self._ending_body(request, subject))
-                return
-            yield sse_event("completed", self._ending_body(request, status.info))
-
-    def _ending_body(self, request: Request, info: UploadInfo) -> dict[str, object]:
-        body: dict[str, object] = {"id": info.id}
-        if info.is_complete:
+    def _ending_body(self, request: Request, session_id: str, info: UploadInfo | None) -> dict[str, object]:
+        body: dict[str, object] = {"id": session_id}
+        if info is not None and info.is_complete:
             body |= {"size": info.length, "upload_url": self._upload_url(request, info)}
         return body
 
@@ -246,6 +195,27 @@ class ChunkProtocol:
         return self.links.upload(request, self.base_path + info.id, info)
 
 
+def _session_spec(
+    spec: dict[str, object],
+) -> tuple[int, int | None, dict[str, str | None], str | None]:
+    """A session description's size, chunk size, metadata and sha256, each checked."""
+    size, chunk_size, sha256 = spec.get("size"), spec.get("chunk_size"), spec.get("sha256")
+    if not _is_count(size) or not (chunk_size is None or _is_count(chunk_size)):
+        raise e.InvalidRequest("size (and chunk_size, if given) must be non-negative integers")
+    metadata = _metadata(spec.get("metadata", {}))
+    if sha256 is not None and not isinstance(sha256, str):
+        raise e.InvalidRequest("sha256 must be a hex string")
+    return size, chunk_size, metadata, sha256.lower() if sha256 else None
+
+
+def _metadata(value: object) -> dict[str, str | None]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items()
+    ):
+        raise e.InvalidRequest("metadata must be an object of strings")
+    return value
+
+
 def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -278,19 +248,14 @@ def _chunk(chunk: StoredChunk) -> dict[str, object]:
     return {"number": chunk.number, "size": chunk.size, "sha256": chunk.sha256}
 
 
-def _progress(chunk: StoredChunk, seen: dict[int, int], info: UploadInfo) -> dict[str, object]:
-    stored = sum(seen.values())
+def _progress(news: ChunkStored) -> dict[str, object]:
     return {
-        **_chunk(chunk),
-        "chunks_stored": len(seen),
-        "chunk_count": info.chunk_count,
-        "bytes_stored": stored,
-        "fraction": round(stored / info.length, 6) if info.length else 1.0,
+        **_chunk(news.chunk),
+        "chunks_stored": news.chunks_stored,
+        "chunk_count": news.chunk_count,
+        "bytes_stored": news.bytes_stored,
+        "fraction": round(news.fraction, 6),
     }
-
-
-def _ending(error: e.UploadError) -> str:
-    return "expired" if isinstance(error, e.UploadGone) else "aborted"
 
 
 def _timestamp(seconds: float) -> str:

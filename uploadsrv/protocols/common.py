@@ -214,6 +214,26 @@ def parse_base64(text: str, name: str) -> bytes:
         raise InvalidRequest(f"{name} is not base64") from None
 
 
+def parse_metadata(header: str) -> dict[str, str | None]:
+    """`Upload-Metadata`: comma-separated `key base64value` pairs; the value may be absent.
+
+    tus defines it; tus-js-client sends it on the IETF draft too."""
+    metadata: dict[str, str | None] = {}
+    if not header.strip():
+        return metadata
+    for pair in header.split(","):
+        fields = pair.strip().split(" ")
+        key = fields[0]
+        if not key or len(fields) > 2 or not key.isascii() or key in metadata:
+            raise InvalidRequest(f"malformed Upload-Metadata pair {pair.strip()[:60]!r}")
+        if len(fields) == 1:
+            metadata[key] = None
+            continue
+        value = parse_base64(fields[1], f"Upload-Metadata value of {key[:60]!r}")
+        metadata[key] = value.decode("utf-8", "surrogateescape")
+    return metadata
+
+
 def parse_content_digest(header: str | None) -> Checksum | None:
     """RFC 9530 `Content-Digest`: the strongest algorithm we support of those sent."""
     if header is None:

@@ -34,13 +34,13 @@ from .common import (
     error_problem,
     make_caller,
     parse_content_digest,
+    parse_metadata,
     parse_offset,
     problem,
     status_of,
     with_reply,
 )
 from .download import download
-from .tus import parse_metadata
 
 HEADER = "Upload-Draft-Interop-Version"
 PARTIAL_UPLOAD = "application/partial-upload"

@@ -29,6 +29,7 @@ from .common import (
     http_date,
     make_caller,
     parse_base64,
+    parse_metadata,
     parse_offset,
     problem,
     status_of,
@@ -87,7 +88,7 @@ class TusProtocol:
             "checksum",
             "checksum-trailer",
         ]
-        if service.can_concatenate:
+        if service.capabilities.concatenation is not None:
             extensions.append("concatenation")
         self.extensions = ",".join(extensions)
 
@@ -246,24 +247,6 @@ class TusProtocol:
                 raise e.InvalidRequest(f"{url[:100]!r} is not an upload of this server")
             part_ids.append(upload_id)
         return part_ids
-
-
-def parse_metadata(header: str) -> dict[str, str | None]:
-    """`Upload-Metadata`: comma-separated `key base64value` pairs; the value may be absent."""
-    metadata: dict[str, str | None] = {}
-    if not header.strip():
-        return metadata
-    for pair in header.split(","):
-        fields = pair.strip().split(" ")
-        key = fields[0]
-        if not key or len(fields) > 2 or not key.isascii() or key in metadata:
-            raise e.InvalidRequest(f"malformed Upload-Metadata pair {pair.strip()[:60]!r}")
-        if len(fields) == 1:
-            metadata[key] = None
-            continue
-        value = parse_base64(fields[1], f"Upload-Metadata value of {key[:60]!r}")
-        metadata[key] = value.decode("utf-8", "surrogateescape")
-    return metadata
 
 
 def format_metadata(metadata: dict[str, str | None]) -> str:
