@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -41,7 +42,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     """The server for `settings`, on the backend they name (or on `storage`, for tests)."""
     settings = settings or Settings.from_env()
     memory.tune()
-    storage = storage or open_storage(settings)
+    clock = time.time  # one clock for the core and the backend
+    storage = storage or open_storage(settings, clock)
     coordinator = open_coordinator(settings.redis_url)
     authenticator = auth.authenticator(settings)
     signer = auth.url_signer(settings)
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         quotas=quotas,
         hooks=hooks,
         max_metadata_size=settings.max_metadata_size,
+        clock=clock,
     )
     on_start: list[Observer] = []
     observers: list[Observer] = [AccessLog(every_request=settings.access_log)]

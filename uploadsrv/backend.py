@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 
-from uploadsrv.core.storage import Storage
+from uploadsrv.core.storage import Clock, Storage
 from uploadsrv.storage.local import LocalStorage
 
 from .config import Settings
@@ -20,10 +21,11 @@ def require_backend(settings: Settings) -> None:
         raise MissingDependency(f"--storage {settings.storage} needs boto3: pip install 'uploadsrv[s3]'")
 
 
-def open_storage(settings: Settings) -> Storage:
-    """The backend the settings name: local disk by default, S3 for s3:// URLs."""
+def open_storage(settings: Settings, clock: Clock = time.time) -> Storage:
+    """The backend the settings name: local disk by default, S3 for s3:// URLs; `clock`
+    is the core's, so both agree on time."""
     if not settings.storage:
-        return LocalStorage(settings.data_dir, io_threads=settings.io_threads)
+        return LocalStorage(settings.data_dir, io_threads=settings.io_threads, clock=clock)
     require_backend(settings)
     from uploadsrv.storage.s3 import S3Storage
 
@@ -38,4 +40,5 @@ def open_storage(settings: Settings) -> Storage:
         presign_downloads=settings.s3_presign_downloads,
         checksums=settings.s3_checksums,
         spool_dir=settings.data_dir / "spool",
+        clock=clock,
     )

@@ -6,7 +6,6 @@ bytes, so one listing finds every chunk and `assemble` completes only with those
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ async def stored(s3: S3Client, upload_id: str, number: int | None = None) -> lis
 
 async def busy(s3: S3Client, upload_id: str) -> bool:
     """A chunk lease renewed within its lifetime belongs to a request still writing."""
-    fresh = time.time() - LEASE_SECONDS
+    fresh = s3.clock() - LEASE_SECONDS
     async for obj in s3.objects(s3.key(upload_id, ".chunk-")):
         if obj["Key"].endswith(".lock") and obj["LastModified"].timestamp() > fresh:
             return True

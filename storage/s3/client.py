@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from uploadsrv.core.errors import StorageUnavailable, UploadNotFound
+from uploadsrv.core.storage import Clock
 from uploadsrv.core.storage import Lease as CoordinatorLease
 
 T = TypeVar("T")
@@ -74,6 +75,7 @@ class S3Client:
         region: str | None,
         path_style: bool,
         io_threads: int,
+        clock: Clock,
     ) -> None:
         location = S3Location.parse(url)
         self.bucket, self.prefix = location.bucket, location.prefix
@@ -103,6 +105,8 @@ class S3Client:
         self.instance = secrets.token_hex(8)
         #: Uploads held here under a coordinator's lease: their info writes check it.
         self.fences: dict[str, CoordinatorLease] = {}
+        #: Stamps activity, lease expiry and ages: the core's clock.
+        self.clock = clock
 
     def key(self, upload_id: str, suffix: str = "") -> str:
         return f"{self.prefix}{upload_id}{suffix}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
@@ -44,7 +43,7 @@ async def orphans(s3: S3Client, older_than: float) -> AsyncIterator[Orphan]:
 
     An abandoned multipart upload is billed storage that no object listing shows.
     """
-    now = time.time()
+    now = s3.clock()
     objects = await _objects_by_upload(s3)
     states = {upload_id: await _state_or_none(s3, upload_id) for upload_id in objects}
     for upload_id, found in objects.items():

@@ -61,7 +61,7 @@ class Lease:
         self._keeper = asyncio.ensure_future(self._keep())
 
     def _body(self) -> bytes:
-        return json.dumps({"expires": time.time() + LEASE_SECONDS, "owner": self._s3.instance}).encode()
+        return json.dumps({"expires": self._s3.clock() + LEASE_SECONDS, "owner": self._s3.instance}).encode()
 
     async def _try_take(self) -> bool:
         try:
@@ -80,7 +80,7 @@ class Lease:
         except UploadNotFound:
             return False  # released meanwhile; the next attempt takes it
         lease = json.loads(current)
-        if lease.get("owner") != self._s3.instance and lease.get("expires", 0) > time.time():
+        if lease.get("owner") != self._s3.instance and lease.get("expires", 0) > self._s3.clock():
             return False
         try:
             response = await self._s3.put(self._key, body, IfMatch=etag)

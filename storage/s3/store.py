@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,8 +14,8 @@ from botocore.exceptions import ClientError
 
 from uploadsrv.core.errors import StorageUnavailable, Superseded, UploadExists, UploadNotFound
 from uploadsrv.core.model import UploadInfo, is_upload_id
+from uploadsrv.core.storage import Clock, Orphan, StoredChunk
 from uploadsrv.core.storage import Lease as CoordinatorLease
-from uploadsrv.core.storage import Orphan, StoredChunk
 
 from . import chunks as chunk_store
 from . import housekeeping
@@ -47,9 +48,15 @@ class S3Storage:
         checksums: bool = True,
         io_threads: int = 32,
         spool_dir: str | os.PathLike[str] | None = None,
+        clock: Clock = time.time,
     ) -> None:
         self.s3 = S3Client(
-            url, endpoint_url=endpoint_url, region=region, path_style=path_style, io_threads=io_threads
+            url,
+            endpoint_url=endpoint_url,
+            region=region,
+            path_style=path_style,
+            io_threads=io_threads,
+            clock=clock,
         )
         self.bucket, self.prefix = self.s3.bucket, self.s3.prefix
         self.part_size = part_size

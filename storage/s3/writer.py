@@ -11,7 +11,6 @@ import asyncio
 import os
 import secrets
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -214,7 +213,7 @@ class PartWriter:
         parts = sorted(self._new_parts, key=lambda p: p.number)
         run = unbroken(parts, len(self._committed_parts))  # only an unbroken run of parts counts
         state = self._state
-        state.record["updated_at"] = time.time()
+        state.record["updated_at"] = self._s3.clock()
         state.parts = self._committed_parts + parts[:run]
         spool, self._spool = self._spool, None
         try:
@@ -262,7 +261,7 @@ class PartWriter:
             state = self._state
             state.parts = self._committed_parts + self._new_parts[:run]
             state.tail_key, state.tail_size = None, 0  # its bytes are in the first new part
-            state.record["updated_at"] = time.time()
+            state.record["updated_at"] = self._s3.clock()
             await records.save(self._s3, self._multipart.upload_id, state)
             self._committed_parts, self._new_parts = list(state.parts), self._new_parts[run:]
         return self._state.offset

@@ -11,12 +11,16 @@ really implements.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from .model import UploadInfo
+
+#: Seconds since the epoch. The app gives the core and its backend the same one, so expiry,
+#: activity stamps and lease times agree (tests can give both a fake one).
+Clock = Callable[[], float]
 
 
 class Writer(Protocol):
