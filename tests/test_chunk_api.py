@@ -195,7 +195,7 @@ async def test_bad_requests_get_clear_errors(client: httpx.AsyncClient, server: 
     for spec in ({"size": -1}, {"size": "1"}, {"size": 1, "metadata": {"a": 1}}, {"size": 1, "sha256": "zz"}):
         assert (await client.post(server.url + "/chunks/", json=spec)).status_code == 400
     assert (await client.post(server.url + "/chunks/", content=b"{not json")).status_code == 400
-    assert (await client.post(server.url + "/chunks/", content=b"[" * 100_000)).status_code in (400, 413)
+    assert (await client.post(server.url + "/chunks/", content=b"[" * 100_000)).status_code == 413
     deep = b"[" * 20_000 + b"]" * 20_000  # within the size limit, too deep for the parser
     assert (await client.post(server.url + "/chunks/", content=deep)).status_code == 400
     assert (await client.post(server.url + "/chunks/", json={"size": 1 << 50})).status_code == 413
@@ -395,8 +395,8 @@ async def test_an_idle_session_expires_and_its_watchers_hear_it(
         srv.age(session["upload_url"], 2 * 3600)
         received = [kind async for kind, _ in events]
     assert received == ["expired"]
-    assert (await client.get(session["events_url"])).status_code in (404, 410)
     wait_for(lambda: not srv.exists(session["upload_url"]), what="the expired session removed")
+    assert (await client.get(session["events_url"])).status_code == 404
 
 
 async def test_python_client_uploads_a_file_and_resumes_only_what_is_missing(

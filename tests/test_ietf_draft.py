@@ -112,7 +112,7 @@ async def test_urlsession_style_upload_cut_off_then_resumed(client, server, vers
     wait_for(lambda: server.stored_size(upload) > 0, what="the received bytes to be committed")
 
     head = await client.head(upload, headers={HEADER: str(version)})
-    assert head.status_code in (200, 204)
+    assert head.status_code == 204
     assert head.headers["cache-control"] == "no-store"
     assert not is_complete(version, head.headers)
     offset = int(head.headers["upload-offset"])
@@ -121,7 +121,7 @@ async def test_urlsession_style_upload_cut_off_then_resumed(client, server, vers
     response = await client.patch(
         upload, content=data[offset:], headers=append_headers(version, offset, True)
     )
-    assert response.status_code in (200, 201, 204), response.text
+    assert response.status_code == 204, response.text
     assert is_complete(version, response.headers)
     assert sha256(await download(client, upload)) == sha256(data)
 
