@@ -290,5 +290,5 @@ async def test_the_finished_object_has_the_type_and_name_from_metadata(client, s
     key = s3_server.prefix + Server.upload_id(url)
     head = s3_server.moto.client.head_object(Bucket=s3_server.bucket, Key=key)
     assert head["ContentType"] == "application/pdf"
-    assert head["ContentDisposition"] == "attachment; filename*=UTF-8''report.pdf"
+    assert head["ContentDisposition"] == "inline; filename*=UTF-8''report.pdf"  # as GET shows it
     assert head["ContentLength"] == 5

@@ -16,10 +16,10 @@ from .state import Part, State
 
 
 def object_headers(info: UploadInfo) -> dict[str, str]:
-    """Content type and file name from metadata, stored on the finished object."""
+    """Content type and disposition from metadata, stored on the finished object, so a
+    presigned download is shown as this server's own would be."""
     headers = {"ContentType": info.content_type} if info.content_type else {}
-    if info.filename:
-        headers["ContentDisposition"] = f"attachment; filename*=UTF-8''{info.quoted_filename}"
+    headers["ContentDisposition"] = info.content_disposition
     return headers
 
 

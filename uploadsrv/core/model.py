@@ -13,6 +13,11 @@ from urllib.parse import quote
 #: with a backend's `<id>.info`-style names), no slashes, at most 128 characters.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
+#: Types a browser may render inline; anything else downloads as an attachment, so a
+#: stored HTML or SVG file can never run script where it is served from.
+INLINE_TYPES = re.compile(
+    r"(image/(png|jpeg|gif|webp|heic|avif)|video/.+|audio/.+|application/pdf|text/plain)"
+)
 
 
 def new_upload_id() -> str:
@@ -96,6 +101,18 @@ class UploadInfo:
             self.metadata.get("filetype") or self.metadata.get("type") or self.metadata.get("contentType")
         )
         return declared if declared and MEDIA_TYPE.fullmatch(declared) else None
+
+    @property
+    def served_type(self) -> str:
+        """The Content-Type a download of the finished upload carries."""
+        return self.content_type or "application/octet-stream"
+
+    @property
+    def content_disposition(self) -> str:
+        """How a download of the finished upload is shown (one rule for every way it is
+        served: this server's GET and a presigned S3 URL)."""
+        kind = "inline" if INLINE_TYPES.fullmatch(self.served_type) else "attachment"
+        return f"{kind}; filename*=UTF-8''{self.quoted_filename}" if self.filename else kind
 
     @property
     def quoted_filename(self) -> str | None:

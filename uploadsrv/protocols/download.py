@@ -17,11 +17,6 @@ from uploadsrv.core import UploadInfo, UploadService
 
 from .common import problem
 
-#: Types a browser may render inline; anything else downloads as an attachment, so a
-#: stored HTML or SVG file can never run script on this origin.
-INLINE_TYPES = re.compile(
-    r"(image/(png|jpeg|gif|webp|heic|avif)|video/.+|audio/.+|application/pdf|text/plain)"
-)
 RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII)
 
 
@@ -34,8 +29,8 @@ async def download(service: UploadService, info: UploadInfo, request: Request) -
     headers = {
         "Accept-Ranges": "bytes",
         "ETag": etag,
-        "Content-Type": _content_type(info),
-        "Content-Disposition": _disposition(info),
+        "Content-Type": info.served_type,
+        "Content-Disposition": info.content_disposition,
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "default-src 'none'; sandbox",
     }
@@ -75,12 +70,3 @@ class _Download(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-
-
-def _content_type(info: UploadInfo) -> str:
-    return info.content_type or "application/octet-stream"
-
-
-def _disposition(info: UploadInfo) -> str:
-    kind = "inline" if INLINE_TYPES.fullmatch(_content_type(info)) else "attachment"
-    return f"{kind}; filename*=UTF-8''{info.quoted_filename}" if info.filename else kind
