@@ -487,22 +487,37 @@ def raw_request(port: int, head: str, body: bytes = b"", *, close: bool = True) 
     return sock
 
 
+class Responses:
+    """The HTTP/1.1 responses arriving on a raw socket, one at a time, interim (1xx) ones too."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _receive(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def next(self, *, until_closed: bool = False) -> tuple[int, dict[str, str], bytes]:
+        """The next response; a connection closed before its head raises ConnectionError,
+        or with `until_closed` gives what arrived."""
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._receive():
+                if not until_closed:
+                    raise ConnectionError("closed")
+                break
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        length = int(headers.get("content-length", "0")) if status >= 200 else 0
+        while len(self.buffer) < length and self._receive():
+            pass
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return status, headers, body
+
+
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """Read one HTTP/1.1 response with a Content-Length (or none) from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, headers, body
+    return Responses(sock).next(until_closed=True)

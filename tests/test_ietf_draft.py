@@ -10,7 +10,7 @@ import socket
 import http_sf
 import pytest
 
-from .conftest import TUS, Server, create, download, patch, sha256, wait_for
+from .conftest import TUS, Responses, Server, create, download, patch, sha256, wait_for
 
 VERSIONS = [3, 4, 5, 6, 7, 8, 9]
 HEADER = "Upload-Draft-Interop-Version"
@@ -44,7 +44,7 @@ class Wire:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.settimeout(20)
-        self.buffer = b""
+        self._responses = Responses(self.sock)
 
     def send_head(self, method: str, path: str, headers: dict[str, str], version: str = "1.1") -> None:
         lines = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1"] + [
@@ -54,20 +54,7 @@ class Wire:
 
     def response(self) -> tuple[int, dict[str, str], bytes]:
         """The next response, interim (1xx) or final."""
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buffer += chunk
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-        length = int(headers.get("content-length", "0")) if status >= 200 else 0
-        while len(self.buffer) < length:
-            self.buffer += self.sock.recv(65536)
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return status, headers, body
+        return self._responses.next()
 
     def final(self) -> tuple[int, dict[str, str], bytes, list[dict[str, str]]]:
         """Skip interim responses; return the final one and the interim ones seen."""
