@@ -77,9 +77,6 @@ class ClientDisconnected(ClientError):
     resumable = True
 
 
-# -- the upload is not where the request thinks it is -------------------------------
-
-
 class Unauthorized(ClientError):
     slug = "unauthorized"
     message = "The request carries no valid credentials."
@@ -91,6 +88,9 @@ class Unauthorized(ClientError):
         if invalid_token:
             description = self.detail.replace('"', "'").replace("\\", "/")
             self.challenge += f', error="invalid_token", error_description="{description}"'
+
+
+# -- the upload is not where the request thinks it is -------------------------------
 
 
 class UploadNotFound(ClientError):
