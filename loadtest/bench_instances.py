@@ -32,9 +32,9 @@ import httpx
 
 from uploadsrv.config import parse_bool, parse_size
 
+from .clients import TUS, tus_upload_in_one
 from .procs import boto3_credentials, free_port, start_moto, start_uploadsrv
 
-TUS = {"Tus-Resumable": "1.0.0"}
 BLOCK = 1 << 20
 
 
@@ -86,18 +86,9 @@ def instances(
 def upload_rotating(urls: list[str], index: int, data: bytes) -> None:
     """Create on instance `index`, send the bytes through the next one."""
     create_on, send_to = urls[index % len(urls)], urls[(index + 1) % len(urls)]
+    blocks = (data[i : i + BLOCK] for i in range(0, len(data), BLOCK))
     with httpx.Client(timeout=600) as http:
-        created = http.post(create_on + "/files/", headers={**TUS, "Upload-Length": str(len(data))})
-        created.raise_for_status()
-        path = created.headers["location"].split("/files/", 1)[1]
-        blocks = (data[i : i + BLOCK] for i in range(0, len(data), BLOCK))
-        response = http.patch(
-            f"{send_to}/files/{path}",
-            content=blocks,
-            headers={**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
-        )
-        if response.status_code != 204 or response.headers["upload-offset"] != str(len(data)):
-            raise RuntimeError(f"upload failed: {response.status_code} {response.text}")
+        tus_upload_in_one(http, create_on, blocks, len(data), via=send_to, content_length=False)
 
 
 def aggregate_mb_s(urls: list[str], uploads: int, data: bytes) -> float:

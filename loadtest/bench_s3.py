@@ -24,6 +24,7 @@ from boto3.s3.transfer import TransferConfig
 
 from uploadsrv.config import parse_size
 
+from .clients import tus_upload_in_one
 from .procs import boto3_credentials, peak_rss_mb, start_moto, start_uploadsrv, timed
 
 PART = 8 << 20
@@ -54,22 +55,7 @@ def upload_with_tus(url: str, path: Path, count: int) -> None:
 
     def one(_: int) -> None:
         with httpx.Client(timeout=600) as http, open(path, "rb") as f:
-            created = http.post(
-                url + "/files/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": str(size)}
-            )
-            created.raise_for_status()
-            response = http.patch(
-                created.headers["location"],
-                content=blocks(f),
-                headers={
-                    "Tus-Resumable": "1.0.0",
-                    "Upload-Offset": "0",
-                    "Content-Type": "application/offset+octet-stream",
-                    "Content-Length": str(size),
-                },
-            )
-            if response.status_code != 204 or response.headers["upload-offset"] != str(size):
-                raise RuntimeError(f"upload failed: {response.status_code} {response.text}")
+            tus_upload_in_one(http, url, blocks(f), size)
 
     with ThreadPoolExecutor(count) as pool:
         list(pool.map(one, range(count)))

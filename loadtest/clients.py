@@ -1,11 +1,12 @@
-"""Simulated clients, one per protocol, that resume the way each protocol's real clients do."""
+"""Simulated clients, one per protocol, that resume the way each protocol's real clients do;
+and the plain tus upload in one PATCH the benches send."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,33 @@ from uploadsrv.client import ChunkClient
 from .report import Report
 
 PIECE = 256 * 1024  #: bytes per body piece a client hands to httpx
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def tus_upload_in_one(
+    http: httpx.Client,
+    base_url: str,
+    blocks: Iterable[bytes],
+    length: int,
+    *,
+    via: str | None = None,
+    content_length: bool = True,
+) -> str:
+    """One tus upload of `length` bytes: created at `base_url`, its bytes in one PATCH (as
+    background clients send a file), through the instance at `via` if given. Without
+    `content_length` the body is sent chunked. Returns the upload's URL."""
+    created = http.post(base_url + "/files/", headers={**TUS, "Upload-Length": str(length)})
+    created.raise_for_status()
+    url = created.headers["location"]
+    if via is not None:
+        url = via + "/files/" + url.split("/files/", 1)[1]
+    headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    if content_length:
+        headers["Content-Length"] = str(length)
+    response = http.patch(url, content=blocks, headers=headers)
+    if response.status_code != 204 or response.headers["upload-offset"] != str(length):
+        raise RuntimeError(f"upload failed: {response.status_code} {response.text}")
+    return url
 
 
 class CutOff(httpx.TransportError):
@@ -115,7 +143,7 @@ class TusClient(Client):
     name = "tus"
 
     def base_headers(self) -> dict[str, str]:
-        return {"Tus-Resumable": "1.0.0"}
+        return dict(TUS)
 
     async def create(self, length: int) -> str:
         response = await self.timed(
