@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     tus_protocol = tus.TusProtocol(service, settings, links)
     ietf_protocol = ietf.IetfProtocol(service, settings, links)
     chunk_routes: list[Route] = []
+    sessions: ChunkSessions | None = None
     if service.capabilities.chunks is not None:  # else: tus and the draft only, no /chunks/
         sessions = ChunkSessions(service, chunk_size=settings.chunk_size)
         chunk_routes = [
@@ -150,7 +151,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     ]
     if settings.metrics:
         routes.append(Route(settings.metrics_path, metrics.endpoint(settings.metrics_token)))
-    if settings.console:
+    if settings.console and sessions is not None:  # the console shows chunk sessions too
         routes += _console_routes(service, sessions, settings, authenticator)
     app = Starlette(
         routes=routes,
