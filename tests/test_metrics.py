@@ -76,6 +76,15 @@ async def test_request_durations_bytes_sent_and_104s_are_counted(client, start_s
     assert value(samples, "uploadsrv_request_duration_seconds_count", method="POST", route="/files/") == 1
 
 
+async def test_a_large_body_read_straight_from_the_socket_counts_its_bytes(client, start_server):
+    srv: Server = start_server()
+    data = os.urandom(4 * 1024 * 1024 + 17)  # over socket_body.MIN_LENGTH: the direct path
+    url = await create(client, srv, len(data))
+    assert (await patch(client, url, 0, data)).status_code == 204
+    samples = scrape(srv.url + "/metrics")
+    assert value(samples, "uploadsrv_bytes_received_total", protocol="tus") == len(data)
+
+
 async def test_open_connections_are_a_live_gauge(start_server):
     srv: Server = start_server()
     held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from starlette.types import Receive, Scope
 
 from .core.errors import ClientDisconnected
+from .exchange import current
 from .socket_body import SOCKET_BODY, SocketReader
 from .uvicorn_protocols import TRAILERS
 
@@ -43,7 +44,10 @@ class RequestBody:
         return None if direct is None else direct.start()
 
     def finish_direct(self) -> None:
-        self._scope["extensions"][SOCKET_BODY].finish()
+        received = self._scope["extensions"][SOCKET_BODY].finish()
+        exchange = current()  # bytes that bypassed `receive`, which the exchange counts
+        if exchange is not None:
+            exchange.received += received
 
     def trailer(self, name: str) -> str | None:
         """A trailer field, available once the body has been read to its end."""

@@ -123,6 +123,7 @@ class SocketBody:
         self._cycle = cycle
         self._length = length
         self._reader: SocketReader | None = None
+        self._taken = 0  #: body bytes handed over by `start`, for `finish` to report
 
     def start(self) -> tuple[bytes, SocketReader] | None:
         """Stop uvicorn reading the body and return (what it buffered, a reader for the
@@ -139,7 +140,9 @@ class SocketBody:
         fd = os.dup(cycle.transport.get_extra_info("socket").fileno())
         sock = socket.socket(fileno=fd)  # shares the transport's non-blocking mode
         self._reader = SocketReader(sock, remaining, getattr(protocol, "body_idle_timeout", None))
-        return bytes(cycle.body), self._reader
+        buffered = bytes(cycle.body)
+        self._taken = len(buffered) + remaining
+        return buffered, self._reader
 
     def shutdown(self) -> None:
         """uvicorn is stopping: a body still being read ends now, keeping what arrived,
@@ -147,12 +150,15 @@ class SocketBody:
         if self._reader is not None:
             self._reader.abandon()
 
-    def finish(self) -> None:
-        """After the copy, on the event loop: give the connection back to uvicorn."""
+    def finish(self) -> int:
+        """After the copy, on the event loop: give the connection back to uvicorn. Returns
+        how many body bytes went past ASGI `receive` (what uvicorn had buffered, and what
+        the reader read), so the request's byte count can include them."""
         reader, self._reader = self._reader, None
         if reader is None:
-            return
+            return 0
         reader.close()
+        taken = self._taken - reader.remaining
         cycle = self._cycle
         cycle.body = type(cycle.body)()
         if reader.complete:
@@ -164,3 +170,4 @@ class SocketBody:
         else:  # stopped by the server with bytes unread: they end with the connection
             cycle.keep_alive = False
         cycle.message_event.set()
+        return taken
