@@ -140,6 +140,12 @@ def test_an_unreachable_s3_endpoint_at_start_up_is_one_line(tmp_path):
     assert "'uploads' is not usable" in line and dead in line
 
 
+def test_an_unreachable_redis_at_start_up_is_one_line(tmp_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    line = one_line_error(run("serve", "--data-dir", str(tmp_path), "--redis-url", dead), status=1)
+    assert line.startswith(f"uploadsrv serve: --redis-url {dead}: Redis unreachable")
+
+
 def test_version():
     result = run("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"uploadsrv {__version__}"

@@ -292,9 +292,11 @@ def _fit_open_files(settings: Settings) -> None:
 
 
 def _check_storage(settings: Settings) -> None:
-    """Open the storage once before serving: a missing bucket or an unreachable endpoint
-    is one line and exit status 1, not a traceback from every worker's start-up."""
+    """Open the storage (and Redis, when configured) once before serving: a missing bucket
+    or an unreachable endpoint is one line and exit status 1, not a traceback from every
+    worker's start-up."""
     from .backend import open_storage
+    from .coordination import open_coordinator
 
     async def check() -> None:
         storage = open_storage(settings)
@@ -302,6 +304,15 @@ def _check_storage(settings: Settings) -> None:
             await storage.check()
         finally:
             await storage.close()
+        coordinator = open_coordinator(settings.redis_url)
+        if coordinator is None:
+            return
+        try:
+            await coordinator.check()
+        except RuntimeError as error:
+            raise RuntimeError(f"--redis-url {settings.redis_url}: {error}") from None
+        finally:
+            await coordinator.close()
 
     try:
         asyncio.run(check())
