@@ -412,6 +412,21 @@ def start_module_server(
         srv.stop()
 
 
+#: The operator's `--console-token` of the `console` fixture's server.
+CONSOLE_TOKEN = "console-test-token"
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One console server per test module, each test looking only at the sessions it made."""
+    server = Server(
+        tmp_path_factory.mktemp("console") / "data", "--console", "--console-token", CONSOLE_TOKEN
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def node_clients() -> Path:
     """Install the JavaScript clients (tus-js-client) from the lock file once per test session."""

@@ -5,30 +5,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import TUS, Server, create, patch, wait_for
+from tests.conftest import CONSOLE_TOKEN, TUS, Server, create, patch, wait_for
 from uploadsrv.console.hub import OPERATOR, QUEUE, ConsoleHub
 from uploadsrv.core import UploadInfo, UploadService
 from uploadsrv.core.chunks import ChunkSessions
 from uploadsrv.core.events import UploadEvent
 from uploadsrv.storage.local import LocalStorage
 
-TOKEN = "console-test-token"
+TOKEN = CONSOLE_TOKEN
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One console server for the module's tests, each looking only at the sessions it made."""
-    server = Server(tmp_path_factory.mktemp("console") / "data", "--console", "--console-token", TOKEN)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TUS, Server
+from tests.conftest import CONSOLE_TOKEN, TUS, Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -40,7 +40,7 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TOKEN = "browser-test-token"
+TOKEN = CONSOLE_TOKEN
 ARTIFACTS = Path(__file__).parent / "artifacts"
 MiB = 1 << 20
 TIMEOUT_MS = 60_000  #: generous: two cores shared with other work
@@ -99,15 +99,6 @@ class CountingProxy:
         self._listener.close()
         for s in self._sockets:
             s.close()
-
-
-@pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One console server for the module: each test looks only at the sessions it made."""
-    server = Server(tmp_path_factory.mktemp("console") / "data", "--console", "--console-token", TOKEN)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
