@@ -178,7 +178,9 @@ async def test_chunks_stored_through_other_instances_reach_an_event_stream_at_on
     assert events[-1][1] == "completed"
     delays.append(max(0.0, events[-1][0] - completed))
     print("event delays (ms):", [round(d * 1000) for d in delays])
-    assert max(delays) < 1.0, delays  # the fallback poll would take up to 5 s
+    # Pub/sub delivers in milliseconds; the fallback poll every 5 s would put each of these
+    # four at a uniform 0-5 s, all four under 2 s by chance once in 40 runs.
+    assert max(delays) < 2.0, delays
     assert sha256(await download(client, session["upload_url"])) == sha256(data)
 
 
