@@ -217,35 +217,63 @@ class UploadService:
         """
         ask = AppendRequest(offset, content_length, length, complete, replay_finished)
         async with self.hold(upload_id, caller) as hold:
-            info = await self._live(upload_id, caller)
-            if info.finish_pending:  # its pre-finish hook was down: ask again first
-                await self.finish(info, caller)
+            info = await self._appendable(upload_id, caller)
             plan = plan_append(info, ask, self.max_size)
             if plan.replay:
                 return info  # a repeated final request: nothing to store
-            if plan.length != info.length:
-                info.length = plan.length
-                await self.storage.update(info)
             was_complete = info.is_complete
-            receiving = self._receiving(info, caller, hold)
-            try:
-                if checksum is not None or trailer_checksum is not None:
-                    await self._store_verified(info, body, hold, plan.limit, checksum, trailer_checksum)
-                else:
-                    await self._store_streaming(info, body, hold, plan.limit, progress, receiving)
-            except Superseded:
-                if receiving is not None and receiving.stop is not None:
-                    await self._stop(info, receiving.stop)
-                raise
-            if receiving is not None:
-                receiving.ended(info)
+            await self._apply_length(info, plan.length)
+            body_checksum = _BodyChecksum(checksum, trailer_checksum)
+            await self._store(info, body, hold, plan.limit, caller, body_checksum, progress)
             if complete and info.length is None:  # a chunked body ended the upload
                 await self._declare_length(info, info.offset)
+        await self._stored(info, caller, was_complete)
+        return info
+
+    async def _appendable(self, upload_id: str, caller: Caller | None) -> UploadInfo:
+        """The live upload, its pending finish asked again first (its pre-finish hook was down)."""
+        info = await self._live(upload_id, caller)
+        if info.finish_pending:
+            await self.finish(info, caller)
+        return info
+
+    async def _apply_length(self, info: UploadInfo, length: int | None) -> None:
+        """Record a length the request declared, before any byte of it is stored."""
+        if length != info.length:
+            info.length = length
+            await self.storage.update(info)
+
+    async def _store(
+        self,
+        info: UploadInfo,
+        body: AsyncIterable[bytes],
+        hold: Hold,
+        limit: int,
+        caller: Caller | None,
+        checksum: _BodyChecksum,
+        progress: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
+        """The body into the backend: all or nothing when a checksum decides, else every
+        byte that arrives; a post-receive hook follows it and may stop it."""
+        receiving = self._receiving(info, caller, hold)
+        try:
+            if checksum.announced:
+                await self._store_verified(info, body, hold, limit, checksum)
+            else:
+                await self._store_streaming(info, body, hold, limit, progress, receiving)
+        except Superseded:
+            if receiving is not None and receiving.stop is not None:
+                await self._stop(info, receiving.stop)
+            raise
+        if receiving is not None:
+            receiving.ended(info)
+
+    async def _stored(self, info: UploadInfo, caller: Caller | None, was_complete: bool) -> None:
+        """After the lock: finish an upload this request completed."""
         if info.is_complete and not was_complete:
             await self.finish(info, caller)
         elif was_complete:  # an empty request to a finished upload: the backend's step is safe to repeat
             await self.storage.finish(info)
-        return info
 
     async def _store_verified(
         self,
@@ -253,15 +281,14 @@ class UploadService:
         body: AsyncIterable[bytes],
         hold: Hold,
         limit: int,
-        checksum: Checksum | None,
-        trailer_checksum: Callable[[], Checksum | None] | None,
+        checksum: _BodyChecksum,
     ) -> None:
         """Store `body` only if it matches its checksum; otherwise nothing of it."""
-        digester = Digester({checksum.algorithm} if checksum else set(ALGORITHMS))
+        digester = checksum.digester()
         async with self.storage.writer(info, transactional=True) as writer:
             try:
                 await hold.run(pump(body, writer, limit=limit, digester=digester))
-                check_digest(digester, checksum or (trailer_checksum() if trailer_checksum else None))
+                check_digest(digester, checksum.expected())
             except BaseException:
                 await writer.discard()
                 raise
@@ -391,24 +418,36 @@ class UploadService:
             await asyncio.sleep(0)  # a backend may answer without yielding; requests go first
             try:
                 async with self.locks.hold(upload_id, preempt=False):
-                    info = await self.storage.get(upload_id)
-                    if info.updated_at <= cutoff:
-                        await self._note_chunk_activity(info)
-                    if info.updated_at > cutoff or (info.is_complete and not include_complete):
-                        continue
-                    if await self._chunks_busy(info):  # chunks take their own locks, not this one
-                        raise UploadBusy()
-                    stored = await self.stored_bytes(info)
-                    if not dry_run:
-                        await self.storage.delete(upload_id)
-                        if not info.is_complete:
-                            await self._record(Hook.POST_EXPIRE, info, None)
+                    pruned = await self._prune_one(upload_id, cutoff, include_complete, dry_run)
             except UploadBusy:
                 yield upload_id, False, 0
                 continue
             except UploadNotFound:
                 continue
-            yield info, not dry_run, stored
+            if pruned is not None:
+                yield pruned
+
+    async def _prune_one(
+        self, upload_id: str, cutoff: float, include_complete: bool, dry_run: bool
+    ) -> tuple[UploadInfo, bool, int] | None:
+        """Remove one upload (its lock is held) if it is idle since `cutoff`; None if it stays."""
+        info = await self.storage.get(upload_id)
+        if not await self._idle_since(info, cutoff) or (info.is_complete and not include_complete):
+            return None
+        if await self._chunks_busy(info):  # chunks take their own locks, not this one
+            raise UploadBusy()
+        stored = await self.stored_bytes(info)
+        if not dry_run:
+            await self.storage.delete(upload_id)
+            if not info.is_complete:
+                await self._record(Hook.POST_EXPIRE, info, None)
+        return info, not dry_run, stored
+
+    async def _idle_since(self, info: UploadInfo, cutoff: float) -> bool:
+        """Whether nothing happened to the upload after `cutoff`, its stored chunks included."""
+        if info.updated_at <= cutoff:
+            await self._note_chunk_activity(info)
+        return info.updated_at <= cutoff
 
     async def expire(self) -> list[str]:
         """Delete every expired upload not being written right now; returns their ids."""
@@ -591,6 +630,25 @@ class UploadService:
         """A post-receive hook said StopUpload: the upload goes, the client gets the hook's answer."""
         await self._remove(info, None)
         raise answer.refusal(400, "upload has been stopped by server")
+
+
+@dataclasses.dataclass(frozen=True)
+class _BodyChecksum:
+    """The checksum a body announced: in a header, or in a trailer read after the body."""
+
+    header: Checksum | None
+    trailer: Callable[[], Checksum | None] | None
+
+    @property
+    def announced(self) -> bool:
+        return self.header is not None or self.trailer is not None
+
+    def digester(self) -> Digester:
+        """The header's algorithm, or all of them while the trailer's is not known yet."""
+        return Digester({self.header.algorithm} if self.header else set(ALGORITHMS))
+
+    def expected(self) -> Checksum | None:
+        return self.header or (self.trailer() if self.trailer else None)
 
 
 class _Receiving:
