@@ -1,9 +1,20 @@
-"""Local-disk storage: one directory per upload, the bytes in one file.
+"""Local-disk storage: one file per upload, its record beside the bytes in the same inode.
 
-Layout under the data directory: ``uploads/<id[:2]>/<id>/`` holding ``info.json`` (the
-record) and ``data`` (the bytes), and briefly ``staging`` (a checksummed body awaiting
-verification) and ``preempt`` (another process wants the lock). The directory itself is
-the upload's flock target: opening it creates nothing.
+Two layouts under the data directory, both read and written:
+- ``files/<id>``: the bytes, with the record (JSON) in the file's extended attribute
+  ``user.uploadsrv.record``, and briefly ``files/<id>.staging`` (a checksummed body
+  awaiting verification) and ``files/<id>.preempt`` (another process wants the lock). The
+  file is the upload's flock target. A new upload's first commit costs one fsync of the
+  file (bytes, size and record alike) and a share of one fsync of ``files/``: the
+  directory syncs of the uploads committing at the same moment are one (group commit,
+  `_DirectorySync`). Every tus and IETF draft upload whose record fits (`XATTR_RECORD_LIMIT`)
+  is stored so.
+- ``uploads/<id[:2]>/<id>/``: a directory holding ``info.json`` (the record), ``data``,
+  ``staging`` and ``preempt``, the directory itself the flock target. Chunk sessions (they
+  need a directory of chunks), records too large for an attribute, filesystems without
+  user xattrs, and every upload stored before the flat layout existed (data directories
+  need no migration: each id is looked up in ``files/`` first, then here). Its first
+  commit costs four fsyncs: data, record, directory, shard.
 
 The offset of an upload is the size of ``data``: bytes reach the file only in order,
 so the offset can never run ahead of what is stored and never goes down, also after a
@@ -36,6 +47,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,6 +71,11 @@ LOCK_POLL_SECONDS = 0.02  #: how often a waiter retries a lock held by another p
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 SMALL_WRITE = 64 << 10  #: a write smaller than this waits for the next one or the commit
 RECEIVE_BUFFER = 1 << 20  #: bytes per read when a disk thread reads a body itself
+RECORD_XATTR = "user.uploadsrv.record"
+#: Larger records go to a directory: ext4 holds at most one block (4 KiB) of attributes
+#: per file, and an update must still fit after the record grows by a few fields.
+XATTR_RECORD_LIMIT = 3 << 10
+NO_XATTR = (errno.ENOTSUP, errno.E2BIG, errno.ENOSPC)  #: setxattr: use the directory layout
 
 _buffers = threading.local()  #: one receive buffer per disk thread, reused by every request
 
@@ -67,6 +84,20 @@ def _storage_error(exc: OSError) -> Exception:
     if exc.errno in NO_SPACE:
         return StorageFull("no space left on the data volume")
     return StorageUnavailable(f"disk error: {exc.strerror}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """Where one upload's files are, in either layout."""
+
+    data: str
+    staging: str
+    preempt: str
+    directory: str | None = None  #: the directory layout's; None: the record is an xattr of `data`
+
+    @property
+    def lock_target(self) -> str:
+        return self.data if self.directory is None else self.directory
 
 
 class LocalStorage:
@@ -86,8 +117,14 @@ class LocalStorage:
         # Paths inside are plain strings: pathlib's joins and conversions took a fifth of
         # the event loop's time for a small upload.
         self._uploads = str(self.root / "uploads")
+        self._files = str(self.root / "files")
         self._outbox = str(self.root / "outbox")
         os.makedirs(self._uploads, exist_ok=True)
+        if not os.path.isdir(self._files):
+            os.makedirs(self._files, exist_ok=True)
+            _sync(str(self.root))
+        self._files_synced = _DirectorySync(self._files)
+        self._xattrs = True  #: False once the filesystem refused a user xattr
         self._closed = False
         os.makedirs(self._outbox, exist_ok=True)
         self._claims: dict[str, int] = {}  # event id -> descriptor holding its flock
@@ -122,19 +159,63 @@ class LocalStorage:
             raise UploadNotFound()
         return f"{self._uploads}/{upload_id[:2]}/{upload_id}"
 
+    def _flat(self, upload_id: str) -> _Place:
+        if not is_upload_id(upload_id):
+            raise UploadNotFound()
+        path = f"{self._files}/{upload_id}"
+        return _Place(path, f"{path}.staging", f"{path}.preempt")
+
+    def _in_directory(self, upload_id: str) -> _Place:
+        path = self._dir(upload_id)
+        return _Place(f"{path}/data", f"{path}/staging", f"{path}/preempt", path)
+
+    def _place(self, upload_id: str) -> _Place:
+        """The upload's files: in its directory if it has one, else flat (also once deleted)."""
+        flat = self._flat(upload_id)
+        if os.path.exists(flat.data) or not os.path.exists(self._dir(upload_id)):
+            return flat
+        return self._in_directory(upload_id)
+
     # -- records -----------------------------------------------------------------
 
     async def create(self, info: UploadInfo) -> None:
-        path = self._dir(info.id)
+        record = json.dumps(info.to_record()).encode()
+        flat = self._flat(info.id)
+        directory = self._dir(info.id)
         with _disk_errors():
+            if os.path.lexists(flat.data) or os.path.lexists(directory):
+                raise UploadExists(f"an upload with id {info.id} already exists")
             try:
-                new_shard = _make_directory(path)
+                if self._flat_record_fits(info, record) and self._create_flat(flat.data, record):
+                    return
+                new_shard = _make_directory(directory)
             except FileExistsError:  # only an id a hook chose can be taken
                 raise UploadExists(f"an upload with id {info.id} already exists") from None
         if new_shard:  # one of 256, so syncing its entry is rare
             await self._run(_sync, self._uploads)
         with _disk_errors():
-            _fill_new_upload(path, info)
+            _fill_new_upload(directory, info, record)
+
+    def _flat_record_fits(self, info: UploadInfo, record: bytes) -> bool:
+        return self._xattrs and info.chunk_size is None and len(record) <= XATTR_RECORD_LIMIT
+
+    def _create_flat(self, path: str, record: bytes) -> bool:
+        """A new upload's empty file with its record; False if the filesystem refused the
+        record (then nothing is left behind). Neither is synced: the first commit of bytes
+        syncs both. Until then a crash can lose the empty upload or leave its file without
+        a record (`get` says: create it again; prune removes it), never a stored byte."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.setxattr(fd, RECORD_XATTR, record)
+        except OSError as exc:
+            os.unlink(path)
+            if exc.errno not in NO_XATTR:
+                raise
+            self._xattrs = exc.errno != errno.ENOTSUP
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     async def get(self, upload_id: str) -> UploadInfo:
         try:
@@ -146,29 +227,47 @@ class LocalStorage:
             raise UploadNotFound("the upload's record is unreadable; create it again") from None
 
     def _get(self, upload_id: str) -> UploadInfo:
-        path = self._dir(upload_id)
-        with open(f"{path}/info.json", "rb") as f:
-            record = json.loads(f.read())
-        stat = os.stat(f"{path}/data")
-        info = UploadInfo.from_record(record, offset=stat.st_size)
+        path = self._flat(upload_id).data
+        try:
+            record = _read_xattr_record(path)
+            stat = os.stat(path)
+        except FileNotFoundError:
+            path = self._dir(upload_id)
+            with open(f"{path}/info.json", "rb") as f:
+                record = f.read()
+            stat = os.stat(f"{path}/data")
+        info = UploadInfo.from_record(json.loads(record), offset=stat.st_size)
         info.updated_at = max(info.updated_at, stat.st_mtime)
         return info
 
     async def update(self, info: UploadInfo) -> None:
-        path = f"{self._dir(info.id)}/info.json"
-        await self._run(_write_atomically, path, json.dumps(info.to_record()).encode())
+        place = self._place(info.id)
+        record = json.dumps(info.to_record()).encode()
+        if place.directory is None:
+            await self._run(_replace_xattr_record, place.data, record)
+        else:
+            await self._run(_write_atomically, f"{place.directory}/info.json", record)
 
     async def finish(self, info: UploadInfo) -> None:
         """Nothing to do: the bytes are already in place and durable."""
 
     def location(self, info: UploadInfo) -> dict[str, str]:
-        path = self._dir(info.id)
-        return {"Type": "filestore", "Path": f"{path}/data", "InfoPath": f"{path}/info.json"}
+        place = self._in_directory(info.id) if info.chunk_size is not None else self._place(info.id)
+        if place.directory is None:  # the record is in the file
+            return {"Type": "filestore", "Path": place.data}
+        return {"Type": "filestore", "Path": place.data, "InfoPath": f"{place.directory}/info.json"}
 
     async def delete(self, upload_id: str) -> None:
-        await self._run(_remove_upload, self._dir(upload_id))
+        place = self._place(upload_id)
+        if place.directory is None:
+            await self._run(_remove_flat, place)
+        else:
+            await self._run(_remove_upload, place.directory)
 
     async def upload_ids(self) -> AsyncIterator[str]:
+        for name in await self._run(_list_dir, self._files):
+            if is_upload_id(name):  # not a .staging or .preempt file
+                yield name
         shards = await self._run(_list_dir, self._uploads)
         for shard in shards:
             for name in await self._run(_list_dir, f"{self._uploads}/{shard}"):
@@ -176,8 +275,9 @@ class LocalStorage:
                     yield name
 
     async def check(self) -> None:
-        if not os.access(self._uploads, os.W_OK):
-            raise RuntimeError(f"data directory {self._uploads} is not writable")
+        for directory in (self._files, self._uploads):
+            if not os.access(directory, os.W_OK):
+                raise RuntimeError(f"data directory {directory} is not writable")
 
     async def close(self) -> None:
         self._closed = True
@@ -187,13 +287,16 @@ class LocalStorage:
 
     @asynccontextmanager
     async def writer(self, info: UploadInfo, *, transactional: bool) -> AsyncIterator[_Writer]:
-        path = self._dir(info.id)
+        place = self._place(info.id)
+        synced = self._files_synced.sync if place.directory is None else None
         try:
             if transactional:  # truncates a staging file a crash may have left, however large
-                file = await self._run_owned(_FileWriter, _FileWriter.close, path, info.offset, transactional)
+                file = await self._run_owned(
+                    _FileWriter, _FileWriter.close, place, info.offset, transactional, synced
+                )
             else:
                 with _disk_errors():
-                    file = _FileWriter(path, info.offset, transactional)
+                    file = _FileWriter(place, info.offset, transactional, synced)
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -206,7 +309,7 @@ class LocalStorage:
 
     async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
         try:
-            fd = await self._run_owned(os.open, os.close, f"{self._dir(info.id)}/data", os.O_RDONLY)
+            fd = await self._run_owned(os.open, os.close, self._place(info.id).data, os.O_RDONLY)
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -253,14 +356,20 @@ class LocalStorage:
             raise StorageUnavailable("the stored chunks are missing from disk") from None
 
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
-        sources = [f"{self._dir(part.id)}/data" for part in parts]
-        await self._run(_concatenate, f"{self._dir(info.id)}/data", sources)
+        sources = [self._place(part.id).data for part in parts]
+        await self._run(_concatenate, self._place(info.id).data, sources)
 
     # -- housekeeping ------------------------------------------------------------
 
     async def describe(self, upload_id: str) -> dict[str, object]:
-        path = self._dir(upload_id)
-        files = await self._run(_list_dir, path)
+        place = self._place(upload_id)
+        if place.directory is None:  # the roles of the files, as the directory layout names them
+            roles = {"data": place.data, "staging": place.staging, "preempt": place.preempt}
+            files = [role for role, path in roles.items() if os.path.exists(path)]
+            path = place.data
+        else:
+            path = place.directory
+            files = await self._run(_list_dir, path)
         if not files:
             raise UploadNotFound()
         return {"path": path, "files": files}
@@ -270,30 +379,18 @@ class LocalStorage:
             yield found
 
     def _find_orphans(self, older_than: float) -> list[Orphan]:
-        """Upload directories without a record (a crash mid-create) and stale staging files."""
+        """Uploads without a record (a crash mid-create) and stale staging files."""
         now = self._clock()
-        found = []
+        found = [*_flat_orphans(self._files, now, older_than)]
         for shard in _list_dir(self._uploads):
             for name in _list_dir(f"{self._uploads}/{shard}"):
-                path = f"{self._uploads}/{shard}/{name}"
                 with suppress(FileNotFoundError):
-                    age = now - os.stat(path).st_mtime
-                    if age < older_than:
-                        continue
-                    if not _readable_record(f"{path}/info.json"):
-                        size = sum(os.stat(f"{path}/{file}").st_size for file in os.listdir(path))
-                        found.append(Orphan("directory", path, size, age))
-                    elif os.path.exists(f"{path}/staging"):
-                        staging = os.stat(f"{path}/staging")
-                        if now - staging.st_mtime >= older_than:
-                            found.append(
-                                Orphan("file", f"{path}/staging", staging.st_size, now - staging.st_mtime)
-                            )
+                    found += _directory_orphans(f"{self._uploads}/{shard}/{name}", now, older_than)
         return found
 
     async def remove_orphan(self, orphan: Orphan) -> None:
-        if not Path(orphan.name).is_relative_to(self._uploads):
-            raise ValueError(f"{orphan.name} is not under {self._uploads}")
+        if not any(Path(orphan.name).is_relative_to(d) for d in (self._uploads, self._files)):
+            raise ValueError(f"{orphan.name} is not under {self._uploads} or {self._files}")
         if orphan.kind == "directory":
             await self._run(shutil.rmtree, orphan.name, True)
         else:
@@ -358,17 +455,18 @@ class LocalStorage:
     async def lock(
         self, upload_id: str, *, timeout: float, preempt: bool = True, chunk: int | None = None
     ) -> AsyncIterator[_FileLock]:
-        """flock on the upload's directory (or the chunk's lock file); a waiter leaves a
-        ``preempt`` marker for the holder.
+        """flock on the upload's file or directory (or the chunk's lock file); a waiter
+        leaves a ``preempt`` marker for the holder.
 
         Non-blocking flock and small opens are done on the event loop: they never wait.
         """
-        path = self._dir(upload_id)
         try:
             if chunk is None:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-                marker = f"{path}/preempt"
+                place = self._place(upload_id)
+                fd = os.open(place.lock_target, os.O_RDONLY)
+                marker = place.preempt
             else:
+                path = self._dir(upload_id)
                 fd = os.open(f"{path}/chunks/{chunk}.lock", os.O_RDWR | os.O_CREAT, 0o644)
                 marker = f"{path}/chunks/{chunk}.preempt"
         except FileNotFoundError:
@@ -520,12 +618,16 @@ class _Positioned:
 
 
 class _FileWriter(_Positioned):
-    """Writes blocks with pwritev at the upload's offset, or to ``staging`` when transactional."""
+    """Writes blocks with pwritev at the upload's offset, or to its staging file when transactional."""
 
-    def __init__(self, path: str, offset: int, transactional: bool) -> None:
-        self._path = path
-        self._data = f"{path}/data"
-        self._staging = f"{path}/staging" if transactional else None
+    def __init__(
+        self, place: _Place, offset: int, transactional: bool, synced: Callable[[], None] | None
+    ) -> None:
+        self._place = place
+        #: Makes the new file's entry durable (flat layout; the record is in the file).
+        self._sync_entry = synced
+        self._data = place.data
+        self._staging = place.staging if transactional else None
         self._committed = offset
         #: The record and directory entries were synced with the upload's first bytes.
         self._synced = offset > 0
@@ -556,9 +658,14 @@ class _FileWriter(_Positioned):
         return self._committed
 
     def _sync_upload_once(self) -> None:
-        if not self._synced:
-            _sync_upload(self._path)
-            self._synced = True
+        if self._synced:
+            return
+        if self._sync_entry is not None:
+            self._sync_entry()
+        else:
+            assert self._place.directory is not None
+            _sync_upload(self._place.directory)
+        self._synced = True
 
     def discard(self) -> None:
         if self._staging is not None:
@@ -697,16 +804,114 @@ def _make_directory(path: str) -> bool:
     return False
 
 
-def _fill_new_upload(path: str, info: UploadInfo) -> None:
-    """A new upload's empty data file and its record."""
+def _fill_new_upload(path: str, info: UploadInfo, record: bytes) -> None:
+    """A new upload's empty data file and its record, in its directory."""
     os.close(os.open(f"{path}/data", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     if info.chunk_size is not None:
         os.mkdir(f"{path}/chunks")
     # Written in place (nothing older can be torn) and not fsynced: the first commit of
     # bytes syncs the record with them. Until then a crash can lose or cut short an empty
     # upload's record (`get` says: create it again), never a stored byte.
-    with open(f"{path}/info.json", "xb") as record:
-        record.write(json.dumps(info.to_record()).encode())
+    with open(f"{path}/info.json", "xb") as f:
+        f.write(record)
+
+
+def _read_xattr_record(path: str) -> bytes:
+    """The record in a flat upload's file; ValueError if it has none (a crash mid-create)."""
+    try:
+        return os.getxattr(path, RECORD_XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            raise ValueError("no record") from None
+        raise
+
+
+def _replace_xattr_record(path: str, record: bytes) -> None:
+    """One attribute replaced in one call (the kernel never shows half of it), then synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.setxattr(fd, RECORD_XATTR, record)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_flat(place: _Place) -> None:
+    for path in (place.data, place.staging, place.preempt):
+        _remove_file(path)
+
+
+def _flat_orphans(directory: str, now: float, older_than: float) -> Iterator[Orphan]:
+    """Files without a record, and staging files nobody wrote to for `older_than`."""
+    for name in _list_dir(directory):
+        path = f"{directory}/{name}"
+        with suppress(FileNotFoundError):
+            stat = os.stat(path)
+            age = now - stat.st_mtime
+            if age < older_than:
+                continue
+            if name.endswith(".staging") or (is_upload_id(name) and not _has_xattr_record(path)):
+                yield Orphan("file", path, stat.st_size, age)
+
+
+def _has_xattr_record(path: str) -> bool:
+    try:
+        json.loads(_read_xattr_record(path))
+    except ValueError:
+        return False
+    return True
+
+
+def _directory_orphans(path: str, now: float, older_than: float) -> list[Orphan]:
+    """An upload directory without a record, or its staging file if that is stale."""
+    age = now - os.stat(path).st_mtime
+    if age < older_than:
+        return []
+    if not _readable_record(f"{path}/info.json"):
+        size = sum(os.stat(f"{path}/{file}").st_size for file in os.listdir(path))
+        return [Orphan("directory", path, size, age)]
+    if os.path.exists(f"{path}/staging"):
+        staging = os.stat(f"{path}/staging")
+        if now - staging.st_mtime >= older_than:
+            return [Orphan("file", f"{path}/staging", staging.st_size, now - staging.st_mtime)]
+    return []
+
+
+class _DirectorySync:
+    """Group commit: one fsync of a directory for every thread that asks while one runs.
+
+    A thread's `sync` returns once an fsync that started after its call has finished, so
+    the entries it made before calling are durable; the threads that arrive while one
+    fsync runs share the next one instead of queueing one each.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._changed = threading.Condition()
+        self._asked = 0  #: tickets handed out
+        self._covered = 0  #: every ticket up to this one is synced
+        self._syncing = False
+
+    def sync(self) -> None:
+        with self._changed:
+            self._asked += 1
+            ticket = self._asked
+            while self._covered < ticket:
+                if self._syncing:
+                    self._changed.wait()
+                    continue
+                self._syncing = True
+                covers = self._asked
+                try:
+                    self._changed.release()
+                    try:
+                        _sync(self._path)
+                    finally:
+                        self._changed.acquire()
+                    self._covered = max(self._covered, covers)
+                finally:
+                    self._syncing = False
+                    self._changed.notify_all()
 
 
 def _write_durably(path: str, content: bytes) -> None:

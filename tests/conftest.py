@@ -18,6 +18,8 @@ import boto3
 import httpx
 import pytest
 
+from uploadsrv.storage.local import RECORD_XATTR
+
 TUS = {"Tus-Resumable": "1.0.0"}
 STARTUP_SECONDS = 60  #: generous: a loaded CI machine takes over 15 s to import and start a server
 
@@ -223,8 +225,18 @@ class Server:
         return upload_url.split("?")[0].rstrip("/").rsplit("/", 1)[1]
 
     def upload_dir(self, upload_url: str) -> Path:
+        """The directory of a chunk session (or an upload whose record is a file)."""
         upload_id = self.upload_id(upload_url)
         return self.data_dir / "uploads" / upload_id[:2] / upload_id
+
+    def flat_file(self, upload_url: str) -> Path:
+        """The file holding a tus or IETF draft upload's bytes, its record an xattr."""
+        return self.data_dir / "files" / self.upload_id(upload_url)
+
+    def data_file(self, upload_url: str) -> Path:
+        """The file of the upload's bytes, in whichever layout the server stored it."""
+        flat = self.flat_file(upload_url)
+        return flat if flat.exists() else self.upload_dir(upload_url) / "data"
 
     def _s3_info(self, upload_url: str) -> dict:
         assert self.moto is not None
@@ -234,7 +246,7 @@ class Server:
     def stored_size(self, upload_url: str) -> int:
         """Bytes the storage itself holds for the upload (not what the server says)."""
         if self.moto is None:
-            return (self.upload_dir(upload_url) / "data").stat().st_size
+            return self.data_file(upload_url).stat().st_size
         state = self._s3_info(upload_url)
         key = self.prefix + self.upload_id(upload_url)
         if state["completed"]:
@@ -258,7 +270,7 @@ class Server:
     def exists(self, upload_url: str) -> bool:
         """Whether the storage holds anything at all of the upload."""
         if self.moto is None:
-            return self.upload_dir(upload_url).exists()
+            return self.flat_file(upload_url).exists() or self.upload_dir(upload_url).exists()
         listing = self.moto.client.list_objects_v2(
             Bucket=self.bucket, Prefix=self.prefix + self.upload_id(upload_url)
         )
@@ -269,6 +281,13 @@ class Server:
     def age(self, upload_url: str, seconds: float) -> None:
         """Backdate an upload's record (and data) as if it had been idle for `seconds`."""
         past = time.time() - seconds
+        if self.moto is None and self.flat_file(upload_url).exists():
+            flat = self.flat_file(upload_url)
+            record = json.loads(os.getxattr(flat, RECORD_XATTR))
+            record["created_at"] = record["updated_at"] = past
+            os.setxattr(flat, RECORD_XATTR, json.dumps(record).encode())
+            os.utime(flat, (past, past))
+            return
         if self.moto is None:
             info = self.upload_dir(upload_url) / "info.json"
             record = json.loads(info.read_text())

@@ -160,7 +160,7 @@ def random_file(tmp_path: Path, size: int, name: str = "clip.bin") -> tuple[Path
 def stored_sha256(server: Server, upload_url: str) -> str:
     """The sha256 of the bytes in the server's storage (not what any client says)."""
     unsigned = upload_url.split("?", 1)[0]  # with auth on, upload URLs carry a signature
-    return hashlib.sha256((server.upload_dir(unsigned) / "data").read_bytes()).hexdigest()
+    return hashlib.sha256(server.data_file(unsigned).read_bytes()).hexdigest()
 
 
 async def upload_through_page(page: Page, path: Path, protocol: str) -> None:

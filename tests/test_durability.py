@@ -7,10 +7,14 @@ import base64
 import hashlib
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from uploadsrv.core.model import UploadInfo, new_upload_id
+from uploadsrv.storage.local import LocalStorage, _DirectorySync
 
 from .conftest import (
     TUS,
@@ -195,3 +199,72 @@ async def test_an_announced_trailer_that_never_comes_stores_nothing(client, serv
     sock.close()
     assert status == 400
     assert server.stored_size(url) == 0
+
+
+class _Fsyncs:
+    """Records what os.fsync was called on (by path) and when, then really syncs: a power
+    loss cannot be staged here, so the order of syncs stands for what one would keep."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, float, float]] = []  # path, started, ended
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            started = time.monotonic()
+            real(fd)
+            self.calls.append((os.readlink(f"/proc/self/fd/{fd}"), started, time.monotonic()))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+async def test_a_new_uploads_first_commit_returns_after_its_file_and_entry_are_synced(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path / "data")
+    fsyncs = _Fsyncs(monkeypatch)
+    try:
+        infos = [UploadInfo(id=new_upload_id(), length=3) for _ in range(32)]
+        created: dict[str, float] = {}
+        committed: dict[str, float] = {}
+
+        async def upload(info: UploadInfo) -> None:
+            await storage.create(info)
+            created[info.id] = time.monotonic()
+            async with storage.writer(info, transactional=False) as writer:
+                await writer.write([b"abc"])
+                assert await writer.commit() == 3
+            committed[info.id] = time.monotonic()
+
+        await asyncio.gather(*(upload(info) for info in infos))
+    finally:
+        await storage.close()
+    files = str((tmp_path / "data" / "files").resolve())
+    directory_syncs = [(started, ended) for path, started, ended in fsyncs.calls if path == files]
+    for info in infos:
+        data = [ended for path, _, ended in fsyncs.calls if path == f"{files}/{info.id}"]
+        assert data and data[0] <= committed[info.id]  # the bytes, size and record (one inode)
+        assert any(created[info.id] <= s and e <= committed[info.id] for s, e in directory_syncs)
+    assert len(directory_syncs) <= len(infos)
+
+
+def test_threads_asking_while_a_directory_sync_runs_share_the_next_one(tmp_path, monkeypatch):
+    syncer = _DirectorySync(str(tmp_path))
+    release = threading.Event()
+    synced: list[int] = []
+    real = os.fsync
+
+    def held_fsync(fd: int) -> None:  # the first sync is held: the others ask meanwhile
+        assert release.wait(60)
+        real(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    threads = [threading.Thread(target=syncer.sync) for _ in range(9)]
+    threads[0].start()
+    wait_for(lambda: syncer._syncing, what="the first sync to start")
+    for thread in threads[1:]:
+        thread.start()
+    wait_for(lambda: syncer._asked == 9, what="the other threads to ask")
+    release.set()
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive()
+    assert len(synced) == 2  # the first, and one for the eight that asked while it ran

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from uploadsrv.core.events import LockEvent
 from uploadsrv.core.locks import UploadLocks
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.core.pump import pump
-from uploadsrv.storage.local import LocalStorage
+from uploadsrv.storage.local import RECORD_XATTR, XATTR_RECORD_LIMIT, LocalStorage
 
 HOLDER = textwrap.dedent(
     """
@@ -76,7 +77,7 @@ async def test_transactional_writes_are_invisible_until_commit_and_discard_forge
         await writer.write([b"xy"])
         assert await writer.commit() == 2
     assert (await storage.get(info.id)).offset == 2
-    assert not (storage.root / "uploads" / info.id[:2] / info.id / "staging").exists()
+    assert os.listdir(storage.root / "files") == [info.id]  # no staging file left
 
 
 async def test_writes_go_at_the_offset_and_commit_returns_it(storage):
@@ -196,16 +197,58 @@ async def test_expiry_removes_idle_unfinished_uploads_only(storage):
     assert (await service.get(done.id)).is_complete
     with pytest.raises(errors.UploadNotFound):
         await storage.get(idle.id)
-    assert os.listdir(storage.root / "uploads" / done.id[:2]) == [done.id]
+    assert os.listdir(storage.root / "files") == [done.id]
 
 
 async def test_an_unreadable_record_is_an_unknown_upload_not_a_crash(storage):
     info = await _new_upload(storage)
+    os.removexattr(storage.root / "files" / info.id, RECORD_XATTR)  # a crash right after the open
+    with pytest.raises(errors.UploadNotFound):
+        await storage.get(info.id)
+    orphans = [orphan.name async for orphan in storage.orphans(0)]
+    assert orphans == [str(storage.root / "files" / info.id)]  # prune can clear it
+
+
+def _legacy_upload(storage: LocalStorage, content: bytes, length: int) -> UploadInfo:
+    """An upload as the directory layout stores it (data directories written before the
+    flat layout, chunk sessions, large records)."""
+    info = UploadInfo(id=new_upload_id(), length=length)
+    directory = storage.root / "uploads" / info.id[:2] / info.id
+    directory.mkdir(parents=True)
+    (directory / "data").write_bytes(content)
+    (directory / "info.json").write_text(json.dumps(info.to_record()))
+    return info
+
+
+async def test_uploads_in_the_directory_layout_are_read_resumed_and_deleted(storage):
+    info = _legacy_upload(storage, b"abc", 6)
+    assert [i async for i in storage.upload_ids()] == [info.id]
+    info = await storage.get(info.id)
+    assert info.offset == 3
+    async with storage.lock(info.id, timeout=5), storage.writer(info, transactional=False) as writer:
+        await writer.write([b"def"])
+        assert await writer.commit() == 6
+    assert b"".join([b async for b in storage.read(info, 0, 6)]) == b"abcdef"
+    assert storage.location(info)["InfoPath"].endswith(f"{info.id}/info.json")
+    await storage.delete(info.id)
+    with pytest.raises(errors.UploadNotFound):
+        await storage.get(info.id)
+
+
+async def test_an_unreadable_record_in_the_directory_layout_is_an_unknown_upload(storage):
+    info = _legacy_upload(storage, b"", 10)
     (storage.root / "uploads" / info.id[:2] / info.id / "info.json").write_bytes(b"")
     with pytest.raises(errors.UploadNotFound):
         await storage.get(info.id)
     orphans = [orphan.name async for orphan in storage.orphans(0)]
     assert orphans == [str(storage.root / "uploads" / info.id[:2] / info.id)]  # prune can clear it
+
+
+async def test_a_record_too_large_for_an_attribute_is_stored_in_a_directory(storage):
+    info = UploadInfo(id=new_upload_id(), length=10, metadata={"note": "x" * XATTR_RECORD_LIMIT})
+    await storage.create(info)
+    assert (storage.root / "uploads" / info.id[:2] / info.id / "info.json").exists()
+    assert (await storage.get(info.id)).metadata == info.metadata
 
 
 async def test_a_chunk_request_racing_the_deletion_of_its_session_leaves_nothing(storage):
