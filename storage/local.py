@@ -60,7 +60,7 @@ from uploadsrv.core.errors import (
     UploadNotFound,
 )
 from uploadsrv.core.model import UploadInfo, is_upload_id
-from uploadsrv.core.storage import Clock, Hasher, Orphan, Readable, StoredChunk
+from uploadsrv.core.storage import RECEIVE_BUFFERS, Clock, Hasher, Orphan, Readable, StoredChunk
 
 T = TypeVar("T")
 
@@ -70,14 +70,11 @@ MAX_CHUNK = 5 << 30
 LOCK_POLL_SECONDS = 0.02  #: how often a waiter retries a lock held by another process
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 SMALL_WRITE = 64 << 10  #: a write smaller than this waits for the next one or the commit
-RECEIVE_BUFFER = 1 << 20  #: bytes per read when a disk thread reads a body itself
 RECORD_XATTR = "user.uploadsrv.record"
 #: Larger records go to a directory: ext4 holds at most one block (4 KiB) of attributes
 #: per file, and an update must still fit after the record grows by a few fields.
 XATTR_RECORD_LIMIT = 3 << 10
 NO_XATTR = (errno.ENOTSUP, errno.E2BIG, errno.ENOSPC)  #: setxattr: use the directory layout
-
-_buffers = threading.local()  #: one receive buffer per disk thread, reused by every request
 
 
 def _storage_error(exc: OSError) -> Exception:
@@ -595,14 +592,16 @@ class _Positioned:
         self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
     ) -> int:
         self.write(held)
-        buffer = getattr(_buffers, "view", None)
-        if buffer is None:
-            buffer = _buffers.view = memoryview(bytearray(RECEIVE_BUFFER))
-        deadline = time.monotonic() + seconds
+        with RECEIVE_BUFFERS.buffer() as buffer:
+            return self._receive_into(buffer, source, count, hasher, time.monotonic() + seconds)
+
+    def _receive_into(
+        self, buffer: memoryview, source: Readable, count: int, hasher: Hasher | None, deadline: float
+    ) -> int:
         received = 0
         while received < count:
             try:
-                got = source.readinto(buffer[: min(RECEIVE_BUFFER, count - received)])
+                got = source.readinto(buffer[: min(len(buffer), count - received)])
             except BlockingIOError:
                 break
             if not got:

@@ -31,13 +31,17 @@ class RequestBody:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected()
-            chunk = message.get("body", b"")
+            chunk, more = message.get("body", b""), message.get("more_body", False)
+            del message
             if chunk:
                 yield chunk
-            if not message.get("more_body", False):
+            # Not kept by this frame while it waits for the next message: a stalled body
+            # would hold its last chunk for as long as it stalls.
+            del chunk
+            if not more:
                 return
 
-    def start_direct(self) -> tuple[bytes, SocketReader] | None:
+    def start_direct(self) -> tuple[list[bytes], SocketReader] | None:
         """The core's `DirectBody`: the rest of a large body straight from the socket,
         when the HTTP server offers it (plain TCP, Content-Length; see `socket_body`)."""
         direct = self._scope.get("extensions", {}).get(SOCKET_BODY)

@@ -125,10 +125,10 @@ class SocketBody:
         self._reader: SocketReader | None = None
         self._taken = 0  #: body bytes handed over by `start`, for `finish` to report
 
-    def start(self) -> tuple[bytes, SocketReader] | None:
-        """Stop uvicorn reading the body and return (what it buffered, a reader for the
-        rest); None when the direct path cannot be taken any more (the client is gone,
-        or uvicorn has already parsed the whole body)."""
+    def start(self) -> tuple[list[bytes], SocketReader] | None:
+        """Stop uvicorn reading the body and return (what it buffered, as a list of
+        blocks, a reader for the rest); None when the direct path cannot be taken any
+        more (the client is gone, or uvicorn has already parsed the whole body)."""
         cycle, protocol = self._cycle, self._protocol
         remaining = self._length - protocol.body_bytes_parsed
         if cycle.disconnected or not cycle.more_body or remaining <= 0 or self._reader is not None:
@@ -142,7 +142,7 @@ class SocketBody:
         self._reader = SocketReader(sock, remaining, getattr(protocol, "body_idle_timeout", None))
         buffered = bytes(cycle.body)
         self._taken = len(buffered) + remaining
-        return buffered, self._reader
+        return [buffered] if buffered else [], self._reader
 
     def shutdown(self) -> None:
         """uvicorn is stopping: a body still being read ends now, keeping what arrived,

@@ -79,7 +79,13 @@ class Hold:
             self._task = None
         if task.cancelled():
             raise self._stopped()
-        return task.result()
+        try:
+            return task.result()
+        finally:
+            # The task keeps the exception it raised, whose traceback holds this frame:
+            # a cycle that would keep the whole request (its buffers, its connection)
+            # until the garbage collector's next full pass.
+            del task
 
     def _stopped(self) -> UploadError:
         if self._lost:

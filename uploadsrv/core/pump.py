@@ -25,8 +25,10 @@ SEGMENT_SECONDS = 1.0
 STALL_SECONDS = 1.0
 #: Bytes the batches of all requests of this process hold together, at most. A request
 #: past it waits before it takes more of its body (its client waits in TCP's flow
-#: control), so 200 concurrent uploads take no more memory than 64 at full overlap.
-BUDGET_BYTES = 64 << 20
+#: control), so 200 concurrent uploads take no more memory than 32 at full overlap:
+#: still twice what the 16 disk threads write at once, and 200 stalled 400 KiB bodies
+#: peaked at 117 MB instead of 131-137 MB with 64 MiB.
+BUDGET_BYTES = 32 << 20
 
 
 class _Budget:
@@ -95,8 +97,10 @@ class DirectBody(Protocol):
     """A body whose bytes can be taken straight from the connection by a storage thread,
     without a hop through the event loop per block (see `uploadsrv.socket_body`)."""
 
-    def start_direct(self) -> tuple[bytes, BodyReader] | None:
-        """What the HTTP server buffered, and a reader for the rest; None: iterate instead."""
+    def start_direct(self) -> tuple[list[bytes], BodyReader] | None:
+        """What the HTTP server buffered, as blocks (a list the pump empties once they
+        are written, so that no frame keeps them while the body stalls), and a reader
+        for the rest; None: iterate instead."""
 
     def finish_direct(self) -> None:
         """The copy is over, however it ended: the HTTP server takes the connection back."""
@@ -117,85 +121,21 @@ async def pump(
     to the writer before this returns or raises, so the caller can commit it.
     `after_write` runs with the batch's size after each batch is written (progress).
     """
-    if _direct_capable(type(body), type(writer)):
-        direct = cast(DirectBody, body)
-        started = direct.start_direct()
-        if started is not None:
-            try:
-                return await _pump_directly(*started, cast(Receiving, writer), limit, digester, after_write)
-            finally:
-                direct.finish_direct()
-    copied = 0
-    batch: list[bytes] = []
-    batch_size = 0
-    writing: asyncio.Future[None] | None = None
-    stall_timer: asyncio.TimerHandle | None = None
-    loop = asyncio.get_running_loop()
-
-    async def write(blocks: list[bytes]) -> None:
-        size = sum(map(len, blocks))
-        try:
-            if digester is not None:
-                await asyncio.to_thread(digester.update, blocks)
-            await writer.write(blocks)
-        finally:
-            BUDGET.give(size)
-        if after_write is not None:
-            await after_write(size)
-
-    def hand_over() -> None:
-        nonlocal batch, batch_size, copied, writing, stall_timer
-        if stall_timer is not None:
-            stall_timer.cancel()
-            stall_timer = None
-        writing = asyncio.ensure_future(write(batch))
-        copied += batch_size
-        batch, batch_size = [], 0
-
-    def write_stalled_batch() -> None:
-        """The body paused: write what the batch holds, once the write before it is done."""
-        nonlocal stall_timer
-        stall_timer = None
-        if writing is None or (writing.done() and not writing.cancelled() and writing.exception() is None):
-            hand_over()
-            memory.trim_soon(loop)  # what the stalled request held goes back to the system
-        elif not writing.done():
-            stall_timer = loop.call_later(STALL_SECONDS, write_stalled_batch)
-        # else the failed write is raised by the loop below, before any further write
-
+    started = _start_direct(body, writer)
+    if started is None:
+        return await _pump_batches(body, _Batches(writer, limit, digester, after_write))
     try:
-        async for chunk in body:
-            room = limit - copied - batch_size
-            too_long = len(chunk) > room
-            if too_long:
-                chunk = chunk[:room]
-            if not batch_size:  # one timer per batch, not per chunk
-                stall_timer = loop.call_later(STALL_SECONDS, write_stalled_batch)
-            batch.append(chunk)
-            batch_size += len(chunk)
-            if not BUDGET.fits(len(chunk)):
-                await BUDGET.take(len(chunk))  # the next chunk waits; this one is kept
-            if too_long:
-                raise TooLarge(f"body goes past the end of the upload ({limit} more bytes allowed)")
-            if batch_size >= BATCH_BYTES:
-                if writing is not None:
-                    await asyncio.shield(writing)
-                hand_over()
+        return await _pump_directly(*started, cast(Receiving, writer), limit, digester, after_write)
     finally:
-        # Runs on every exit, cancellation included: wait for the write in flight, then
-        # hand over what is left, so nothing that arrived is dropped.
-        if stall_timer is not None:
-            stall_timer.cancel()
-        if writing is not None:
-            try:
-                await _settle(writing)
-            except BaseException:
-                BUDGET.give(batch_size)  # never written after a failed write
-                raise
-        if batch_size:
-            await _settle(asyncio.ensure_future(write(batch)))
-            copied += batch_size
-    return copied
+        cast(DirectBody, body).finish_direct()
+        memory.trim_soon(asyncio.get_running_loop())  # the receive buffers it used go back
+
+
+def _start_direct(body: AsyncIterable[bytes], writer: Sink) -> tuple[list[bytes], BodyReader] | None:
+    """Take the body past the HTTP server if both ends can (`DirectBody`, `Receiving`)."""
+    if not _direct_capable(type(body), type(writer)):
+        return None
+    return cast(DirectBody, body).start_direct()
 
 
 @functools.cache
@@ -204,42 +144,171 @@ def _direct_capable(body: type, writer: type) -> bool:
     return issubclass(body, DirectBody) and issubclass(writer, Receiving)
 
 
+def _too_long(limit: int) -> TooLarge:
+    return TooLarge(f"body goes past the end of the upload ({limit} more bytes allowed)")
+
+
+# -- a body iterated on the event loop, in batches -------------------------------------
+
+
+async def _pump_batches(body: AsyncIterable[bytes], batches: _Batches) -> int:
+    """`pump` for a body that arrives as ASGI messages: blocks collected into batches."""
+    try:
+        async for chunk in body:
+            size = batches.add(chunk)
+            if not BUDGET.fits(size):
+                await BUDGET.take(size)  # the next chunk waits; this one is kept
+            if batches.overflowed:
+                raise _too_long(batches.limit)
+            if batches.full:
+                await batches.hand_over()
+            del chunk  # the batch holds it until written; not this frame while the body stalls
+    finally:
+        # Runs on every exit, cancellation included: nothing that arrived is dropped.
+        await batches.flush()
+    return batches.copied
+
+
+class _Batches:
+    """The batches of one body: one being written while the next one fills, so disk and
+    network overlap, and a batch that waits `STALL_SECONDS` for more is written as it is."""
+
+    def __init__(
+        self,
+        writer: Sink,
+        limit: int,
+        digester: Digester | None,
+        after_write: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
+        self.limit = limit
+        self.copied = 0  #: bytes handed to the writer
+        self.overflowed = False  #: the body went past `limit` (the rest was cut off)
+        self._writer, self._digester, self._after_write = writer, digester, after_write
+        self._batch: list[bytes] = []
+        self._size = 0
+        self._writing: asyncio.Future[None] | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def full(self) -> bool:
+        return self._size >= BATCH_BYTES
+
+    def add(self, chunk: bytes) -> int:
+        """Add a chunk, cut at `limit`; returns its size as added (the caller budgets it)."""
+        room = self.limit - self.copied - self._size
+        if len(chunk) > room:
+            chunk, self.overflowed = chunk[:room], True
+        if not self._size:  # one timer per batch, not per chunk
+            self._stall_timer = self._loop.call_later(STALL_SECONDS, self._write_stalled)
+        self._batch.append(chunk)
+        self._size += len(chunk)
+        return len(chunk)
+
+    async def hand_over(self) -> None:
+        """Start writing the batch once the write before it is done."""
+        if self._writing is not None:
+            await asyncio.shield(self._writing)
+        self._start_write()
+
+    async def flush(self) -> None:
+        """Wait for the write in flight, then write what is left."""
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+        if self._writing is not None:
+            try:
+                await _settle(self._writing)
+            except BaseException:
+                BUDGET.give(self._size)  # never written after a failed write
+                raise
+        if self._size:
+            size = self._size
+            await _settle(asyncio.ensure_future(self._write(self._batch)))
+            self.copied += size
+
+    def _start_write(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._writing = asyncio.ensure_future(self._write(self._batch))
+        self.copied += self._size
+        self._batch, self._size = [], 0
+
+    def _write_stalled(self) -> None:
+        """The body paused: write what the batch holds, once the write before it is done."""
+        self._stall_timer = None
+        writing = self._writing
+        if writing is None or (writing.done() and not writing.cancelled() and writing.exception() is None):
+            self._start_write()
+            memory.trim_soon(self._loop)  # what the stalled request held goes back to the system
+        elif not writing.done():
+            self._stall_timer = self._loop.call_later(STALL_SECONDS, self._write_stalled)
+        # else the failed write is raised by the loop, before any further write
+
+    async def _write(self, blocks: list[bytes]) -> None:
+        size = sum(map(len, blocks))
+        try:
+            if self._digester is not None:
+                await asyncio.to_thread(self._digester.update, blocks)
+            await self._writer.write(blocks)
+        finally:
+            BUDGET.give(size)
+        if self._after_write is not None:
+            await self._after_write(size)
+
+
+# -- a body read by the writer's thread straight from the socket ------------------------
+
+
 async def _pump_directly(
-    buffered: bytes,
+    held: list[bytes],
     reader: BodyReader,
     writer: Receiving,
     limit: int,
     digester: Digester | None,
     after_write: Callable[[int], Awaitable[None]] | None,
 ) -> int:
-    """`pump` for a body the writer's thread reads itself, a segment per hop."""
-    if len(buffered) > limit:
-        raise TooLarge(f"body goes past the end of the upload ({limit} more bytes allowed)")
-    if buffered and digester is not None:
-        digester.update([buffered])
-    held = [buffered] if buffered else []
-    copied = len(buffered)
+    """`pump` for a body the writer's thread reads itself, a segment per hop; `held`
+    (what the HTTP server buffered) goes first."""
+    copied = sum(map(len, held))
+    if copied > limit:
+        raise _too_long(limit)
+    if held and digester is not None:
+        digester.update(held)
     while True:
-        count = min(SEGMENT_BYTES, limit - copied)
-        received = asyncio.ensure_future(writer.receive(held, reader, count, digester, SEGMENT_SECONDS))
-        held = []
-        try:
-            got = await asyncio.shield(received)
-        except asyncio.CancelledError:
-            reader.stop()  # the thread returns within WAIT_SECONDS; its bytes are kept
-            await _settle(received)
-            raise
+        got = await _receive_segment(writer, held, reader, min(SEGMENT_BYTES, limit - copied), digester)
+        held.clear()
         copied += got
         if after_write is not None and got:
             await after_write(got)
-        if reader.gone:
-            raise ClientDisconnected()
-        if reader.complete:
+        if _direct_done(reader, copied, limit):
             return copied
-        if copied >= limit:
-            raise TooLarge(f"body goes past the end of the upload ({limit} more bytes allowed)")
         if not got:  # nothing for now: wait here, not on the writer's thread
             await reader.wait_readable()
+
+
+async def _receive_segment(
+    writer: Receiving, held: list[bytes], reader: BodyReader, count: int, digester: Digester | None
+) -> int:
+    """One hop to the writer's thread: `held`, then up to `count` bytes of the body."""
+    received = asyncio.ensure_future(writer.receive(held, reader, count, digester, SEGMENT_SECONDS))
+    try:
+        return await asyncio.shield(received)
+    except asyncio.CancelledError:
+        reader.stop()  # the thread returns within WAIT_SECONDS; its bytes are kept
+        await _settle(received)
+        raise
+
+
+def _direct_done(reader: BodyReader, copied: int, limit: int) -> bool:
+    """True once the body is complete; raises if it cannot go on."""
+    if reader.gone:
+        raise ClientDisconnected()
+    if reader.complete:
+        return True
+    if copied >= limit:
+        raise _too_long(limit)
+    return False
 
 
 async def _settle(write: asyncio.Future[Any]) -> None:

@@ -11,8 +11,8 @@ really implements.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,6 +72,43 @@ class Receiving(Protocol):
         """Write `held`, then read up to `count` bytes from `source` and write them, each
         also given to `hasher`; stop early when `source` ends or has nothing for now, or
         after `seconds`. Returns the bytes read from `source` (durable only after `commit`)."""
+
+
+class ReceiveBuffers:
+    """Buffers a `Receiving` writer reads its source into, reused while bodies stream in:
+    one allocated per segment would cost a page fault every 4 KiB. Shared by the process,
+    so that the server can let go of them all once a burst of uploads is over
+    (`uploadsrv.memory`), instead of each disk thread keeping one for good.
+
+    Taken and given back on storage threads, emptied on the event loop: `list.pop` and
+    `append` are atomic, and a buffer in use is not in the list.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: list[memoryview] = []
+
+    @contextmanager
+    def buffer(self) -> Iterator[memoryview]:
+        try:
+            view = self._idle.pop()
+        except IndexError:
+            view = memoryview(bytearray(self.size))
+        try:
+            yield view
+        finally:
+            self._idle.append(view)
+
+    def release(self) -> None:
+        """Let go of the idle buffers (glibc unmaps a block this size when it is freed)."""
+        self._idle.clear()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+
+RECEIVE_BUFFERS = ReceiveBuffers(1 << 20)
 
 
 class UploadLock(Protocol):
