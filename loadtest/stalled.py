@@ -35,7 +35,9 @@ def rss_mb(pid: int) -> float:
 
 
 def on_disk(data_dir: Path) -> int:
-    return sum(path.stat().st_size for path in data_dir.glob("uploads/*/*/data"))
+    """Bytes in the uploads' files, in either local layout (see `storage/local.py`)."""
+    flat = (path for path in data_dir.glob("files/*") if "." not in path.name)
+    return sum(path.stat().st_size for path in (*flat, *data_dir.glob("uploads/*/*/data")))
 
 
 async def stall(url: str, pid: int, data_dir: Path, uploads: int, sent: int) -> dict[str, float]:
