@@ -111,22 +111,15 @@ class HookAnswer:
     def _from_json(cls, answer: dict[str, Any]) -> HookAnswer:
         response = answer.get("HTTPResponse") or {}
         change = answer.get("ChangeFileInfo") or {}
-        status = response.get("StatusCode") or None
-        if status is not None and not (isinstance(status, int) and 200 <= status <= 599):
-            raise ValueError(f"StatusCode {status!r} is not an HTTP status")
-        metadata = change.get("MetaData")
-        if metadata is not None:
-            metadata = {str(k): "" if v is None else str(v) for k, v in dict(metadata).items()}
-        headers = {str(k): str(v) for k, v in dict(response.get("Header") or {}).items()}
         return cls(
-            status=status,
+            status=_status(response.get("StatusCode")),
             body=None if response.get("Body") in (None, "") else str(response["Body"]),
-            headers=headers,
+            headers={str(k): str(v) for k, v in dict(response.get("Header") or {}).items()},
             reject_upload=answer.get("RejectUpload") is True,
             reject_termination=answer.get("RejectTermination") is True,
             stop_upload=answer.get("StopUpload") is True,
             change_id=change.get("ID") or None,
-            change_metadata=metadata,
+            change_metadata=_metadata(change.get("MetaData")),
         )
 
     def refusal(self, default_status: int, default_detail: str) -> Refused:
@@ -139,6 +132,22 @@ class HookAnswer:
         else:
             body = self.body
         return Refused(default_detail, status=status, body=body, headers=headers)
+
+
+def _status(status: Any) -> int | None:
+    """HTTPResponse.StatusCode: absent or 0 is "the default", anything else an HTTP status."""
+    if not status:
+        return None
+    if not (isinstance(status, int) and 200 <= status <= 599):
+        raise ValueError(f"StatusCode {status!r} is not an HTTP status")
+    return status
+
+
+def _metadata(metadata: Any) -> dict[str, str] | None:
+    """ChangeFileInfo.MetaData as strings (null values become empty ones); None: unchanged."""
+    if metadata is None:
+        return None
+    return {str(k): "" if v is None else str(v) for k, v in dict(metadata).items()}
 
 
 class Delivery(Protocol):
