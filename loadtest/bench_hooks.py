@@ -1,9 +1,12 @@
 """Hook figures: post-finish delivery latency, events lost and duplicated across a SIGKILL
 while the receiver is down, and a large local upload with and without post-receive.
 
-    python -m uploadsrv.loadtest.bench_hooks [--uploads 20] [--gib 1] [--rounds 2]
+    python -m uploadsrv.loadtest.bench_hooks [--uploads 20] [--gib 1] [--rounds 3] [--only-throughput]
 
-The receiver runs in this process (a thread) and records when each hook arrives.
+The receiver runs in this process (a thread) and records when each hook arrives. The
+large uploads take turns, with and without post-receive, each on a fresh server; besides
+MB/s (noisy on a shared machine) each reports the server's CPU seconds per GiB, from
+/proc (all its threads), which is the steadier figure.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from .procs import free_port, start_uploadsrv
+from .procs import cpu_seconds, free_port, start_uploadsrv
 
 TUS = {"Tus-Resumable": "1.0.0"}
 
@@ -138,7 +141,8 @@ def crash(work: Path, receiver: Receiver, count: int) -> dict[str, object]:
         stop(process)
 
 
-def throughput(work: Path, receiver: Receiver, size: int, events: str) -> float:
+def throughput(work: Path, receiver: Receiver, size: int, events: str) -> tuple[float, float]:
+    """One large tus PATCH: (MB/s, server CPU seconds per GiB)."""
     name = events.replace(",", "+")
     process, url = start_uploadsrv(
         work / f"{name}.log", "--data-dir", str(work / name), "--hooks-http", receiver.url,
@@ -153,6 +157,7 @@ def throughput(work: Path, receiver: Receiver, size: int, events: str) -> float:
     try:
         with httpx.Client(timeout=600) as client:
             created = client.post(url + "/files/", headers={**TUS, "Upload-Length": str(size)})
+            cpu_before = cpu_seconds(process.pid)
             started = time.perf_counter()
             done = client.patch(
                 created.headers["location"],
@@ -165,8 +170,9 @@ def throughput(work: Path, receiver: Receiver, size: int, events: str) -> float:
                 },
             )
             elapsed = time.perf_counter() - started
+            cpu = cpu_seconds(process.pid) - cpu_before
             assert done.status_code == 204, done.text
-        return size / elapsed / 1e6
+        return size / elapsed / 1e6, cpu / (size / (1 << 30))
     finally:
         stop(process)
         for path in (work / name).rglob("data"):
@@ -178,28 +184,32 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=20)
     parser.add_argument("--latency-uploads", type=int, default=50)
     parser.add_argument("--gib", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only-throughput", action="store_true", help="only the large uploads")
     args = parser.parse_args()
     receiver = Receiver()
     receiver.up()
     with tempfile.TemporaryDirectory(prefix="bench-hooks-") as tmp:
         work = Path(tmp)
-        delays = latency(work, receiver, args.latency_uploads)
-        print(
-            f"post-finish latency after the 204, {len(delays)} uploads: "
-            f"median {statistics.median(delays) * 1000:.1f} ms, "
-            f"p95 {delays[int(len(delays) * 0.95) - 1] * 1000:.1f} ms, max {delays[-1] * 1000:.1f} ms"
-        )
-        print("receiver down, SIGKILL, restart:", crash(work, receiver, args.uploads))
+        if not args.only_throughput:
+            delays = latency(work, receiver, args.latency_uploads)
+            print(
+                f"post-finish latency after the 204, {len(delays)} uploads: "
+                f"median {statistics.median(delays) * 1000:.1f} ms, "
+                f"p95 {delays[int(len(delays) * 0.95) - 1] * 1000:.1f} ms, max {delays[-1] * 1000:.1f} ms"
+            )
+            print("receiver down, SIGKILL, restart:", crash(work, receiver, args.uploads))
         size = int(args.gib * (1 << 30))
         print(f"load average before the large uploads: {os.getloadavg()[0]:.1f}")
-        runs: dict[str, list[float]] = {"post-finish": [], "post-receive,post-finish": []}
-        for _ in range(args.rounds):  # taking turns, the best of each: the machine is shared
+        runs: dict[str, list[tuple[float, float]]] = {"post-finish": [], "post-receive,post-finish": []}
+        for _ in range(args.rounds):  # taking turns: the machine is shared
             for events, figures in runs.items():
                 figures.append(throughput(work, receiver, size, events))
-        without, with_progress = (max(figures) for figures in runs.values())
-        print(f"{args.gib} GiB local upload: {without:.0f} MB/s without post-receive,", end=" ")
-        print(f"{with_progress:.0f} MB/s with (every second)")
+        for events, figures in runs.items():
+            label = "with post-receive (every second)" if "post-receive" in events else "without post-receive"
+            speeds = ", ".join(f"{speed:.0f}" for speed, _ in figures)
+            cpus = ", ".join(f"{cpu:.2f}" for _, cpu in figures)
+            print(f"{args.gib} GiB local upload {label}: MB/s {speeds}; server CPU s/GiB {cpus}")
     receiver.down()
 
 

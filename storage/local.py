@@ -403,8 +403,12 @@ class LocalStorage:
             raise ValueError(f"not an event id: {event_id!r}")
         return f"{self._outbox}/{event_id}.json"
 
-    async def put_event(self, event_id: str, record: dict[str, Any]) -> None:
-        await self._run(_write_durably, self._event_path(event_id), json.dumps(record).encode())
+    async def put_event(self, event_id: str, record: dict[str, Any], *, lease: float | None = None) -> None:
+        path, content = self._event_path(event_id), json.dumps(record).encode()
+        if lease is None:
+            await self._run(_write_durably, path, content)
+        else:  # a flock has no end but the holder's: the lease does not matter here
+            self._claims[event_id] = await self._run_owned(_write_claimed, os.close, path, content)
 
     async def event_ids(self) -> AsyncIterator[str]:
         for name in sorted(await self._run(_list_dir, self._outbox)):
@@ -434,6 +438,9 @@ class LocalStorage:
             return None
         self._claims[event_id] = fd
         return record
+
+    async def renew_event(self, event_id: str, lease: float) -> bool:
+        return event_id in self._claims
 
     async def release_event(self, event_id: str, record: dict[str, Any] | None) -> None:
         fd = self._claims.pop(event_id)
@@ -924,6 +931,23 @@ def _inode(path: str) -> int:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return -1
+
+
+def _write_claimed(path: str, content: bytes) -> int:
+    """`_write_durably`, the file flocked before it appears under its name: returns the
+    descriptor holding the lock (another process's claim finds it taken)."""
+    tmp = os.path.splitext(path)[0] + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, content)
+        os.fsync(fd)
+        os.replace(tmp, path)
+        _sync(os.path.dirname(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_atomically(path: str, content: bytes) -> None:

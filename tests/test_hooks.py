@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
+import signal
 import stat
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from tests.conftest import TUS, Receiver, Server, create, patch, sha256, wait_for
+from tests.conftest import TUS, Receiver, Server, create, download, patch, sha256, spawn, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"a secret the app and this server share").decode()
 ALL_EVENTS = (
@@ -516,3 +519,125 @@ async def test_bytes_are_unchanged_with_post_receive_on(client, start_server, re
     wait_for(lambda: len(data) in [upload_of(r)["Offset"] for r in receiver.requests("post-receive")])
     offsets = [upload_of(r)["Offset"] for r in receiver.requests("post-receive")]
     assert len(offsets) == len(set(offsets)) and all(0 < offset <= len(data) for offset in offsets)
+
+
+@pytest.mark.parametrize("body_kind", ["socket", "chunked", "checksummed"])
+async def test_post_receive_reports_while_the_body_still_arrives(client, start_server, receiver, body_kind):
+    """The direct socket path (a Content-Length of MiBs), uvicorn's path (chunked), and a
+    checksummed body (whose bytes count once they arrived, while being verified)."""
+    srv = start_server(*hooked(receiver, events="post-receive"))
+    data = os.urandom(4 << 20)
+    half = len(data) // 2
+    url = await create(client, srv, len(data))
+    upload_id = Server.upload_id(url)
+
+    def reported() -> list[int]:
+        return [upload_of(r)["Offset"] for r in receiver.requests("post-receive", upload_id)]
+
+    async def body():
+        yield data[:half]
+        while not reported():  # the second half waits for a report of the first
+            await asyncio.sleep(0.01)
+        yield data[half:]
+
+    headers = {} if body_kind == "chunked" else {"Content-Length": str(len(data))}
+    if body_kind == "checksummed":
+        digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        headers["Upload-Checksum"] = f"sha256 {digest}"
+    response = await patch(client, url, 0, body(), **headers)
+    assert response.status_code == 204, response.text
+    assert 0 < reported()[0] <= half
+    wait_for(lambda: reported()[-1] == len(data), 10, "the report of the request's end")
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+# -- a crash at every moment of a durable event's life --------------------------------------
+
+
+class CrashingServer(Server):
+    """`tests/crashing_app.py`: the server SIGKILLs itself at `crash` (`<hook>:<moment>`)."""
+
+    def __init__(self, data_dir: Path, *args: str, crash: str, **kwargs) -> None:
+        super().__init__(data_dir, *args, **kwargs)
+        self.crash = crash
+
+    def start(self) -> Server:
+        command = [sys.executable, "-m", "tests.crashing_app", "serve", "--port", str(self.port)]
+        command += ["--data-dir", str(self.data_dir), *self.args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UPLOADSRV_")}
+        env["UPLOADSRV_TEST_CRASH"] = self.crash
+        if self.moto:
+            env.update(self.moto.credentials)
+        self.process = spawn(command, self.log, self.url + "/healthz", env)
+        return self
+
+    def died(self) -> bool:
+        assert self.process is not None
+        return self.process.wait(30) == -signal.SIGKILL
+
+
+CRASHES = [
+    # (hook, moment, events the receiver gets after the restart)
+    ("post-create", "intent", 0),
+    ("post-create", "after-change", 1),
+    ("post-finish", "intent", 0),
+    ("post-finish", "before-change", 1),  # every byte stored: the finish is completed on restart
+    ("post-finish", "after-change", 1),
+    ("post-terminate", "intent", 0),
+    ("post-terminate", "after-change", 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "hook", "moment", "expected"),
+    [("local", *crash) for crash in CRASHES] + [("s3", *crash) for crash in CRASHES if crash[1] != "intent"],
+)
+async def test_a_crash_around_a_change_neither_loses_nor_invents_its_event(
+    client, start_server, receiver, tmp_path, request, backend, hook, moment, expected
+):
+    flags = hooked(receiver, events=hook)
+    moto = request.getfixturevalue("moto") if backend == "s3" else None
+    data_dir = tmp_path / "data"
+    crashing = CrashingServer(data_dir, *flags, crash=f"{hook}:{moment}", moto=moto).start()
+    data = os.urandom(3000)
+    url = None
+    try:
+        if hook != "post-create":
+            url = await create(client, crashing, len(data))
+        if hook == "post-terminate":
+            assert (await patch(client, url, 0, data)).status_code == 204
+        with pytest.raises(httpx.TransportError):  # the server dies before it answers
+            if hook == "post-create":
+                await client.post(crashing.files, headers={**TUS, "Upload-Length": str(len(data))})
+            elif hook == "post-finish":
+                await patch(client, url, 0, data)
+            else:
+                await client.delete(url, headers=TUS)
+        assert crashing.died()
+    finally:
+        crashing.stop()
+
+    srv = start_server(*flags, backend=backend, data_dir=data_dir, bucket=crashing.bucket)
+    wait_for(lambda: _pending(srv) == 0, 60, "the outbox resolved")
+    if expected:
+        receiver.wait(hook, count=expected)
+    got = receiver.requests(hook)
+    assert len(got) == expected, [upload_of(r) for r in got]
+    if hook == "post-create":
+        if expected:
+            created = srv.files + upload_of(got[0])["ID"]
+            assert (await client.head(created, headers=TUS)).status_code == 200
+        return
+    url = srv.files + Server.upload_id(url)  # the restarted server's port
+    head = await client.head(url, headers=TUS)
+    if hook == "post-terminate":
+        assert head.status_code == (404 if expected else 200)
+        return
+    if not expected:  # nothing was stored: the client resumes from 0, and the event comes once
+        assert head.headers["upload-offset"] == "0"
+        assert (await patch(client, url, 0, data)).status_code == 204
+        receiver.wait(hook)
+        wait_for(lambda: _pending(srv) == 0, 30, "the outbox to empty")
+        assert len(receiver.requests(hook)) == 1
+    assert upload_of(receiver.requests(hook)[0])["Offset"] == len(data)
+    assert sha256(await download(client, url)) == sha256(data)

@@ -139,8 +139,8 @@ class S3Storage:
 
     # -- hook outbox (the `outbox` room) -------------------------------------------
 
-    async def put_event(self, event_id: str, record: dict[str, Any]) -> None:
-        await self.outbox.put_event(event_id, record)
+    async def put_event(self, event_id: str, record: dict[str, Any], *, lease: float | None = None) -> None:
+        await self.outbox.put_event(event_id, record, lease=lease)
 
     def event_ids(self) -> AsyncIterator[str]:
         return self.outbox.event_ids()
@@ -150,6 +150,9 @@ class S3Storage:
 
     async def claim_event(self, event_id: str, lease: float) -> dict[str, Any] | None:
         return await self.outbox.claim_event(event_id, lease)
+
+    async def renew_event(self, event_id: str, lease: float) -> bool:
+        return await self.outbox.renew_event(event_id, lease)
 
     async def release_event(self, event_id: str, record: dict[str, Any] | None) -> None:
         await self.outbox.release_event(event_id, record)

@@ -195,7 +195,7 @@ class ChunkSessions:
         )
         hooks = self._service.hooks
         if hooks is not None and hooks.progress_due(session_id):
-            hooks.progress_later(self._progress_of(info), caller)
+            hooks.progress_later(session_id, self._progress_of(info), caller)
         return chunk, True
 
     async def _progress_of(self, info: UploadInfo) -> tuple[UploadInfo, dict[str, object]]:
@@ -230,14 +230,21 @@ class ChunkSessions:
                     f"{info.chunk_count - len(status.chunks)} of {info.chunk_count} chunks are missing",
                     missing=status.missing,
                 )
+            intent = await self._service.intend_finish(info, caller)
             try:
                 await self._storage.assemble(info, status.chunks, info.sha256)
             except ChecksumMismatch:
                 intact = False
+                if intent is not None:
+                    await intent.not_made()
+            except BaseException:
+                if intent is not None:
+                    await intent.undecided()
+                raise
             else:
                 intact = True
                 info.offset = status.stored_bytes
-                await self._service.finish(info, caller)
+                await self._service.finish(info, caller, intent=intent)
         if not intact:
             await self._service.terminate(session_id)
             raise ChecksumMismatch(

@@ -10,12 +10,14 @@ an upload's life; how a hook reaches the application (HTTP, an executable) is a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -182,6 +184,9 @@ class Hooks:
         self._locate = locate
         self._forward = frozenset(name.lower() for name in forward_headers)
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: upload id -> its post-receive in flight (at most one per upload).
+        self._progress: dict[str, asyncio.Task[None]] = {}
+        #: upload id -> when its last post-receive started (time.monotonic).
         self._last_progress: dict[str, float] = {}
         #: Told of every hook sent outside the outbox: (hook, "delivered" or "failed").
         self.listeners: list[Callable[[str, str], None]] = []
@@ -255,48 +260,65 @@ class Hooks:
 
     # -- durable hooks: the outbox --------------------------------------------------
 
-    async def record(self, hook: Hook, info: UploadInfo, caller: Caller | None) -> None:
-        """Commit a durable event to the outbox before the client hears of the change."""
+    async def intend(self, hook: Hook, info: UploadInfo, caller: Caller | None) -> EventIntent | None:
+        """Commit a durable event to the outbox before the change it reports is made (`info`
+        as it will be then); None if the event is not enabled. Settle it when the change
+        is made, or is not."""
         if hook not in self.events:
+            return None
+        message = self.message(hook, info, caller, event_id=event_id_for(hook, info))
+        if self.sender is None:
+            return _Unkept(self, message)
+        return await self.sender.intend(message, info)
+
+    @asynccontextmanager
+    async def recording(
+        self, hook: Hook, info: UploadInfo, caller: Caller | None, *, intent: EventIntent | None = None
+    ) -> AsyncIterator[None]:
+        """The durable event of the change the block makes: committed before it (or
+        earlier: `intent`), delivered after it; an error inside leaves the outbox to find
+        out whether it was made."""
+        if intent is None:
+            intent = await self.intend(hook, info, caller)
+        if intent is None:
+            yield
             return
-        event_id = event_id_for(hook, info)
-        message = self.message(hook, info, caller, event_id=event_id)
-        if self.sender is not None:
-            await self.sender.put(message, info.id)
-        else:  # a storage without an outbox: sent in the background, not kept
-            self._spawn(self._send(message, self.attempts, None))
+        try:
+            yield
+        except BaseException:
+            await intent.undecided()
+            raise
+        await intent.made()
 
     # -- post-receive: best effort --------------------------------------------------
 
-    def progress_due(self, upload_id: str) -> bool:
-        """Whether a post-receive for this upload is due (at most one per interval)."""
+    def receiving(self, info: UploadInfo, caller: Caller | None, stop: Callable[[], None]) -> Progress | None:
+        """The post-receive reports of one request's body, if they are enabled; `stop`
+        ends the request when the application answers StopUpload."""
         if Hook.POST_RECEIVE not in self.events:
+            return None
+        return Progress(
+            self, info, caller, stop, self._last_progress.get(info.id, -1e9) + self.progress_interval
+        )
+
+    def progress_due(self, upload_id: str) -> bool:
+        """Whether a post-receive for this upload is due: the interval has passed since the
+        last one and none is in flight (a chunk session asks once per stored chunk)."""
+        if Hook.POST_RECEIVE not in self.events or upload_id in self._progress:
             return False
-        now = time.monotonic()
-        if now - self._last_progress.get(upload_id, -1e9) < self.progress_interval:
+        if time.monotonic() - self._last_progress.get(upload_id, -1e9) < self.progress_interval:
             return False
-        if len(self._last_progress) >= PROGRESS_THROTTLES:  # entries past the interval change nothing
-            cutoff = now - self.progress_interval
-            self._last_progress = {k: at for k, at in self._last_progress.items() if at > cutoff}
-        self._last_progress[upload_id] = now
+        self._sent_progress(upload_id)
         return True
 
-    def progress(
-        self,
-        info: UploadInfo,
-        caller: Caller | None,
-        on_answer: Callable[[HookAnswer], None] | None = None,
-    ) -> None:
-        """Send a post-receive in the background; never waits, and drops it when too many
-        are in flight. `on_answer` sees the answer (StopUpload) if it comes in time."""
-        if len(self._in_flight) < MAX_PROGRESS_IN_FLIGHT:
-            self._spawn(self._send(self.message(Hook.POST_RECEIVE, info, caller), 1, on_answer))
-
     def progress_later(
-        self, snapshot: Coroutine[Any, Any, tuple[UploadInfo, dict[str, Any]]], caller: Caller | None
+        self,
+        upload_id: str,
+        snapshot: Coroutine[Any, Any, tuple[UploadInfo, dict[str, Any]]],
+        caller: Caller | None,
     ) -> None:
         """A post-receive whose content takes a read first (a chunk session's stored chunks)."""
-        if len(self._in_flight) >= MAX_PROGRESS_IN_FLIGHT:
+        if len(self._progress) >= MAX_PROGRESS_IN_FLIGHT or upload_id in self._progress:
             snapshot.close()
             return
 
@@ -307,7 +329,28 @@ class Hooks:
                 return  # gone meanwhile: nothing to report
             await self._send(self.message(Hook.POST_RECEIVE, info, caller, **extra), 1, None)
 
-        self._spawn(send())
+        self._start_progress(upload_id, send())
+
+    def _report(self, progress: Progress) -> None:
+        """Start sending `progress`'s report unless one for the upload is in flight (then
+        this one is skipped, not queued) or too many are."""
+        upload_id = progress.upload_id
+        if upload_id in self._progress or len(self._progress) >= MAX_PROGRESS_IN_FLIGHT:
+            return
+        self._sent_progress(upload_id)
+        self._start_progress(upload_id, progress.send())
+
+    def _sent_progress(self, upload_id: str) -> None:
+        now = time.monotonic()
+        if len(self._last_progress) >= PROGRESS_THROTTLES:  # entries past the interval change nothing
+            cutoff = now - self.progress_interval
+            self._last_progress = {k: at for k, at in self._last_progress.items() if at > cutoff}
+        self._last_progress[upload_id] = now
+
+    def _start_progress(self, upload_id: str, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._progress[upload_id] = task
+        task.add_done_callback(lambda _: self._progress.pop(upload_id, None))
 
     async def _send(
         self, message: HookMessage, attempts: int, on_answer: Callable[[HookAnswer], None] | None
@@ -332,10 +375,103 @@ class Hooks:
         task.add_done_callback(self._in_flight.discard)
 
     async def close(self) -> None:
-        for task in list(self._in_flight):
+        tasks = [*self._in_flight, *self._progress.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.delivery.close()
+
+
+class EventIntent(Protocol):
+    """A durable event committed before its change (`outbox.Intent`), settled once."""
+
+    async def made(self) -> None:
+        """The change is made and durable: deliver the event."""
+
+    async def not_made(self) -> None:
+        """The change was not made: drop the event."""
+
+    async def undecided(self) -> None:
+        """Not known (an error): the outbox resolves it from the upload's state."""
+
+
+class _Unkept:
+    """A storage without an outbox: the event is sent in the background after its change, not kept."""
+
+    def __init__(self, hooks: Hooks, message: HookMessage) -> None:
+        self._hooks = hooks
+        self._message = message
+
+    async def made(self) -> None:
+        self._hooks._spawn(self._hooks._send(self._message, self._hooks.attempts, None))
+
+    async def not_made(self) -> None:
+        return None
+
+    async def undecided(self) -> None:
+        return None
+
+
+class Progress:
+    """post-receive while one request's body arrives (tus, the draft).
+
+    The byte path pays an addition and a clock compare per write (`__call__`), nothing
+    else: no allocation, no await. When the interval has passed, a background task builds
+    the hook request and sends it; while it is in flight, later reports for the upload
+    are skipped, not queued. When the request ends, one more report says where it stands
+    (after the one in flight, if any). A StopUpload answer calls `stop`, which ends the
+    request; `stopped` keeps the answer for the client.
+    """
+
+    __slots__ = ("_caller", "_due", "_ended", "_hooks", "_info", "_reported", "_stop", "arrived", "stopped")
+
+    def __init__(
+        self, hooks: Hooks, info: UploadInfo, caller: Caller | None, stop: Callable[[], None], due: float
+    ) -> None:
+        self._hooks = hooks
+        self._info = info
+        self._caller = caller
+        self._stop = stop
+        self._due = due
+        self._ended = False
+        self._reported = info.offset
+        #: The upload's offset counting every byte of this body that arrived so far.
+        self.arrived = info.offset
+        self.stopped: HookAnswer | None = None
+
+    @property
+    def upload_id(self) -> str:
+        return self._info.id
+
+    def __call__(self, written: int) -> None:
+        """After each write of the body (`pump`'s after_write)."""
+        self.arrived += written
+        if time.monotonic() >= self._due:
+            self._due = time.monotonic() + self._hooks.progress_interval
+            self._hooks._report(self)
+
+    def ended(self, offset: int) -> None:
+        """The request ended with the upload at `offset`: report it if it moved since the
+        last report, now or after the report in flight."""
+        self.arrived = offset
+        self._ended = True
+        if offset > self._reported:
+            self._hooks._report(self)
+
+    async def send(self) -> None:
+        """The reports of this request, one at a time (the task `Hooks._report` started)."""
+        while True:
+            offset = self._reported = self.arrived
+            snapshot = dataclasses.replace(self._info, offset=offset, stored_state=None)
+            message = self._hooks.message(Hook.POST_RECEIVE, snapshot, self._caller)
+            await self._hooks._send(message, 1, self._answered)
+            if not (self._ended and self.arrived > self._reported):
+                return
+
+    def _answered(self, answer: HookAnswer) -> None:
+        if answer.stop_upload and self.stopped is None:
+            self.stopped = answer
+            self._stop()
 
 
 def event_id_for(hook: Hook, info: UploadInfo) -> str:

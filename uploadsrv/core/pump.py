@@ -74,6 +74,11 @@ class _Budget:
 
 BUDGET = _Budget(BUDGET_BYTES)
 
+#: Called with the size of each batch written: returns None, or what must be awaited
+#: before the copy goes on (a durable checkpoint). Synchronous, so a callback with
+#: nothing to do costs no coroutine per write.
+AfterWrite = Callable[[int], Awaitable[None] | None]
+
 
 class Sink(Protocol):
     """Where pumped bytes go: a storage writer, or nowhere when only the digest counts."""
@@ -112,7 +117,7 @@ async def pump(
     *,
     limit: int,
     digester: Digester | None,
-    after_write: Callable[[int], Awaitable[None]] | None = None,
+    after_write: AfterWrite | None = None,
 ) -> int:
     """Copy `body` into `writer` and return the number of bytes copied.
 
@@ -178,7 +183,7 @@ class _Batches:
         writer: Sink,
         limit: int,
         digester: Digester | None,
-        after_write: Callable[[int], Awaitable[None]] | None,
+        after_write: AfterWrite | None,
     ) -> None:
         self.limit = limit
         self.copied = 0  #: bytes handed to the writer
@@ -253,8 +258,8 @@ class _Batches:
             await self._writer.write(blocks)
         finally:
             BUDGET.give(size)
-        if self._after_write is not None:
-            await self._after_write(size)
+        if self._after_write is not None and (pending := self._after_write(size)) is not None:
+            await pending
 
 
 # -- a body read by the writer's thread straight from the socket ------------------------
@@ -266,7 +271,7 @@ async def _pump_directly(
     writer: Receiving,
     limit: int,
     digester: Digester | None,
-    after_write: Callable[[int], Awaitable[None]] | None,
+    after_write: AfterWrite | None,
 ) -> int:
     """`pump` for a body the writer's thread reads itself, a segment per hop; `held`
     (what the HTTP server buffered) goes first."""
@@ -279,8 +284,8 @@ async def _pump_directly(
         got = await _receive_segment(writer, held, reader, min(SEGMENT_BYTES, limit - copied), digester)
         held.clear()
         copied += got
-        if after_write is not None and got:
-            await after_write(got)
+        if after_write is not None and got and (pending := after_write(got)) is not None:
+            await pending
         if _direct_done(reader, copied, limit):
             return copied
         if not got:  # nothing for now: wait here, not on the writer's thread

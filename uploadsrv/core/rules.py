@@ -68,6 +68,14 @@ def plan_append(info: UploadInfo, ask: AppendRequest, max_size: int) -> AppendPl
     return AppendPlan(length=length, limit=_limit(length, info.offset, ask.content_length, max_size))
 
 
+def may_finish(info: UploadInfo, ask: AppendRequest) -> bool:
+    """Whether the request's body may bring the upload (its length known) to its end:
+    its Content-Length says so, or it has none (a chunked body)."""
+    if info.length is None or info.is_complete:
+        return False
+    return ask.content_length is None or info.offset + ask.content_length >= info.length
+
+
 def _check_appendable(info: UploadInfo) -> None:
     if info.is_final:
         raise NotAppendable("a concatenated upload cannot be appended to")

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from .caller import Caller
 from .capabilities import Capabilities
@@ -31,12 +31,12 @@ from .errors import (
     UploadNotFound,
 )
 from .events import Listener, UploadEvent
-from .hooks import Hook, HookAnswer, Hooks
+from .hooks import EventIntent, Hook, HookAnswer, Hooks, Progress
 from .locks import Hold, UploadLocks
 from .model import UploadInfo, is_upload_id, new_upload_id
-from .pump import pump
+from .pump import AfterWrite, pump
 from .quotas import OwnerQuotas
-from .rules import AppendRequest, check_digest, check_length, declared_length, plan_append
+from .rules import AppendRequest, check_digest, check_length, declared_length, may_finish, plan_append
 from .storage import Orphan, Storage, StoredChunk, Writer
 
 log = logging.getLogger("uploadsrv.core")
@@ -76,6 +76,8 @@ class UploadService:
         self.enforce_owners = enforce_owners
         self.quotas = quotas
         self.hooks = hooks
+        if hooks is not None and hooks.sender is not None:
+            hooks.sender.resolve = self._change_made
         self._clock = clock
         self._listeners: list[Listener] = []
         self._owned: OrderedDict[tuple[str | None, str], None] = OrderedDict()
@@ -117,7 +119,6 @@ class UploadService:
             self._remember((info.owner, info.id))
         self.emit(UploadEvent.CREATED, info)
         log.debug("upload created", extra={"upload_id": info.id, "length": length, "protocol": info.protocol})
-        await self._record(Hook.POST_CREATE, info, caller)
         if info.is_complete:  # a zero-byte upload is done at once
             await self.finish(info, caller)
         return info
@@ -148,15 +149,17 @@ class UploadService:
             parts.append(part)
         total = sum(part.offset for part in parts)
         info = self._new(total, metadata, caller, parts=list(part_ids))
-        await self._create_record(info, caller)
-        try:
-            await joiner.concatenate(info, parts)
-        except BaseException:
-            await self.storage.delete(info.id)
-            raise
+
+        async def join() -> None:
+            try:
+                await joiner.concatenate(info, parts)
+            except BaseException:
+                await self.storage.delete(info.id)
+                raise
+
+        await self._create_record(info, caller, then=join)
         info.offset = total
         self.emit(UploadEvent.CREATED, info)
-        await self._record(Hook.POST_CREATE, info, caller)
         await self.finish(info, caller)
         return info
 
@@ -216,19 +219,36 @@ class UploadService:
         `plan_append`; this method does the I/O.
         """
         ask = AppendRequest(offset, content_length, length, complete, replay_finished)
-        async with self.hold(upload_id, caller) as hold:
-            info = await self._appendable(upload_id, caller)
-            plan = plan_append(info, ask, self.max_size)
-            if plan.replay:
-                return info  # a repeated final request: nothing to store
-            was_complete = info.is_complete
-            await self._apply_length(info, plan.length)
-            body_checksum = _BodyChecksum(checksum, trailer_checksum)
-            await self._store(info, body, hold, plan.limit, caller, body_checksum, progress)
-            if complete and info.length is None:  # a chunked body ended the upload
-                await self._declare_length(info, info.offset)
-        await self._stored(info, caller, was_complete)
+        async with self._settling() as finishing:
+            async with self.hold(upload_id, caller) as hold:
+                info = await self._appendable(upload_id, caller)
+                plan = plan_append(info, ask, self.max_size)
+                if plan.replay:
+                    return info  # a repeated final request: nothing to store
+                was_complete = info.is_complete
+                await self._apply_length(info, plan.length)
+                finishing.intent = await self._finish_intent(info, ask, caller)
+                body_checksum = _BodyChecksum(checksum, trailer_checksum)
+                await self._store(info, body, hold, plan.limit, caller, body_checksum, progress)
+                if complete and info.length is None:  # a chunked body ended the upload
+                    await self._declare_length(info, info.offset)
+            await self._stored(info, caller, was_complete, finishing)
         return info
+
+    @asynccontextmanager
+    async def _settling(self) -> AsyncIterator[_Finishing]:
+        """The request's post-finish intent, if it wrote one, settled however it ends:
+        `finish` takes it; left over, the body ended short (not made) or an error left
+        the bytes in doubt (the outbox finds out)."""
+        finishing = _Finishing()
+        try:
+            yield finishing
+        except BaseException:
+            if finishing.intent is not None:
+                await finishing.intent.undecided()
+            raise
+        if finishing.intent is not None:
+            await finishing.intent.not_made()
 
     async def _appendable(self, upload_id: str, caller: Caller | None) -> UploadInfo:
         """The live upload, its pending finish asked again first (its pre-finish hook was down)."""
@@ -258,20 +278,23 @@ class UploadService:
         receiving = self._receiving(info, caller, hold)
         try:
             if checksum.announced:
-                await self._store_verified(info, body, hold, limit, checksum)
+                await self._store_verified(info, body, hold, limit, checksum, receiving)
             else:
                 await self._store_streaming(info, body, hold, limit, progress, receiving)
         except Superseded:
-            if receiving is not None and receiving.stop is not None:
-                await self._stop(info, receiving.stop)
+            if receiving is not None and receiving.stopped is not None:
+                await self._stop(info, receiving.stopped)
             raise
         if receiving is not None:
-            receiving.ended(info)
+            receiving.ended(info.offset)
 
-    async def _stored(self, info: UploadInfo, caller: Caller | None, was_complete: bool) -> None:
+    async def _stored(
+        self, info: UploadInfo, caller: Caller | None, was_complete: bool, finishing: _Finishing
+    ) -> None:
         """After the lock: finish an upload this request completed."""
         if info.is_complete and not was_complete:
-            await self.finish(info, caller)
+            intent, finishing.intent = finishing.intent, None  # finish settles it
+            await self.finish(info, caller, intent=intent)
         elif was_complete:  # an empty request to a finished upload: the backend's step is safe to repeat
             await self.storage.finish(info)
 
@@ -282,12 +305,14 @@ class UploadService:
         hold: Hold,
         limit: int,
         checksum: _BodyChecksum,
+        receiving: Progress | None,
     ) -> None:
-        """Store `body` only if it matches its checksum; otherwise nothing of it."""
+        """Store `body` only if it matches its checksum; otherwise nothing of it. A
+        post-receive hook (`receiving`) reports the bytes that arrived meanwhile."""
         digester = checksum.digester()
         async with self.storage.writer(info, transactional=True) as writer:
             try:
-                await hold.run(pump(body, writer, limit=limit, digester=digester))
+                await hold.run(pump(body, writer, limit=limit, digester=digester, after_write=receiving))
                 check_digest(digester, checksum.expected())
             except BaseException:
                 await writer.discard()
@@ -302,7 +327,7 @@ class UploadService:
         hold: Hold,
         limit: int,
         progress: Callable[[int], Awaitable[None]] | None,
-        receiving: _Receiving | None,
+        receiving: Progress | None,
     ) -> None:
         """Store `body`, keeping every byte that arrived even if the request breaks off;
         `progress` and a post-receive hook (`receiving`) follow the bytes as they arrive."""
@@ -330,11 +355,11 @@ class UploadService:
 
     async def _remove(self, info: UploadInfo, caller: Caller | None) -> None:
         """Delete the upload (its lock is held) and report it as terminated."""
-        await self.storage.delete(info.id)
+        async with self._recording(Hook.POST_TERMINATE, info, caller):
+            await self.storage.delete(info.id)
         if not info.is_complete:
             await self._upload_ended(info)
         self.emit(UploadEvent.TERMINATED, info)
-        await self._record(Hook.POST_TERMINATE, info, caller)
         log.info("upload terminated", extra={"upload_id": info.id})
 
     def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
@@ -438,9 +463,8 @@ class UploadService:
             raise UploadBusy()
         stored = await self.stored_bytes(info)
         if not dry_run:
-            await self.storage.delete(upload_id)
-            if not info.is_complete:
-                await self._record(Hook.POST_EXPIRE, info, None)
+            async with self._recording(Hook.POST_EXPIRE, info, None, when=not info.is_complete):
+                await self.storage.delete(upload_id)
         return info, not dry_run, stored
 
     async def _idle_since(self, info: UploadInfo, cutoff: float) -> bool:
@@ -578,9 +602,17 @@ class UploadService:
         info.updated_at = self._clock()
         self.emit(UploadEvent.APPENDED, info)
 
-    async def finish(self, info: UploadInfo, caller: Caller | None = None, *, asked: bool = False) -> None:
+    async def finish(
+        self,
+        info: UploadInfo,
+        caller: Caller | None = None,
+        *,
+        asked: bool = False,
+        intent: EventIntent | None = None,
+    ) -> None:
         """The upload reached its length: ask the pre-finish hook (unless `asked` already),
-        let the backend finalise it, and tell listeners.
+        let the backend finalise it, and tell listeners. `intent` is the post-finish the
+        request committed before its bytes (`_finish_intent`), if it did.
 
         A pre-finish hook that cannot be reached leaves the upload unfinished, marked so,
         and raises: the next request for it asks again (503 until then).
@@ -592,39 +624,110 @@ class UploadService:
                 if not info.finish_pending:
                     info.finish_pending = True
                     await self.storage.update(info)
+                if intent is not None:
+                    await intent.not_made()
                 raise
-        if info.finish_pending:
-            info.finish_pending = False
-            await self.storage.update(info)
-        await self.storage.finish(info)
+        async with self._recording(Hook.POST_FINISH, info, caller, intent=intent):
+            if info.finish_pending:
+                info.finish_pending = False
+                await self.storage.update(info)
+            await self.storage.finish(info)
         if not info.is_final:  # a concatenation result was never an unfinished upload
             await self._upload_ended(info)
         self.emit(UploadEvent.COMPLETED, info)
-        await self._record(Hook.POST_FINISH, info, caller)
         log.info("upload completed", extra={"upload_id": info.id, "length": info.length})
 
     # -- hooks -------------------------------------------------------------------
 
-    async def _create_record(self, info: UploadInfo, caller: Caller | None) -> None:
-        """Ask the pre-create hook (it may refuse, or change the id and metadata), then store."""
-        if self.hooks is None:
-            await self.storage.create(info)
-            return
-        await self.hooks.pre_create(info, caller)
-        try:
-            await self.storage.create(info)
-        except UploadExists:
-            raise HookInvalid(f"the pre-create hook chose the id of an existing upload, {info.id}") from None
-
-    async def _record(self, hook: Hook, info: UploadInfo, caller: Caller | None) -> None:
-        """Commit a durable hook event before the client hears of the change it reports."""
+    async def _create_record(
+        self, info: UploadInfo, caller: Caller | None, *, then: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Ask the pre-create hook (it may refuse, or change the id and metadata), then
+        store, and do `then` (a concatenation's join): post-create reports both."""
         if self.hooks is not None:
-            await self.hooks.record(hook, info, caller)
+            await self.hooks.pre_create(info, caller)
+        async with self._recording(Hook.POST_CREATE, info, caller):
+            try:
+                await self.storage.create(info)
+            except UploadExists:
+                if self.hooks is None:
+                    raise
+                raise HookInvalid(
+                    f"the pre-create hook chose the id of an existing upload, {info.id}"
+                ) from None
+            if then is not None:
+                await then()
 
-    def _receiving(self, info: UploadInfo, caller: Caller | None, hold: Hold) -> _Receiving | None:
-        if self.hooks is None or not self.hooks.enabled(Hook.POST_RECEIVE):
+    def _recording(
+        self,
+        hook: Hook,
+        info: UploadInfo,
+        caller: Caller | None,
+        *,
+        when: bool = True,
+        intent: EventIntent | None = None,
+    ) -> AbstractAsyncContextManager[None]:
+        """A durable hook event committed before the change the block makes (`when` it
+        is due), delivered after it: no crash in between loses it."""
+        if self.hooks is None or not when:
+            return nullcontext()
+        return self.hooks.recording(hook, info, caller, intent=intent)
+
+    async def _finish_intent(
+        self, info: UploadInfo, ask: AppendRequest, caller: Caller | None
+    ) -> EventIntent | None:
+        """The post-finish of a request that may finish the upload, committed before its
+        bytes: a byte written to disk counts as stored (after a crash too), so the change
+        the event reports happens while the body arrives."""
+        if not may_finish(info, ask):
             return None
-        return _Receiving(self.hooks, info, caller, hold)
+        return await self.intend_finish(info, caller)
+
+    async def intend_finish(self, info: UploadInfo, caller: Caller | None) -> EventIntent | None:
+        """The post-finish of a change that is to finish the upload (its last bytes, a chunk
+        session's assembly), committed before it; pass it to `finish`, or settle it."""
+        length = info.length
+        if self.hooks is None or length is None:
+            return None
+        finished = dataclasses.replace(info, offset=length, stored_state=None)
+        return await self.hooks.intend(Hook.POST_FINISH, finished, caller)
+
+    async def _change_made(self, record: dict[str, object]) -> bool | None:
+        """Whether the change a durable event's intent announced was made (asked by the
+        outbox about an intent nobody holds: its writer died, or failed midway); None
+        while the upload is busy. A finish whose bytes are all stored is completed here."""
+        hook, upload_id = Hook(str(record["hook"])), str(record["upload_id"])
+        try:
+            async with self.locks.hold(upload_id, preempt=False):
+                info = await self.storage.get(upload_id)
+                if info.created_at != record["upload_created_at"]:  # another upload took the id
+                    return hook in (Hook.POST_TERMINATE, Hook.POST_EXPIRE)
+                if hook == Hook.POST_FINISH:
+                    return await self._finish_found(info)
+                return hook == Hook.POST_CREATE
+        except UploadBusy:
+            return None
+        except UploadNotFound:
+            return hook in (Hook.POST_TERMINATE, Hook.POST_EXPIRE)
+
+    async def _finish_found(self, info: UploadInfo) -> bool:
+        """An upload whose post-finish intent was left: finished if all its bytes are
+        stored and its pre-finish hook agrees (asked again: its answer may have been lost)."""
+        if not info.is_complete or info.finish_pending:
+            return False
+        if self.hooks is not None:
+            try:
+                await self.hooks.pre_finish(info, None)
+            except (HookUnavailable, HookInvalid):
+                info.finish_pending = True  # the next request asks again, and records it anew
+                await self.storage.update(info)
+                return False
+        await self.storage.finish(info)  # safe to repeat
+        return True
+
+    def _receiving(self, info: UploadInfo, caller: Caller | None, hold: Hold) -> Progress | None:
+        """The request's post-receive reports; a StopUpload answer stops the request."""
+        return None if self.hooks is None else self.hooks.receiving(info, caller, hold.preempt)
 
     async def _stop(self, info: UploadInfo, answer: HookAnswer) -> None:
         """A post-receive hook said StopUpload: the upload goes, the client gets the hook's answer."""
@@ -651,56 +754,33 @@ class _BodyChecksum:
         return self.header or (self.trailer() if self.trailer else None)
 
 
-class _Receiving:
-    """post-receive while a body streams in: at most one per interval and upload, sent in
-    the background (the copy never waits for it); a StopUpload answer stops the copy."""
+@dataclasses.dataclass
+class _Finishing:
+    """A request's post-finish intent, until `finish` takes it (`UploadService._settling`)."""
 
-    def __init__(self, hooks: Hooks, info: UploadInfo, caller: Caller | None, hold: Hold) -> None:
-        self._hooks = hooks
-        self._info = info
-        self._caller = caller
-        self._hold = hold
-        self._offset = info.offset
-        self._sent = info.offset
-        self.stop: HookAnswer | None = None
-
-    async def __call__(self, written: int) -> None:
-        self._offset += written
-        if self._hooks.progress_due(self._info.id):
-            self._send(self._offset)
-
-    def ended(self, info: UploadInfo) -> None:
-        """The request ended: one more with where it stands, if it stored anything."""
-        if info.offset > self._sent:
-            self._send(info.offset)
-
-    def _send(self, offset: int) -> None:
-        self._sent = offset
-        snapshot = dataclasses.replace(self._info, offset=offset, stored_state=None)
-        self._hooks.progress(snapshot, self._caller, self._answered)
-
-    def _answered(self, answer: HookAnswer) -> None:
-        if answer.stop_upload and self.stop is None:
-            self.stop = answer
-            self._hold.preempt()
+    intent: EventIntent | None = None
 
 
-def _both(
-    first: Callable[[int], Awaitable[None]] | None, second: Callable[[int], Awaitable[None]] | None
-) -> Callable[[int], Awaitable[None]] | None:
+def _both(first: AfterWrite | None, second: AfterWrite | None) -> AfterWrite | None:
     """One after-write callback from two, either of which may be absent."""
     if first is None or second is None:
         return first or second
 
-    async def both(written: int) -> None:
-        await first(written)
-        await second(written)
+    def both(written: int) -> Awaitable[None] | None:
+        pending = [done for done in (first(written), second(written)) if done is not None]
+        return _in_turn(pending) if pending else None
 
     return both
 
 
+async def _in_turn(pending: list[Awaitable[None]]) -> None:
+    for done in pending:
+        await done
+
+
 class _ProgressReporter:
-    """Reports the durable offset while a body streams in, never twice the same, never less."""
+    """Reports the durable offset while a body streams in, never twice the same, never less.
+    Per write it only counts and compares; a checkpoint is awaited when one is due."""
 
     def __init__(self, writer: Writer, report: Callable[[int], Awaitable[None]], start: int) -> None:
         self._writer = writer
@@ -709,11 +789,14 @@ class _ProgressReporter:
         self._since = 0
         self._at = time.monotonic()
 
-    async def __call__(self, written: int) -> None:
+    def __call__(self, written: int) -> Awaitable[None] | None:
         self._since += written
         if self._since < PROGRESS_BYTES and time.monotonic() - self._at < PROGRESS_SECONDS:
-            return
+            return None
         self._since, self._at = 0, time.monotonic()
+        return self._checkpoint()
+
+    async def _checkpoint(self) -> None:
         offset = await self._writer.checkpoint()
         if offset > self._reported:
             self._reported = offset

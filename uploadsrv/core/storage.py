@@ -306,9 +306,10 @@ class Outbox(Protocol):
     outbox; a claim gives one of them an event for a while, so no two send it at once.
     """
 
-    async def put_event(self, event_id: str, record: dict[str, Any]) -> None:
+    async def put_event(self, event_id: str, record: dict[str, Any], *, lease: float | None = None) -> None:
         """Store the event durably before returning (the client is answered after); the
-        same id again replaces it."""
+        same id again replaces it. With `lease` it is stored claimed by this process
+        (as `claim_event` does, with no moment in between when another could claim it)."""
 
     def event_ids(self) -> AsyncIterator[str]:
         """Every stored event's id."""
@@ -318,6 +319,10 @@ class Outbox(Protocol):
 
     async def claim_event(self, event_id: str, lease: float) -> dict[str, Any] | None:
         """Take the event for up to `lease` seconds; None if it is gone or another process has it."""
+
+    async def renew_event(self, event_id: str, lease: float) -> bool:
+        """Extend this process's claim by `lease` seconds from now; False if it holds it no
+        longer (released, or lost)."""
 
     async def release_event(self, event_id: str, record: dict[str, Any] | None) -> None:
         """Give a claimed event back: None removes it (delivered, dropped), a record replaces it."""
