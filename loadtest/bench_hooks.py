@@ -143,6 +143,7 @@ def crash(work: Path, receiver: Receiver, count: int) -> dict[str, object]:
 
 def throughput(work: Path, receiver: Receiver, size: int, events: str) -> tuple[float, float]:
     """One large tus PATCH: (MB/s, server CPU seconds per GiB)."""
+    os.sync()  # the previous run's writeback does not slow this one
     name = events.replace(",", "+")
     process, url = start_uploadsrv(
         work / f"{name}.log", "--data-dir", str(work / name), "--hooks-http", receiver.url,

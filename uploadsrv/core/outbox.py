@@ -45,6 +45,9 @@ CONCURRENCY = 8  #: events delivered at once by one process
 #: The claim on an intent while its writer holds it (the change, then the first delivery),
 #: renewed every third of it: a writer that died holds it no longer than this.
 INTENT_LEASE = 10.0
+#: How often an intent waits for this process to be done with an earlier one of the same
+#: id (a crash left it, and it is being resolved while the client retries): rare.
+BUSY_POLL_SECONDS = 0.05
 
 #: Told of every delivery attempt: (hook, outcome) with outcome "delivered", "failed" or "given-up".
 DeliveryListener = Callable[[str, str], None]
@@ -132,6 +135,8 @@ class HookSender:
             "forward": [list(pair) for pair in message.forward],
             "env": message.env,
         }
+        while message.id in self._busy:  # the same change's earlier intent, being resolved
+            await asyncio.sleep(BUSY_POLL_SECONDS)
         self._busy.add(message.id)  # this process's scans leave it to its writer
         try:
             await self.outbox.put_event(message.id, record, lease=INTENT_LEASE)
