@@ -107,7 +107,9 @@ class HookSender:
         self._clock = clock
         self._slots = asyncio.Semaphore(CONCURRENCY)
         self._busy: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        #: event id -> the task renewing this process's claim on an intent it holds.
+        self._renewals: dict[str, asyncio.Future[None]] = {}
         #: What this process knows of pending events: id -> (created_at, next_at, read_at),
         #: for the metrics and so a scan skips events not due without reading them.
         self._known: dict[str, tuple[float, float, float]] = {}
@@ -143,7 +145,7 @@ class HookSender:
         except BaseException:
             self._busy.discard(message.id)
             raise
-        self._spawn(self._renewing(message.id))
+        self._renewals[message.id] = self._spawn(self._renewing(message.id))
         return Intent(self, record)
 
     async def _renewing(self, event_id: str) -> None:
@@ -162,6 +164,7 @@ class HookSender:
             self._known[event_id] = (record["created_at"], record["next_at"], self._clock())
             self._spawn(self._attempt(event_id, record))
             return
+        self._stop_renewing(event_id)
         try:
             if change_made is None:
                 await self.outbox.release_event(event_id, record)
@@ -205,10 +208,16 @@ class HookSender:
         self._busy.add(event_id)
         self._spawn(self._attempt(event_id, None))
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _stop_renewing(self, event_id: str) -> None:
+        renewal = self._renewals.pop(event_id, None)
+        if renewal is not None:
+            renewal.cancel()
 
     async def _attempt(self, event_id: str, claimed: dict[str, Any] | None) -> None:
         """Deliver the event: `claimed` is its record when this process holds it already."""
@@ -220,6 +229,7 @@ class HookSender:
         except Exception:
             log.exception("hook event failed", extra={"event_id": event_id})
         finally:
+            self._stop_renewing(event_id)
             self._busy.discard(event_id)
 
     async def _claim(self, event_id: str) -> dict[str, Any] | None:
