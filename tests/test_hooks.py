@@ -641,3 +641,27 @@ async def test_a_crash_around_a_change_neither_loses_nor_invents_its_event(
         assert len(receiver.requests(hook)) == 1
     assert upload_of(receiver.requests(hook)[0])["Offset"] == len(data)
     assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_a_final_request_cut_short_sends_no_post_finish_until_the_upload_finishes(
+    client, start_server, receiver
+):
+    srv = start_server(*hooked(receiver, events="post-finish"))
+    data = os.urandom(3 << 20)
+    url = await create(client, srv, len(data))
+
+    async def cut_short():
+        yield data[: 1 << 20]
+        raise ConnectionAbortedError("the phone lost its network")
+
+    with pytest.raises(ConnectionAbortedError):
+        await patch(client, url, 0, cut_short(), **{"Content-Length": str(len(data))})
+    wait_for(lambda: _pending(srv) == 0, 30, "the post-finish intent dropped")
+    head = await client.head(url, headers=TUS)
+    offset = int(head.headers["upload-offset"])
+    assert offset < len(data)
+    assert receiver.requests("post-finish") == []
+    assert (await patch(client, url, offset, data[offset:])).status_code == 204
+    assert upload_of(receiver.wait("post-finish")[0])["Offset"] == len(data)
+    wait_for(lambda: _pending(srv) == 0, 30, "the outbox to empty")
+    assert len(receiver.requests("post-finish")) == 1
