@@ -151,6 +151,18 @@ def test_a_head_over_16_kib_or_100_lines_is_a_431_and_the_connection_closes(edge
     assert status == 431 and problem["status"] == 431
 
 
+def test_a_431_is_logged_once_by_uploadsrv_and_not_again_by_uvicorn(edge):
+    def lines(text: str) -> int:
+        return edge.log.read_text().count(text)
+
+    ours, theirs = lines('"status": 431'), lines("Invalid HTTP request received.")
+    refused(head_with(edge.port, b"X-Big: " + b"a" * (17 << 10)))
+    wait_for(lambda: lines('"status": 431') == ours + 1, 10, "uploadsrv's line for the 431")
+    assert httpx.get(edge.url + "/healthz").status_code == 200  # whatever uvicorn logs is out by now
+    assert lines("Invalid HTTP request received.") == theirs
+    assert lines('"status": 431') == ours + 1
+
+
 def test_a_head_sent_in_pieces_is_refused_once_it_is_too_large(edge):
     sock = socket.create_connection(("127.0.0.1", edge.port))
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
@@ -254,6 +266,28 @@ def test_a_slow_but_steady_body_is_not_cut_off(edge):
     sock.settimeout(15)
     assert read_response(sock)[0] == 204
     sock.close()
+
+
+def test_a_download_the_client_stops_reading_is_cut_off_after_the_idle_timeout(edge):
+    data = os.urandom(32 << 20)  # far more than the socket buffers hold
+    url = httpx.post(edge.files, headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+    assert patch_sync(url, 0, data).status_code == 204
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    sock.connect(("127.0.0.1", edge.port))
+    sock.sendall(f"GET {url.split(str(edge.port), 1)[1]} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    wait_for(lambda: bool(upload_fds(edge)), 10, "the download to open its file")
+    began = time.monotonic()
+    wait_for(lambda: not upload_fds(edge), 1 + MARGIN, "the unread download to close its file")
+    assert time.monotonic() - began > 0.8
+    received = 0
+    sock.settimeout(15)
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+    sock.close()
+    assert 0 < received < len(data)  # cut off: the connection ended before the body
+    assert httpx.get(url).content == data  # the server serves on
 
 
 def patch_sync(url: str, offset: int, data: bytes) -> httpx.Response:
@@ -365,8 +399,9 @@ def test_the_slowloris_script_sees_every_connection_closed_by_the_header_timeout
     assert figures["timeline"][-1]["open"] == 0
 
 
-def test_too_many_trailer_lines_end_the_request_and_keep_its_body(start_server):
-    srv: Server = start_server()
+@pytest.mark.parametrize("parser", PARSERS)
+def test_too_many_trailer_lines_end_the_request_and_keep_its_body(start_server, parser):
+    srv: Server = start_server("--http", parser)
     url = httpx.post(srv.files, headers={**TUS, "Upload-Length": "10"}).headers["location"]
     path = url.split(str(srv.port), 1)[1]
     head = f"PATCH {path} HTTP/1.1\nHost: x\nTus-Resumable: 1.0.0\nUpload-Offset: 0\n"

@@ -101,7 +101,7 @@ SERVE_FLAGS = {
     "max_header_size": "largest request head (request line and headers), e.g. 16K; larger is a 431",
     "max_metadata_size": "largest Upload-Metadata, e.g. 4K; larger is a 413",
     "header_timeout": "seconds a request head may take; then the connection is closed ('never': no limit)",
-    "idle_timeout": "seconds a request body may stall; then it ends, keeping what came ('never': no limit)",
+    "idle_timeout": "seconds a request body, or a client reading a response, may stall ('never': no limit)",
     "max_connections": "open connections per worker; beyond it new connections get a 503 with Retry-After",
 }
 HOOK_FLAGS = {

@@ -257,7 +257,8 @@ class Settings:
     #: Slow-header clients (slowloris) otherwise hold a connection each, for ever.
     header_timeout: float | None = 30.0
     #: Seconds a request body may deliver no byte before the request is ended (None: no
-    #: limit). What arrived is kept; the client resumes from there.
+    #: limit). What arrived is kept; the client resumes from there. A client that reads
+    #: nothing of a response for as long is dropped too.
     idle_timeout: float | None = 60.0
     #: Open connections per worker process; beyond it a new connection gets a 503.
     max_connections: int = 4096

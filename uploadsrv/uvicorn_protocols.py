@@ -203,6 +203,9 @@ class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request that has been refused."""
 
 
+#: Logs nothing; made outside logging's registry, which `dictConfig` resets.
+_QUIET = logging.Logger("uploadsrv.quiet", logging.CRITICAL + 1)
+
 #: Where a connection stands, for its timer.
 HEAD, BODY, WAIT, IDLE, LINGER = range(5)
 
@@ -229,13 +232,25 @@ class _ConnectionLimits:
     _head_bytes: int  #: raw bytes received since the head began
     _head_size: int  #: bytes of the head the parser has reported
     _head_lines: int
+    _refusal: int | None = None  #: the status this connection was refused with
+
+    #: uvicorn's logger for this connection. Once uploadsrv has refused it (and logged
+    #: that), uvicorn's own "Invalid HTTP request received." for the same request is
+    #: not repeated.
+    @property
+    def logger(self) -> logging.Logger:
+        return _QUIET if self._refusal is not None else self._uvicorn_logger
+
+    @logger.setter
+    def logger(self, logger: logging.Logger) -> None:
+        self._uvicorn_logger = logger
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         self._limits = edge_limits()
         self._timer: Any = None
         self._timer_at = float("inf")
-        self._refusal: int | None = None
+        self._write_paused_at: float | None = None  #: since when the client reads no response
         self._begin_head(self.loop.time())
         if len(self.connections) > self._limits.max_connections:
             self._refuse(
@@ -263,6 +278,18 @@ class _ConnectionLimits:
         if self._phase == HEAD and self._head_bytes > self._limits.max_head and self._refusal is None:
             self._refuse_head()  # an unfinished head, already larger than any we accept
 
+    def pause_writing(self) -> None:
+        """The client stopped reading the response, for now: it has `--idle-timeout` to
+        read on, or the connection is dropped (a download ends and closes its file)."""
+        super().pause_writing()  # type: ignore[misc]
+        self._write_paused_at = now = self.loop.time()
+        if self._limits.idle_timeout is not None:
+            self._arm(now + self._limits.idle_timeout)
+
+    def resume_writing(self) -> None:
+        self._write_paused_at = None
+        super().resume_writing()  # type: ignore[misc]
+
     @property
     def body_idle_timeout(self) -> float | None:
         """For a body read past the parser (`SocketBody`), which times its own waits."""
@@ -287,6 +314,7 @@ class _ConnectionLimits:
         if self._head_size > self._limits.max_head or self._head_lines > self._limits.max_header_lines:
             if trailer:  # the app is running: no 431 now, just the end of its body
                 self._refusal = 431
+                log.warning("request trailers too large: connection closed")
                 self.transport.close()
             else:
                 self._refuse_head()
@@ -310,6 +338,16 @@ class _ConnectionLimits:
         self._arm(now + (self._limits.header_timeout or float("inf")))
 
     def _deadline(self) -> float | None:
+        """The earliest of the phase's deadline and the unread response's."""
+        deadlines = [d for d in (self._phase_deadline(), self._unread_deadline()) if d is not None]
+        return min(deadlines, default=None)
+
+    def _unread_deadline(self) -> float | None:
+        if self._write_paused_at is None or self._limits.idle_timeout is None:
+            return None
+        return self._write_paused_at + self._limits.idle_timeout
+
+    def _phase_deadline(self) -> float | None:
         limits = self._limits
         if self._phase == HEAD and limits.header_timeout is not None:
             return self._head_began + limits.header_timeout
@@ -336,12 +374,17 @@ class _ConnectionLimits:
             return
         if self.loop.time() < deadline:
             self._arm(deadline)
-            return
-        if self._phase == BODY:
+        elif deadline == self._unread_deadline():  # the client stopped reading the response
             log.info(
-                "request body idle: connection closed", extra={"idle_timeout": self._limits.idle_timeout}
+                "response not read: connection closed", extra={"idle_timeout": self._limits.idle_timeout}
             )
-        self.transport.close()  # a request under way sees the disconnect and keeps what arrived
+            self.transport.abort()  # close() would wait for the client to read what is buffered
+        else:
+            if self._phase == BODY:
+                log.info(
+                    "request body idle: connection closed", extra={"idle_timeout": self._limits.idle_timeout}
+                )
+            self.transport.close()  # a request under way sees the disconnect and keeps what arrived
 
     def _refuse_head(self) -> None:
         self._refuse(431, f"the request head is over {self._limits.max_head} bytes or 100 header lines")
@@ -350,6 +393,7 @@ class _ConnectionLimits:
         """Answer with a problem and close, without running the app: a refused request
         never had a head worth parsing, or the server has no room for it."""
         self._refusal = status
+        log.warning("request refused", extra={"status": status, "detail": detail})
         body = json.dumps(
             {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
         ).encode()
@@ -472,6 +516,8 @@ class H11UploadProtocol(_CountsConnections, _ConnectionLimits, H11Protocol):
                     raise h11.RemoteProtocolError("request head too large", 431) from None
                 self._head_complete()
             elif isinstance(event, h11.EndOfMessage):
+                if event.headers:
+                    self._count_trailers(event.headers)
                 self._body_complete()
                 if event.headers and self.cycle is not None:
                     trailers = _start_trailers(self.scope)  # type: ignore[arg-type]  # uvicorn's TypedDict scope
@@ -480,6 +526,14 @@ class H11UploadProtocol(_CountsConnections, _ConnectionLimits, H11Protocol):
 
         # h11 has no hook for trailers: its connection's next_event is the seam.
         self.conn.next_event = next_event_with_extensions  # type: ignore[method-assign]
+
+    def _count_trailers(self, fields: Sequence[tuple[bytes, bytes]]) -> None:
+        """Trailers get a budget of their own, as on llhttp: the head's limits again."""
+        self._head_size = self._head_lines = 0
+        try:
+            self._count_head(sum(len(n) + len(v) + 4 for n, v in fields), len(fields), trailer=True)
+        except _Refused:
+            raise h11.RemoteProtocolError("request trailers too large") from None
 
     def handle_events(self) -> None:
         cycle = self.cycle
