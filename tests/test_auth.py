@@ -69,6 +69,21 @@ async def test_no_credentials_on_a_collection_is_a_401_with_a_bearer_challenge(c
         assert response.json()["type"] == "urn:uploadsrv:problem:unauthorized"
 
 
+@pytest.mark.parametrize("version", ["4", "6"])
+async def test_a_draft_401_echoes_the_interop_version_like_every_draft_answer(client, jwt_server, version):
+    draft = {"Upload-Draft-Interop-Version": version, "Upload-Complete": "?1"}
+    created = await client.post(jwt_server.files, headers={**draft, **bearer(mint())}, content=b"abc")
+    location = created.headers["location"].split("?")[0]
+    expired = bearer(mint(exp=int(time.time()) - 120))
+    for response in (
+        await client.post(jwt_server.files, headers=draft),
+        await client.head(location, headers={"Upload-Draft-Interop-Version": version, **expired}),
+    ):
+        assert response.status_code == 401
+        assert response.headers["upload-draft-interop-version"] == version
+        assert "tus-resumable" not in response.headers
+
+
 @pytest.mark.parametrize(
     ("case", "token"),
     [

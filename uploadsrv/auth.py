@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .config import Settings
 from .core.errors import TooManyRequests, Unauthorized, UploadError
 from .core.quotas import OwnerQuotas
+from .protocols import ietf
 from .protocols.common import ANONYMOUS, IDENTITY, Identity, error_headers, error_problem, status_of
 
 log = logging.getLogger("uploadsrv.auth")
@@ -419,8 +420,15 @@ class AuthMiddleware:
 
 
 async def _refuse(error: UploadError, scope: Scope, receive: Receive, send: Send) -> None:
-    headers = error_headers(error)
-    if any(name == b"tus-resumable" for name, _ in scope["headers"]):
-        headers["Tus-Resumable"] = "1.0.0"  # tus wants it on every answer
-    response = error_problem(error, status_of(error), headers)
+    response = error_problem(error, status_of(error), {**error_headers(error), **_echoed(scope)})
     await response(scope, receive, send)
+
+
+def _echoed(scope: Scope) -> dict[str, str]:
+    """What every answer of the request's protocol carries: tus its version, the draft
+    the interop version the request named."""
+    fields = dict(scope["headers"])
+    if b"tus-resumable" in fields:
+        return {"Tus-Resumable": "1.0.0"}
+    interop = ietf.supported_version(fields.get(b"upload-draft-interop-version", b"").decode("latin-1"))
+    return {} if interop is None else {ietf.HEADER: str(interop.version)}

@@ -106,6 +106,11 @@ def is_draft_request(request: Request) -> bool:
     return HEADER.lower() in request.headers and "tus-resumable" not in request.headers
 
 
+def supported_version(raw: str) -> Interop | None:
+    """The interop version a request's `Upload-Draft-Interop-Version` names, if spoken here."""
+    return VERSIONS.get(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) < 4 else None
+
+
 class IetfProtocol:
     def __init__(self, service: UploadService, settings: Settings, links: Links) -> None:
         self.service = service
@@ -115,7 +120,7 @@ class IetfProtocol:
     async def handle(self, request: Request, send: Send) -> Response:
         """Entry point from the router for any method on the collection or an upload."""
         raw = request.headers[HEADER]
-        interop = VERSIONS.get(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) < 4 else None
+        interop = supported_version(raw)
         if interop is None:
             return problem(
                 400, f"unsupported {HEADER} {raw[:10]!r}; supported: {', '.join(map(str, VERSIONS))}"
