@@ -157,11 +157,12 @@ class Links:
         """The absolute URL of `path`, as seen from outside a trusted proxy."""
         return public_url(request, path, trust_proxy=self.trust_proxy)
 
-    def signature(self, info: UploadInfo) -> str:
-        """`?sig=...` to append to any URL of `info`, or '' with auth off."""
+    def signature(self, info: UploadInfo, upload_id: str | None = None) -> str:
+        """`?sig=...` to append to any URL of `info` (or of `upload_id`, another upload
+        of its owner's, such as a part of it), or '' with auth off."""
         if self._signer is None or info.owner is None:
             return ""
-        return "?" + self._signer.query(info.id, info.owner, self._lifetime)
+        return "?" + self._signer.query(upload_id or info.id, info.owner, self._lifetime)
 
     def upload(self, request: Request, path: str, info: UploadInfo) -> str:
         """The signed absolute URL of `path`, which names `info`."""

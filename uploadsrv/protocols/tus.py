@@ -229,7 +229,8 @@ class TusProtocol:
         if info.partial:
             headers["Upload-Concat"] = "partial"
         elif info.parts is not None:
-            headers["Upload-Concat"] = "final;" + " ".join(self.base_path + part for part in info.parts)
+            parts = (self.base_path + part + self.links.signature(info, part) for part in info.parts)
+            headers["Upload-Concat"] = "final;" + " ".join(parts)
         return headers
 
     def _url(self, request: Request, info: UploadInfo) -> str:
