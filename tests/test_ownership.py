@@ -4,6 +4,7 @@ limits; and real clients (tuspy, tus-js-client) resuming from a signed URL witho
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -12,12 +13,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from tusclient import client as tus_client
 
 from uploadsrv.auth import UrlSigner
+from uploadsrv.core.quotas import RECOUNT_SECONDS
 
 from .conftest import TUS, Server, raw_request, run_client, sha256, wait_for
 from .test_auth import CLAIMS, SECRET, bearer, mint
@@ -265,6 +268,31 @@ async def test_a_signed_location_acts_for_its_owner_without_a_token(client, sign
     assert (await client.delete(signed, headers=TUS)).status_code == 204
 
 
+async def test_the_parts_a_final_upload_lists_are_signed_urls_that_work(client, signing_server) -> None:
+    partial = {**TUS, **bearer(mint()), "Upload-Concat": "partial", "Content-Type": OFFSET}
+    parts = []
+    for body in (b"hello ", b"world"):
+        response = await client.post(
+            signing_server.files, headers={**partial, "Upload-Length": str(len(body))}, content=body
+        )
+        assert response.status_code == 201, response.text
+        parts.append(response.headers["location"])
+    final = await client.post(
+        signing_server.files,
+        headers={**TUS, **bearer(mint()), "Upload-Concat": "final;" + " ".join(map(strip, parts))},
+    )
+    assert final.status_code == 201, final.text
+    head = await client.head(final.headers["location"], headers=TUS)
+    kind, _, listed = head.headers["upload-concat"].partition(";")
+    assert kind == "final"
+    listed_parts = listed.split()
+    assert [urlsplit(part).path for part in listed_parts] == [urlsplit(part).path for part in parts]
+    for part, body in zip(listed_parts, (b"hello ", b"world"), strict=True):
+        assert "?sig=" in part
+        response = await client.get(signing_server.url + part)  # no token: the signature is enough
+        assert response.status_code == 200 and response.content == body
+
+
 async def test_a_tampered_signature_is_a_404(client, signing_server) -> None:
     signed = await new_upload(client, signing_server)
     expires, owner, _ = signed.split("sig=")[1].split(".")
@@ -404,6 +432,25 @@ async def test_unfinished_uploads_per_owner_are_limited(client, start_server) ->
     assert (await client.delete(first, headers=TUS)).status_code == 204
     await new_upload(client, server)  # nor does a deleted one
     assert (await client.head(third, headers=TUS)).status_code == 200
+
+
+async def test_uploads_the_operator_prunes_stop_counting_against_their_owner(client, start_server) -> None:
+    server = start_server("--auth", "jwt", "--jwt-secret", SECRET, *CLAIMS, "--max-uploads-per-owner", "2")
+    stale = [await new_upload(client, server) for _ in range(2)]
+    create = {**TUS, **bearer(mint()), "Upload-Length": "10"}
+    assert (await client.post(server.files, headers=create)).status_code == 429
+    for url in stale:
+        server.age(strip(url), 3 * 86400)
+    pruned = json.loads(server.cli("prune", "--older-than", "2d", "--json").stdout)
+    assert {row["id"] for row in pruned["removed"]} == {Server.upload_id(url) for url in stale}
+    # The server's count catches up with what storage holds within quotas.RECOUNT_SECONDS.
+    deadline = time.monotonic() + RECOUNT_SECONDS + 15
+    while (created := await client.post(server.files, headers=create)).status_code == 429:
+        assert time.monotonic() < deadline, "the pruned uploads still count"
+        await asyncio.sleep(0.5)
+    assert created.status_code == 201
+    assert (await client.post(server.files, headers=create)).status_code == 201
+    assert (await client.post(server.files, headers=create)).status_code == 429  # the limit holds
 
 
 async def test_requests_in_flight_per_owner_are_limited(client, start_server) -> None:

@@ -119,6 +119,11 @@ if not redis.call('set', KEYS[1], '1', 'NX') then return 0 end
 for i = 2, #KEYS do redis.call('incrby', KEYS[i], ARGV[i - 1]) end
 return 1
 """
+#: Set a count recounted from storage. KEYS: the count; ARGV: its value.
+RESET = """
+if tonumber(ARGV[1]) > 0 then redis.call('set', KEYS[1], ARGV[1]) else redis.call('del', KEYS[1]) end
+return 1
+"""
 #: A count of requests in flight lives this long after its last use, should the instance
 #: counting them die with some in flight.
 REQUEST_COUNT_MS = 600_000
@@ -202,6 +207,7 @@ class RedisCoordinator:
                 "count_up": COUNT_UP,
                 "count_down": COUNT_DOWN,
                 "seed": SEED,
+                "reset": RESET,
             }.items()
         }
         self.counters = RedisCounters(self)
@@ -486,6 +492,10 @@ class RedisCounters:
     async def release(self, key: str) -> None:
         with suppress(StorageUnavailable):  # never below zero, so a count lost this way is harmless
             await self._coordinator.script("count_down", [self._key(key)], [])
+
+    async def reset(self, key: str, count: int) -> None:
+        with suppress(StorageUnavailable):  # the count stays as it was, a guard as above
+            await self._coordinator.script("reset", [self._key(key)], [count])
 
     async def seed(self, counts: dict[str, int]) -> None:
         keys = [self._key(key) for key in counts]  # also when empty: later starters must not seed

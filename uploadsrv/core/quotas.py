@@ -7,7 +7,9 @@ Redis implementation) while a single process counts in memory.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from .errors import TooManyRequests
@@ -17,6 +19,9 @@ from .model import UploadInfo
 #: ends when the client finishes or deletes it.
 REQUEST_RETRY_AFTER = 1
 UPLOAD_RETRY_AFTER = 60
+#: An owner at the limit has its unfinished uploads recounted from storage at most this
+#: often: uploads removed by another process (`uploadsrv prune`) then stop counting.
+RECOUNT_SECONDS = 10.0
 
 
 class Counters(Protocol):
@@ -32,6 +37,10 @@ class Counters(Protocol):
 
     async def seed(self, counts: dict[str, int]) -> None:
         """Add counts found in storage at start-up."""
+        ...
+
+    async def reset(self, key: str, count: int) -> None:
+        """Set `key` to `count`, as recounted from storage."""
         ...
 
 
@@ -59,6 +68,12 @@ class LocalCounters:
         for key, count in counts.items():
             self._counts[key] = self._counts.get(key, 0) + count
 
+    async def reset(self, key: str, count: int) -> None:
+        if count > 0:
+            self._counts[key] = count
+        else:
+            self._counts.pop(key, None)
+
 
 class OwnerQuotas:
     """`--max-uploads-per-owner` and `--max-requests-per-owner`; None is no limit."""
@@ -69,16 +84,41 @@ class OwnerQuotas:
         self._counters = counters
         self.max_uploads = max_uploads
         self.max_requests = max_requests
+        self._recounted: dict[str, float] = {}  #: owner -> when its uploads were last recounted
+        self._recounting = asyncio.Lock()  #: one storage scan at a time, however many owners ask
 
-    async def reserve_upload(self, owner: str) -> None:
-        """Count a new unfinished upload of `owner`, or refuse it with 429."""
-        if self.max_uploads is not None and not await self._counters.acquire(
-            "uploads:" + owner, self.max_uploads
+    async def reserve_upload(self, owner: str, count_stored: Callable[[str], Awaitable[int]]) -> None:
+        """Count a new unfinished upload of `owner`, or refuse it with 429.
+
+        At the limit, the owner's unfinished uploads in storage are counted again first
+        (`count_stored`, at most every RECOUNT_SECONDS per owner): the count is kept by
+        the server, and an upload removed by another process (the operator's `prune`)
+        would otherwise count for good.
+        """
+        if self.max_uploads is None:
+            return
+        key = "uploads:" + owner
+        if await self._counters.acquire(key, self.max_uploads):
+            return
+        if await self._recount(owner, key, count_stored) and await self._counters.acquire(
+            key, self.max_uploads
         ):
-            raise TooManyRequests(
-                f"at most {self.max_uploads} unfinished uploads per owner; finish or delete one first",
-                retry_after=UPLOAD_RETRY_AFTER,
-            )
+            return
+        raise TooManyRequests(
+            f"at most {self.max_uploads} unfinished uploads per owner; finish or delete one first",
+            retry_after=UPLOAD_RETRY_AFTER,
+        )
+
+    async def _recount(self, owner: str, key: str, count_stored: Callable[[str], Awaitable[int]]) -> bool:
+        """Set the owner's count from storage, unless it was done lately; whether it was."""
+        async with self._recounting:
+            now = time.monotonic()
+            if now - self._recounted.get(owner, -RECOUNT_SECONDS) < RECOUNT_SECONDS:
+                return False
+            self._recounted = {o: t for o, t in self._recounted.items() if now - t < RECOUNT_SECONDS}
+            self._recounted[owner] = now
+            await self._counters.reset(key, await count_stored(owner))
+        return True
 
     async def upload_ended(self, owner: str) -> None:
         if self.max_uploads is not None:

@@ -109,7 +109,7 @@ class UploadService:
         """
         info = self._new(length, metadata, caller, partial=partial, chunk_size=chunk_size, sha256=sha256)
         if self.quotas is not None and info.owner is not None:
-            await self.quotas.reserve_upload(info.owner)
+            await self.quotas.reserve_upload(info.owner, self._unfinished_of)
         try:
             await self._create_record(info, caller)
         except BaseException:
@@ -427,6 +427,10 @@ class UploadService:
             except UploadNotFound:
                 continue  # removed while listing
             yield info
+
+    async def _unfinished_of(self, owner: str) -> int:
+        """How many unfinished uploads of `owner` storage holds (per-owner limits)."""
+        return sum([1 async for info in self.uploads() if info.owner == owner and not info.is_complete])
 
     async def prune(
         self, idle_for: float, *, include_complete: bool = False, dry_run: bool = False
