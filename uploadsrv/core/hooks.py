@@ -191,9 +191,6 @@ class Hooks:
         #: Told of every hook sent outside the outbox: (hook, "delivered" or "failed").
         self.listeners: list[Callable[[str, str], None]] = []
 
-    def enabled(self, hook: Hook) -> bool:
-        return hook in self.events
-
     def message(
         self,
         hook: Hook,
