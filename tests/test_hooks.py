@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -519,6 +520,32 @@ async def test_bytes_are_unchanged_with_post_receive_on(client, start_server, re
     wait_for(lambda: len(data) in [upload_of(r)["Offset"] for r in receiver.requests("post-receive")])
     offsets = [upload_of(r)["Offset"] for r in receiver.requests("post-receive")]
     assert len(offsets) == len(set(offsets)) and all(0 < offset <= len(data) for offset in offsets)
+
+
+async def test_post_receive_is_skipped_while_one_is_in_flight(client, start_server, receiver):
+    srv = start_server(*hooked(receiver, "--progress-hooks-interval", "0", events="post-receive"))
+    receiver.answer("post-receive", delay=0.5)
+    data = os.urandom(4 << 20)
+    url = await create(client, srv, len(data))
+    upload_id = Server.upload_id(url)
+
+    async def paced():  # a write every 0.1 s, each one due (interval 0)
+        for start in range(0, len(data), 256 << 10):
+            yield data[start : start + (256 << 10)]
+            await asyncio.sleep(0.1)
+
+    assert (await patch(client, url, 0, paced())).status_code == 204
+
+    def offsets() -> list[int]:
+        return [upload_of(r)["Offset"] for r in receiver.requests("post-receive", upload_id)]
+
+    wait_for(lambda: len(data) in offsets(), 30, "the report of the request's end")
+    reports = receiver.requests("post-receive", upload_id)
+    arrivals = [r["at"] for r in reports]
+    # The next one starts only once the answer to the last came: none overlap, none queued up.
+    assert all(later - earlier >= 0.5 for earlier, later in itertools.pairwise(arrivals))
+    assert offsets() == sorted(set(offsets()))
+    assert len(reports) < 16  # 16 writes were due; most fell while one was in flight
 
 
 @pytest.mark.parametrize("body_kind", ["socket", "chunked", "checksummed"])
