@@ -107,9 +107,9 @@ class LocalStorage:
         self, root: str | os.PathLike[str], *, io_threads: int = 16, clock: Clock = time.time
     ) -> None:
         self.root = Path(root).resolve()
-        #: The core's clock, for ages. Activity is the data file's mtime, which the kernel
-        #: stamps from the wall clock (time.time, the default): stamping it from here would
-        #: cost a utime per append.
+        #: The core's clock, for activity and ages. Activity is the data file's mtime (and a
+        #: chunk's link's), stamped from this clock by each commit that stored bytes: one
+        #: futimens on an inode the write dirtied anyway, made durable by the same fsync.
         self._clock = clock
         # Paths inside are plain strings: pathlib's joins and conversions took a fifth of
         # the event loop's time for a small upload.
@@ -183,7 +183,9 @@ class LocalStorage:
             if os.path.lexists(flat.data) or os.path.lexists(directory):
                 raise UploadExists(f"an upload with id {info.id} already exists")
             try:
-                if self._flat_record_fits(info, record) and self._create_flat(flat.data, record):
+                if self._flat_record_fits(info, record) and self._create_flat(
+                    flat.data, record, info.updated_at
+                ):
                     return
                 new_shard = _make_directory(directory)
             except FileExistsError:  # only an id a hook chose can be taken
@@ -196,13 +198,15 @@ class LocalStorage:
     def _flat_record_fits(self, info: UploadInfo, record: bytes) -> bool:
         return self._xattrs and info.chunk_size is None and len(record) <= XATTR_RECORD_LIMIT
 
-    def _create_flat(self, path: str, record: bytes) -> bool:
-        """A new upload's empty file with its record; False if the filesystem refused the
+    def _create_flat(self, path: str, record: bytes, updated_at: float) -> bool:
+        """A new upload's empty file with its record, its mtime the record's activity
+        (`updated_at`); False if the filesystem refused the
         record (then nothing is left behind). Neither is synced: the first commit of bytes
         syncs both. Until then a crash can lose the empty upload or leave its file without
         a record (`get` says: create it again; prune removes it), never a stored byte."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            _stamp(fd, updated_at)
             os.setxattr(fd, RECORD_XATTR, record)
         except OSError as exc:
             os.unlink(path)
@@ -289,11 +293,11 @@ class LocalStorage:
         try:
             if transactional:  # truncates a staging file a crash may have left, however large
                 file = await self._run_owned(
-                    _FileWriter, _FileWriter.close, place, info.offset, transactional, synced
+                    _FileWriter, _FileWriter.close, place, info.offset, transactional, synced, self._clock
                 )
             else:
                 with _disk_errors():
-                    file = _FileWriter(place, info.offset, transactional, synced)
+                    file = _FileWriter(place, info.offset, transactional, synced, self._clock)
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -335,7 +339,9 @@ class LocalStorage:
         assert info.chunk_size is not None
         offset = (number - 1) * info.chunk_size
         try:
-            file = await self._run_owned(_ChunkFile, _ChunkFile.close, self._dir(info.id), offset)
+            file = await self._run_owned(
+                _ChunkFile, _ChunkFile.close, self._dir(info.id), offset, self._clock
+            )
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -348,13 +354,13 @@ class LocalStorage:
     ) -> None:
         assert info.length is not None
         try:
-            await self._run(_assemble, self._dir(info.id), info.length, sha256)
+            await self._run(_assemble, self._dir(info.id), info.length, sha256, self._clock)
         except FileNotFoundError:
             raise StorageUnavailable("the stored chunks are missing from disk") from None
 
     async def concatenate(self, info: UploadInfo, parts: Sequence[UploadInfo]) -> None:
         sources = [self._place(part.id).data for part in parts]
-        await self._run(_concatenate, self._place(info.id).data, sources)
+        await self._run(_concatenate, self._place(info.id).data, sources, self._clock)
 
     # -- housekeeping ------------------------------------------------------------
 
@@ -627,9 +633,15 @@ class _FileWriter(_Positioned):
     """Writes blocks with pwritev at the upload's offset, or to its staging file when transactional."""
 
     def __init__(
-        self, place: _Place, offset: int, transactional: bool, synced: Callable[[], None] | None
+        self,
+        place: _Place,
+        offset: int,
+        transactional: bool,
+        synced: Callable[[], None] | None,
+        clock: Clock,
     ) -> None:
         self._place = place
+        self._clock = clock
         #: Makes the new file's entry durable (flat layout; the record is in the file).
         self._sync_entry = synced
         self._data = place.data
@@ -650,6 +662,8 @@ class _FileWriter(_Positioned):
             try:
                 self.write(blocks)
             finally:  # even if they fail (a full disk): what reached the file is made durable
+                if self._position > self._committed:
+                    _stamp(self._fd, self._clock())
                 os.fsync(self._fd)
                 self._sync_upload_once()
             self._committed = self._position
@@ -657,6 +671,8 @@ class _FileWriter(_Positioned):
         self.write(blocks)
         with open(self._data, "r+b") as data:
             _copy_range(self._fd, data.fileno(), 0, self._committed, self._position)
+            if self._position:
+                _stamp(data.fileno(), self._clock())
             os.fsync(data.fileno())
         self._sync_upload_once()
         self._committed += self._position
@@ -687,8 +703,9 @@ class _FileWriter(_Positioned):
 class _ChunkFile(_Positioned):
     """Writes one chunk at its place in ``assembly``; `commit` records it."""
 
-    def __init__(self, path: str, offset: int) -> None:
+    def __init__(self, path: str, offset: int, clock: Clock) -> None:
         self._path = path
+        self._clock = clock
         self._fd = os.open(f"{path}/assembly", os.O_WRONLY | os.O_CREAT, 0o644)
         self._position = offset
 
@@ -698,7 +715,10 @@ class _ChunkFile(_Positioned):
         self.write(blocks)
         os.fsync(self._fd)
         _sync_upload(self._path)
-        os.symlink(f"{chunk.size}.{chunk.sha256}", f"{self._path}/chunks/{chunk.number}")
+        link = f"{self._path}/chunks/{chunk.number}"
+        os.symlink(f"{chunk.size}.{chunk.sha256}", link)
+        now = self._clock()
+        os.utime(link, (now, now), follow_symlinks=False)  # when it was stored, as `stored_at`
         _sync(f"{self._path}/chunks")
 
     def close(self) -> None:
@@ -732,11 +752,12 @@ def _chunks_busy(directory: str) -> bool:
     return False
 
 
-def _assemble(path: str, length: int, sha256: str | None) -> None:
+def _assemble(path: str, length: int, sha256: str | None, clock: Clock) -> None:
     """The chunks are in place and durable: check the declared digest, then rename in one
     atomic step, so the upload is complete only once it is verified."""
     with open(f"{path}/assembly", "r+b") as assembly:
         os.ftruncate(assembly.fileno(), length)
+        _stamp(assembly.fileno(), clock())
         os.fsync(assembly.fileno())
         if sha256 is not None and hashlib.file_digest(assembly, "sha256").hexdigest() != sha256:
             raise ChecksumMismatch("the assembled file does not match the declared sha256")
@@ -775,7 +796,7 @@ def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int
         count -= copied
 
 
-def _concatenate(target: str, sources: list[str]) -> None:
+def _concatenate(target: str, sources: list[str], clock: Clock) -> None:
     with open(target, "r+b") as out:
         offset = 0
         for source in sources:
@@ -783,6 +804,7 @@ def _concatenate(target: str, sources: list[str]) -> None:
                 size = os.fstat(part.fileno()).st_size
                 _copy_range(part.fileno(), out.fileno(), 0, offset, size)
                 offset += size
+        _stamp(out.fileno(), clock())
         os.fsync(out.fileno())
 
 
@@ -811,8 +833,13 @@ def _make_directory(path: str) -> bool:
 
 
 def _fill_new_upload(path: str, info: UploadInfo, record: bytes) -> None:
-    """A new upload's empty data file and its record, in its directory."""
-    os.close(os.open(f"{path}/data", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    """A new upload's empty data file, its mtime the record's activity, and its record, in
+    its directory."""
+    fd = os.open(f"{path}/data", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _stamp(fd, info.updated_at)
+    finally:
+        os.close(fd)
     if info.chunk_size is not None:
         os.mkdir(f"{path}/chunks")
     # Written in place (nothing older can be torn) and not fsynced: the first commit of
@@ -918,6 +945,11 @@ class _DirectorySync:
                 finally:
                     self._syncing = False
                     self._changed.notify_all()
+
+
+def _stamp(fd: int, now: float) -> None:
+    """The file's activity as the core's clock tells it: its mtime (and atime)."""
+    os.utime(fd, (now, now))
 
 
 def _write_durably(path: str, content: bytes) -> None:

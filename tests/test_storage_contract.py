@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from uploadsrv.core import errors
+from uploadsrv.core import UploadService, errors
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.core.storage import Chunked, Storage, StoredChunk
 from uploadsrv.storage.local import LocalStorage
@@ -19,7 +19,22 @@ from uploadsrv.storage.s3 import MIN_PART, S3Storage
 
 from .conftest import Moto
 
-NOW = 1_700_000_000.0
+NOW = 1_700_000_000.0  #: far from the wall clock, so a backend reading that one shows
+
+
+class FakeClock:
+    """The one clock of a test, shared by the backend and the core; moved by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
 
 
 @pytest.fixture
@@ -31,7 +46,7 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture(params=["local", "s3"])
 async def open_backend(
-    request: pytest.FixtureRequest, tmp_path: Path, aws_credentials: None
+    request: pytest.FixtureRequest, tmp_path: Path, aws_credentials: None, clock: FakeClock
 ) -> AsyncIterator[Callable[[], Storage]]:
     """Opens an instance of the backend under test; every instance shares one store, as
     server instances do."""
@@ -42,13 +57,13 @@ async def open_backend(
 
     def open_one() -> Storage:
         if request.param == "local":
-            backend: Storage = LocalStorage(tmp_path / "data", clock=lambda: NOW)
+            backend: Storage = LocalStorage(tmp_path / "data", clock=clock)
         else:
             backend = S3Storage(
                 f"s3://{bucket}/contract/",
                 endpoint_url=moto.endpoint,
                 spool_dir=tmp_path / "spool",
-                clock=lambda: NOW,
+                clock=clock,
             )
         opened.append(backend)
         return backend
@@ -118,12 +133,36 @@ async def test_a_discarded_transactional_write_leaves_nothing(storage: Storage) 
 
 async def test_activity_is_stamped_with_the_clock_the_backend_was_given(storage: Storage) -> None:
     info = await new_upload(storage, 10)
+    assert info.updated_at == NOW - 60  # the record's, as created
     await append(storage, info, b"12345")
-    updated = (await storage.get(info.id)).updated_at
-    if isinstance(storage, LocalStorage):  # local disk: the data file's mtime (wall clock)
-        assert updated >= info.created_at
-    else:
-        assert updated == NOW
+    assert (await storage.get(info.id)).updated_at == NOW
+    info = await storage.get(info.id)
+    await append(storage, info, b"678", transactional=True)
+    assert (await storage.get(info.id)).updated_at == NOW
+
+
+async def test_expiry_follows_the_clock_the_core_and_the_backend_share(
+    storage: Storage, clock: FakeClock
+) -> None:
+    service = UploadService(storage, max_size=1 << 20, expiry=60, clock=clock)
+    idle = await service.create(length=10)
+    done = await service.create(length=0)
+    clock.now += 30
+    assert (await service.append(idle.id, 0, _body(b"12345"))).offset == 5  # activity: expiry slides
+    clock.now += 59
+    assert (await service.get(idle.id)).offset == 5
+    clock.now += 2
+    with pytest.raises(errors.UploadGone):
+        await service.get(idle.id)
+    assert await service.expire() == [idle.id]
+    assert (await service.get(done.id)).is_complete
+    with pytest.raises(errors.UploadNotFound):
+        await storage.get(idle.id)
+    assert [upload_id async for upload_id in storage.upload_ids()] == [done.id]
+
+
+async def _body(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def test_a_lock_held_by_another_instance_is_busy_for_a_request_that_will_not_wait(
