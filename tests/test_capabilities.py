@@ -23,6 +23,12 @@ def test_local_disk_has_every_capability(tmp_path: Path) -> None:
     assert None not in (capabilities.chunks, capabilities.concatenation, capabilities.housekeeping)
 
 
+def test_local_disk_keeps_an_outbox_and_locates_but_needs_no_fence(tmp_path: Path) -> None:
+    capabilities = Capabilities.of(LocalStorage(tmp_path))
+    assert None not in (capabilities.outbox, capabilities.locating)
+    assert capabilities.fenced is None  # its lock is the kernel's flock
+
+
 def test_the_core_contract_alone_has_none(tmp_path: Path) -> None:
     assert Capabilities.of(CoreOnly(LocalStorage(tmp_path))) == Capabilities()  # type: ignore[arg-type]
 

@@ -22,6 +22,7 @@ from .backend import open_storage
 from .config import Settings
 from .coordination import open_coordinator
 from .core import UploadService
+from .core.capabilities import Capabilities
 from .core.chunks import ChunkSessions
 from .core.outbox import running
 from .core.quotas import LocalCounters, OwnerQuotas
@@ -54,7 +55,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
             max_uploads=settings.max_uploads_per_owner,
             max_requests=settings.max_requests_per_owner,
         )
-    hooks = open_hooks(settings, storage)
+    capabilities = Capabilities.of(storage)  # what the backend can do, recorded once
+    hooks = open_hooks(settings, capabilities)
     service = UploadService(
         storage,
         max_size=settings.max_size,
@@ -66,6 +68,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         hooks=hooks,
         max_metadata_size=settings.max_metadata_size,
         clock=clock,
+        capabilities=capabilities,
     )
     on_start: list[Observer] = []
     observers: list[Observer] = [AccessLog(every_request=settings.access_log)]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the operator commands import these lazily, to keep `serve` 
     from rich.console import Console
 
     from .core import UploadService
+    from .core.storage import Outbox
 
 #: uvicorn minor versions `uvicorn_protocols.py`, which subclasses uvicorn's private
 #: protocol classes, is tested against; pyproject.toml pins the same range.
@@ -329,6 +330,7 @@ def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespac
         from .backend import open_storage
         from .coordination import open_coordinator
         from .core import UploadService
+        from .core.capabilities import Capabilities
         from .core.errors import UploadError
         from .hook_delivery import open_hooks
 
@@ -337,7 +339,8 @@ def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespac
         async def main() -> int:
             storage = open_storage(settings)
             coordinator = open_coordinator(settings.redis_url)
-            hooks = open_hooks(settings, storage, send=False)  # prune records post-expire
+            capabilities = Capabilities.of(storage)
+            hooks = open_hooks(settings, capabilities, send=False)  # prune records post-expire
             try:
                 await storage.check()
                 if coordinator is not None:
@@ -349,6 +352,7 @@ def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespac
                     lock_timeout=settings.lock_timeout,
                     coordinator=coordinator,
                     hooks=hooks,
+                    capabilities=capabilities,
                 )
                 return await run(service, settings, args, operator.console())
             finally:
@@ -451,12 +455,10 @@ async def hooks_command(
     service: UploadService, settings: Settings, args: argparse.Namespace, console: Console
 ) -> int:
     from . import operator
-    from .core.outbox import drop_event, retry_event
-    from .core.storage import Outbox
 
-    outbox = service.storage
-    if not isinstance(outbox, Outbox):
-        print(f"uploadsrv hooks: {outbox!r} keeps no hook outbox", file=sys.stderr)
+    outbox = service.capabilities.outbox
+    if outbox is None:
+        print(f"uploadsrv hooks: {service.storage!r} keeps no hook outbox", file=sys.stderr)
         return 1
     if args.action == "list":
         rows = await operator.hook_events(outbox)
@@ -465,22 +467,26 @@ async def hooks_command(
         else:
             operator.print_hook_events(rows, console)
         return 0
-    if args.action == "drop":
-        if not args.event_id:
-            print("uploadsrv hooks drop: which event? (see uploadsrv hooks list)", file=sys.stderr)
-            return 2
-        ids = [args.event_id]
-    else:
-        ids = [args.event_id] if args.event_id else [row["id"] for row in await operator.hook_events(outbox)]
-    act = drop_event if args.action == "drop" else retry_event
+    if args.action == "drop" and not args.event_id:
+        print("uploadsrv hooks drop: which event? (see uploadsrv hooks list)", file=sys.stderr)
+        return 2
+    return await _act_on_hook_events(outbox, args.action, args.event_id, console)
+
+
+async def _act_on_hook_events(outbox: Outbox, action: str, event_id: str | None, console: Console) -> int:
+    """`hooks drop` one event, or `hooks retry` one or all: 1 if any was not there to act on."""
+    from . import operator
+    from .core.outbox import drop_event, retry_event
+
+    ids = [event_id] if event_id else [row["id"] for row in await operator.hook_events(outbox)]
+    act = drop_event if action == "drop" else retry_event
     failed = 0
-    for event_id in ids:
-        if await act(outbox, event_id):
-            console.print(f"{args.action}: {event_id}")
+    for one in ids:
+        if await act(outbox, one):
+            console.print(f"{action}: {one}")
         else:
             print(
-                f"uploadsrv hooks {args.action}: {event_id}: no such event, or a server is sending it",
-                file=sys.stderr,
+                f"uploadsrv hooks {action}: {one}: no such event, or a server is sending it", file=sys.stderr
             )
             failed += 1
     return 1 if failed else 0

@@ -16,10 +16,10 @@ import anyio._backends._asyncio  # noqa: F401  # see below
 import httpx
 
 from .config import Settings
+from .core.capabilities import Capabilities
 from .core.errors import HookInvalid, HookUnavailable
 from .core.hooks import HookAnswer, HookMessage, Hooks
 from .core.outbox import HookSender
-from .core.storage import Locating, Outbox
 
 log = logging.getLogger("uploadsrv.hooks")
 # httpx's first request imports anyio's asyncio backend, on the event loop: py-spy showed
@@ -172,7 +172,7 @@ def open_delivery(settings: Settings) -> HttpDelivery | FileDelivery | None:
     return None
 
 
-def open_hooks(settings: Settings, storage: object, *, send: bool = True) -> Hooks | None:
+def open_hooks(settings: Settings, capabilities: Capabilities, *, send: bool = True) -> Hooks | None:
     """The hooks the settings configure, with the durable outbox when the storage has one;
     None without --hooks-http or --hooks-dir. Without `send` (operator commands) durable
     events are only recorded, for a server to deliver."""
@@ -183,13 +183,13 @@ def open_hooks(settings: Settings, storage: object, *, send: bool = True) -> Hoo
         delivery,
         events=settings.hooks_enabled_events,
         progress_interval=settings.progress_hooks_interval,
-        locate=storage.location if isinstance(storage, Locating) else lambda info: None,
+        locate=capabilities.locating.location if capabilities.locating else lambda info: None,
         forward_headers=settings.hooks_http_forward_headers,
         attempts=settings.hooks_http_retry + 1,
     )
-    if isinstance(storage, Outbox):
+    if capabilities.outbox is not None:
         hooks.sender = HookSender(
-            storage,
+            capabilities.outbox,
             delivery,
             max_age=settings.hooks_max_age,
             backoff=settings.hooks_http_backoff,

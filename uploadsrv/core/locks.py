@@ -115,8 +115,18 @@ class UploadLocks:
     """Per-upload holds for one process, backed by the coordinator's lease (if any) and
     the storage's cross-process lock."""
 
-    def __init__(self, storage: Storage, *, timeout: float, coordinator: Coordinator | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        timeout: float,
+        coordinator: Coordinator | None = None,
+        fenced: Fenced | None = None,
+    ) -> None:
+        """`fenced`: the backend, if it fences its writes with the coordinator's lease
+        (`Capabilities.fenced`); it then takes no lock of its own under a lease."""
         self._storage = storage
+        self._fenced = fenced
         self._timeout = timeout
         self._coordinator = coordinator
         self._slots: dict[tuple[str, int | None], _Slot] = {}
@@ -212,8 +222,8 @@ class UploadLocks:
                         )
                     )
                     hold.watch(lease)
-                if lease is not None and isinstance(self._storage, Fenced):
-                    await held.enter_async_context(self._storage.fenced_lock(upload_id, lease, chunk=chunk))
+                if lease is not None and self._fenced is not None:
+                    await held.enter_async_context(self._fenced.fenced_lock(upload_id, lease, chunk=chunk))
                 else:
                     backend_lock = await held.enter_async_context(
                         self._storage.lock(

@@ -60,10 +60,12 @@ class UploadService:
         max_metadata_size: int = 4 << 10,
         clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
+        capabilities: Capabilities | None = None,
     ) -> None:
         """With `enforce_owners` (auth is on), an upload is visible only to its owner;
         `quotas` limits each owner's unfinished uploads;
-        `hooks` tells the application what happens and asks it where it decides."""
+        `hooks` tells the application what happens and asks it where it decides;
+        `capabilities` is the backend's record, if the caller took it already."""
         self.storage = storage
         #: Shared with other instances (Redis), if configured: leases and events.
         self.coordinator = coordinator
@@ -71,8 +73,10 @@ class UploadService:
         self.max_metadata_size = max_metadata_size
         self.expiry = expiry
         #: What the backend can do beyond the core contract, checked once.
-        self.capabilities = Capabilities.of(storage)
-        self.locks = UploadLocks(storage, timeout=lock_timeout, coordinator=coordinator)
+        self.capabilities = capabilities or Capabilities.of(storage)
+        self.locks = UploadLocks(
+            storage, timeout=lock_timeout, coordinator=coordinator, fenced=self.capabilities.fenced
+        )
         self.enforce_owners = enforce_owners
         self.quotas = quotas
         self.hooks = hooks
