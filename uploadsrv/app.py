@@ -7,7 +7,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,6 +25,7 @@ from .coordination import open_coordinator
 from .core import UploadService
 from .core.capabilities import Capabilities
 from .core.chunks import ChunkSessions
+from .core.coordination import Coordinator
 from .core.outbox import running
 from .core.quotas import LocalCounters, OwnerQuotas
 from .core.storage import Storage
@@ -48,13 +50,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     coordinator = open_coordinator(settings.redis_url)
     authenticator = auth.authenticator(settings)
     signer = auth.url_signer(settings)
-    quotas = None
-    if settings.max_uploads_per_owner is not None or settings.max_requests_per_owner is not None:
-        quotas = OwnerQuotas(
-            coordinator.counters if coordinator is not None else LocalCounters(),
-            max_uploads=settings.max_uploads_per_owner,
-            max_requests=settings.max_requests_per_owner,
-        )
+    quotas = _owner_quotas(settings, coordinator)
     capabilities = Capabilities.of(storage)  # what the backend can do, recorded once
     hooks = open_hooks(settings, capabilities)
     service = UploadService(
@@ -70,53 +66,139 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         clock=clock,
         capabilities=capabilities,
     )
+    on_start, observers = _observers(settings, service)
+    links = Links(trust_proxy=settings.trust_proxy, signer=signer, lifetime=settings.expiry)
+    sessions = None
+    if capabilities.chunks is not None:  # else: tus and the draft only, no /chunks/
+        sessions = ChunkSessions(service, chunk_size=settings.chunk_size)
+    readiness = Readiness({"storage": storage.check})
+    if coordinator is not None:
+        readiness.checks["redis"] = coordinator.check
+    routes: list[BaseRoute] = [
+        *upload_routes(
+            settings.base_path,
+            tus.TusProtocol(service, settings, links),
+            ietf.IetfProtocol(service, settings, links),
+        ),
+        *_chunk_routes(sessions, settings, links),
+        Route("/healthz", _health),
+        Route("/readyz", readiness.endpoint),
+    ]
+    if settings.metrics:
+        routes.append(Route(settings.metrics_path, metrics.endpoint(settings.metrics_token)))
+    if settings.console and sessions is not None:  # the console shows chunk sessions too
+        routes += _console_routes(service, sessions, settings, authenticator)
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(
+                ExchangeMiddleware, templates=route_templates(routes), on_start=on_start, observers=observers
+            ),
+            _cors(settings),
+            # inside CORS, so that a 401 still carries the CORS headers a browser needs
+            *_auth_middleware(settings, authenticator, signer, quotas),
+        ],
+        lifespan=_lifespan(service, settings, authenticator),
+        exception_handlers={Exception: _internal_error, HTTPException: _http_error},
+    )
+    app.state.service = service
+    return app
+
+
+def _owner_quotas(settings: Settings, coordinator: Coordinator | None) -> OwnerQuotas | None:
+    """Per-owner limits, counted in Redis when instances share one, else in this process."""
+    if settings.max_uploads_per_owner is None and settings.max_requests_per_owner is None:
+        return None
+    return OwnerQuotas(
+        coordinator.counters if coordinator is not None else LocalCounters(),
+        max_uploads=settings.max_uploads_per_owner,
+        max_requests=settings.max_requests_per_owner,
+    )
+
+
+def _observers(settings: Settings, service: UploadService) -> tuple[list[Observer], list[Observer]]:
+    """Who watches each exchange as it starts and once it ends: the access log, and metrics
+    (which also follow the core's events, its locks and the hooks) when they are on."""
     on_start: list[Observer] = []
     observers: list[Observer] = [AccessLog(every_request=settings.access_log)]
     if settings.metrics:
         on_start.append(metrics.exchange_started)
-        metrics.instrument(storage)
+        metrics.instrument(service.storage)
         service.subscribe(metrics.on_event)
         service.locks.subscribe(metrics.on_lock)
         observers.append(metrics.observe_exchange)
-        if hooks is not None:
-            metrics.watch_hooks(hooks)
-    links = Links(trust_proxy=settings.trust_proxy, signer=signer, lifetime=settings.expiry)
-    tus_protocol = tus.TusProtocol(service, settings, links)
-    ietf_protocol = ietf.IetfProtocol(service, settings, links)
-    chunk_routes: list[Route] = []
-    sessions: ChunkSessions | None = None
-    if service.capabilities.chunks is not None:  # else: tus and the draft only, no /chunks/
-        sessions = ChunkSessions(service, chunk_size=settings.chunk_size)
-        chunk_routes = [
-            *chunks.ChunkProtocol(sessions, settings, links).routes(),
-            Route("/openapi.json", openapi.endpoint),
-        ]
-    middleware = []
-    if authenticator is not None and signer is not None:
-        middleware.append(
-            Middleware(
-                auth.AuthMiddleware,
-                authenticator=authenticator,
-                signer=signer,
-                prefixes=(settings.base_path, chunks.PATH),
-                quotas=quotas,
-            )
+        if service.hooks is not None:
+            metrics.watch_hooks(service.hooks)
+    return on_start, observers
+
+
+def _chunk_routes(sessions: ChunkSessions | None, settings: Settings, links: Links) -> list[BaseRoute]:
+    """The chunk API and its description, where the backend stores chunk sessions."""
+    if sessions is None:
+        return []
+    return [
+        *chunks.ChunkProtocol(sessions, settings, links).routes(),
+        Route("/openapi.json", openapi.endpoint),
+    ]
+
+
+def _cors(settings: Settings) -> Middleware:
+    return Middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=[
+            *tus.REQUEST_HEADERS,
+            *ietf.REQUEST_HEADERS,
+            *chunks.REQUEST_HEADERS,
+            "Authorization",
+            REQUEST_ID,
+        ],
+        expose_headers=[
+            *tus.RESPONSE_HEADERS,
+            *ietf.RESPONSE_HEADERS,
+            "WWW-Authenticate",
+            "Retry-After",
+            REQUEST_ID,
+        ],
+        max_age=86400,
+    )
+
+
+def _auth_middleware(
+    settings: Settings,
+    authenticator: auth.Authenticator | None,
+    signer: auth.UrlSigner | None,
+    quotas: OwnerQuotas | None,
+) -> list[Middleware]:
+    """Authentication of the upload and chunk URLs, when it is on."""
+    if authenticator is None or signer is None:
+        return []
+    return [
+        Middleware(
+            auth.AuthMiddleware,
+            authenticator=authenticator,
+            signer=signer,
+            prefixes=(settings.base_path, chunks.PATH),
+            quotas=quotas,
         )
+    ]
 
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
 
-    readiness = Readiness({"storage": storage.check})
-    if coordinator is not None:
-        readiness.checks["redis"] = coordinator.check
+def _lifespan(
+    service: UploadService, settings: Settings, authenticator: auth.Authenticator | None
+) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """Start-up (storage check, Redis, owners' counts, the expiry reaper, the hook sender)
+    and shutdown (appends cancelled at shutdown commit first, then the storage closes)."""
+    storage, coordinator, hooks = service.storage, service.coordinator, service.hooks
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await storage.check()
         if coordinator is not None:
             await coordinator.start()
-        if quotas is not None:
-            await quotas.count_existing(service.uploads())
+        if service.quotas is not None:
+            await service.quotas.count_existing(service.uploads())
         if isinstance(authenticator, auth.TokenFileAuth):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, authenticator.reload)
         reaper = asyncio.create_task(_expire_periodically(service, settings.expiry_interval))
@@ -146,49 +228,11 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
                 await coordinator.close()
             await storage.close()
 
-    routes: list[BaseRoute] = [
-        *upload_routes(settings.base_path, tus_protocol, ietf_protocol),
-        *chunk_routes,
-        Route("/healthz", health),
-        Route("/readyz", readiness.endpoint),
-    ]
-    if settings.metrics:
-        routes.append(Route(settings.metrics_path, metrics.endpoint(settings.metrics_token)))
-    if settings.console and sessions is not None:  # the console shows chunk sessions too
-        routes += _console_routes(service, sessions, settings, authenticator)
-    app = Starlette(
-        routes=routes,
-        middleware=[
-            Middleware(
-                ExchangeMiddleware, templates=route_templates(routes), on_start=on_start, observers=observers
-            ),
-            Middleware(
-                CORSMiddleware,
-                allow_origins=settings.cors_origins,
-                allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-                allow_headers=[
-                    *tus.REQUEST_HEADERS,
-                    *ietf.REQUEST_HEADERS,
-                    *chunks.REQUEST_HEADERS,
-                    "Authorization",
-                    REQUEST_ID,
-                ],
-                expose_headers=[
-                    *tus.RESPONSE_HEADERS,
-                    *ietf.RESPONSE_HEADERS,
-                    "WWW-Authenticate",
-                    "Retry-After",
-                    REQUEST_ID,
-                ],
-                max_age=86400,
-            ),
-            *middleware,  # inside CORS, so that a 401 still carries the CORS headers a browser needs
-        ],
-        lifespan=lifespan,
-        exception_handlers={Exception: _internal_error, HTTPException: _http_error},
-    )
-    app.state.service = service
-    return app
+    return lifespan
+
+
+async def _health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
 
 
 def _console_routes(

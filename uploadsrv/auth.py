@@ -191,23 +191,28 @@ class JwtAuth:
     def _decode(self, token: str) -> dict[str, object]:
         """The verified claims, with the key its header names (by `alg`, and `kid` if any)."""
         header = jwt.get_unverified_header(token)
-        algorithm, kid = header.get("alg"), header.get("kid")
-        if algorithm == "HS256" and self._secret:
-            keys: list[object] = [self._secret]
-        else:
-            keys = [
-                key
-                for (key_id, key_algorithm), key in self._keys.items()
-                if key_algorithm == algorithm and (kid is None or key_id is None or key_id == kid)
-            ]
-        if not keys:
-            raise jwt.InvalidAlgorithmError(f"no key for algorithm {str(algorithm)[:10]!r}")
+        algorithm = str(header.get("alg"))
+        keys = self._keys_for(header.get("alg"), header.get("kid"))
         for key in keys[:-1]:  # a JWKS may hold several keys without ids: try each
             try:
-                return self._decode_with(token, key, str(algorithm))
+                return self._decode_with(token, key, algorithm)
             except jwt.InvalidSignatureError:
                 continue
-        return self._decode_with(token, keys[-1], str(algorithm))
+        return self._decode_with(token, keys[-1], algorithm)
+
+    def _keys_for(self, algorithm: object, kid: object) -> list[object]:
+        """The keys that may have signed a token with this header: the shared secret for
+        HS256, else the public keys of its algorithm whose id matches (or that have none)."""
+        if algorithm == "HS256" and self._secret:
+            return [self._secret]
+        keys = [
+            key
+            for (key_id, key_algorithm), key in self._keys.items()
+            if key_algorithm == algorithm and (kid is None or key_id is None or key_id == kid)
+        ]
+        if not keys:
+            raise jwt.InvalidAlgorithmError(f"no key for algorithm {str(algorithm)[:10]!r}")
+        return keys
 
     def _decode_with(self, token: str, key: object, algorithm: str) -> dict[str, object]:
         return jwt.decode(

@@ -167,26 +167,46 @@ def untested_uvicorn(version: str) -> str | None:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .backend import MissingDependency, require_backend
-    from .logs import FORMATS, configure
-
     problem = untested_uvicorn(uvicorn.__version__)
     if problem:
         sys.exit(f"uploadsrv: {problem}")
     settings = _settings(args)
-    problem = _tls_problem(settings)
+    problem = _settings_problem(settings)
     if problem:
         sys.exit(f"uploadsrv: {problem}")
+    _check_redis_url(settings.redis_url)
+    if not _auth_ready(settings):
+        return 2
+    _fit_open_files(settings)
+    _make_data_dir(settings)
+    _check_storage(settings)
+    _announce_console(settings)
+    # Workers rebuild the settings from the environment, so one path serves 1 or N.
+    os.environ.update(settings.to_env())
+    with _metrics_dir(settings):
+        _run_uvicorn(settings)
+    return 0
+
+
+def _settings_problem(settings: Settings) -> str | None:
+    """Why these settings cannot serve (TLS files, log format, the backend's package), or None."""
+    from .backend import MissingDependency, require_backend
+    from .logs import FORMATS
+
+    problem = _tls_problem(settings)
+    if problem:
+        return problem
     if settings.log_format not in FORMATS:
-        sys.exit(f"uploadsrv: --log-format must be one of {', '.join(FORMATS)}")
+        return f"--log-format must be one of {', '.join(FORMATS)}"
     try:
         require_backend(settings)
     except MissingDependency as missing:
-        sys.exit(f"uploadsrv: {missing}")
-    try:
-        _check_redis_url(settings.redis_url)
-    except ValueError as exc:
-        raise ConfigError(f"--redis-url: {exc}") from None
+        return str(missing)
+    return None
+
+
+def _auth_ready(settings: Settings) -> bool:
+    """Prepare authentication (keys, token files), printing its warnings; False if it cannot work."""
     from . import auth
 
     try:
@@ -194,42 +214,50 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"uploadsrv: warning: {warning}", file=sys.stderr)
     except auth.ConfigError as error:
         print(f"uploadsrv serve: {error}", file=sys.stderr)
-        return 2
-    _fit_open_files(settings)
+        return False
+    return True
+
+
+def _make_data_dir(settings: Settings) -> None:
     settings.data_dir = settings.data_dir.resolve()
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"--data-dir: cannot create {str(settings.data_dir)!r}: {error.strerror}") from None
-    _check_storage(settings)
+
+
+def _announce_console(settings: Settings) -> None:
     if settings.console:
         from .console import console_url, ensure_token
 
         if ensure_token(settings):  # before the workers start, so they share it
             print(f"uploadsrv: console at {console_url(settings)}", file=sys.stderr)
-    # Workers rebuild the settings from the environment, so one path serves 1 or N.
-    os.environ.update(settings.to_env())
-    with _metrics_dir(settings):
-        uvicorn.run(
-            "uploadsrv.app:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            uds=str(settings.unix_socket) if settings.unix_socket else None,
-            ssl_certfile=settings.tls_cert,
-            ssl_keyfile=settings.tls_key,
-            workers=settings.workers,
-            http=PROTOCOL_CLASSES[settings.http],
-            ws="none",  # no WebSocket routes: an Upgrade must not hand the connection past the limits
-            loop="uvloop",
-            log_config=configure(settings.log_level, settings.log_format),
-            access_log=False,  # uploadsrv's own access log has the request's fields
-            proxy_headers=settings.trust_proxy,
-            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
-            timeout_keep_alive=math.ceil(settings.keep_alive),  # uvicorn takes whole seconds
-            h11_max_incomplete_event_size=settings.max_header_size,
-        )
-    return 0
+
+
+def _run_uvicorn(settings: Settings) -> None:
+    import uvicorn
+
+    from .logs import configure
+
+    uvicorn.run(
+        "uploadsrv.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        uds=str(settings.unix_socket) if settings.unix_socket else None,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+        workers=settings.workers,
+        http=PROTOCOL_CLASSES[settings.http],
+        ws="none",  # no WebSocket routes: an Upgrade must not hand the connection past the limits
+        loop="uvloop",
+        log_config=configure(settings.log_level, settings.log_format),
+        access_log=False,  # uploadsrv's own access log has the request's fields
+        proxy_headers=settings.trust_proxy,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+        timeout_keep_alive=math.ceil(settings.keep_alive),  # uvicorn takes whole seconds
+        h11_max_incomplete_event_size=settings.max_header_size,
+    )
 
 
 def _tls_problem(settings: Settings) -> str | None:
@@ -246,10 +274,13 @@ def _tls_problem(settings: Settings) -> str | None:
 
 
 def _check_redis_url(url: str | None) -> None:
-    """Refuse a malformed Redis URL before any worker starts (a ValueError says why)."""
+    """Refuse a malformed Redis URL before any worker starts."""
     from .coordination import open_coordinator
 
-    open_coordinator(url)
+    try:
+        open_coordinator(url)
+    except ValueError as exc:
+        raise ConfigError(f"--redis-url: {exc}") from None
 
 
 @contextlib.contextmanager
