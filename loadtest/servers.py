@@ -77,27 +77,39 @@ def start(name: str, work: Path, log: Path, python: str = sys.executable) -> Ser
 
 
 def _command(name: str, port: int, data: Path, interpreter: str) -> list[str] | str:
-    python = [sys.executable, "-m"]
     if name in (ANSWERS_ONLY, SINK, SINK_ASGI):
-        command = [*python, "uploadsrv.loadtest.sink", "--port", str(port)]
-        if name != ANSWERS_ONLY:
-            command += ["--dir", str(data)]
-        return command + (["--asgi"] if name == SINK_ASGI else [])
+        return _sink_command(name, port, data)
     if name in (UPLOADSRV, COMPARED):
         return [interpreter, "-m", "uploadsrv", "serve", "--port", str(port), "--data-dir", str(data)]
     if name == TUSPY:
-        if importlib.util.find_spec("tuspyserver") is None:
-            return "tuspyserver is not installed (pip install -e '.[bench]')"
-        uvicorn = [*python, "uvicorn", "tuspy_app:app", "--port", str(port), "--http", "httptools"]
-        return [*uvicorn, "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+        return _tuspy_command(port)
     if name == TUS_NODE:
-        if shutil.which("node") is None or shutil.which("npm") is None:
-            return "node and npm are not on the PATH"
-        if not (PEERS_DIR / "node_modules" / "@tus" / "file-store").is_dir():
-            install = ["npm", "ci", "--no-audit", "--no-fund", "--loglevel", "error"]
-            subprocess.run(install, cwd=PEERS_DIR, check=True, timeout=600)
-        return ["node", str(PEERS_DIR / "tus_node.mjs"), str(port), str(data)]
+        return _tus_node_command(port, data)
     raise ValueError(f"unknown server {name!r}; known: {', '.join(ALL)}")
+
+
+def _sink_command(name: str, port: int, data: Path) -> list[str]:
+    command = [sys.executable, "-m", "uploadsrv.loadtest.sink", "--port", str(port)]
+    if name != ANSWERS_ONLY:
+        command += ["--dir", str(data)]
+    return command + (["--asgi"] if name == SINK_ASGI else [])
+
+
+def _tuspy_command(port: int) -> list[str] | str:
+    if importlib.util.find_spec("tuspyserver") is None:
+        return "tuspyserver is not installed (pip install -e '.[bench]')"
+    uvicorn = [sys.executable, "-m", "uvicorn", "tuspy_app:app", "--port", str(port), "--http", "httptools"]
+    return [*uvicorn, "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+
+
+def _tus_node_command(port: int, data: Path) -> list[str] | str:
+    """The node peer, its packages installed on first use."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node and npm are not on the PATH"
+    if not (PEERS_DIR / "node_modules" / "@tus" / "file-store").is_dir():
+        install = ["npm", "ci", "--no-audit", "--no-fund", "--loglevel", "error"]
+        subprocess.run(install, cwd=PEERS_DIR, check=True, timeout=600)
+    return ["node", str(PEERS_DIR / "tus_node.mjs"), str(port), str(data)]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:

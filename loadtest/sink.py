@@ -101,28 +101,28 @@ class Connection:
 
     def store(self, name: str, offset: int, length: int, *, create: bool) -> None:
         """Read `length` body bytes; with a directory, write them at `offset` and fdatasync."""
-        fd = -1
-        if self.directory is not None and (length or create):
-            flags = os.O_WRONLY | (os.O_CREAT if create else 0)
-            fd = os.open(os.path.join(self.directory, name), flags, 0o644)
-        stored = length
+        fd = _open(self.directory, name, create=create) if length or create else -1
         try:
-            while length:
-                if not self.filled:
-                    self.filled = self.sock.recv_into(self.view, min(length, BUFFER))
-                    if not self.filled:
-                        raise ConnectionError("body cut off")
-                take = min(self.filled, length)
-                if fd >= 0:
-                    os.pwrite(fd, self.view[:take], offset)
-                offset += take
-                length -= take
-                self.consume(take)
-            if fd >= 0 and stored:  # a create without a body is not synced (uploadsrv's is not)
+            self.receive(fd, offset, length)
+            if fd >= 0 and length:  # a create without a body is not synced (uploadsrv's is not)
                 os.fdatasync(fd)
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def receive(self, fd: int, offset: int, length: int) -> None:
+        """The body's `length` bytes, what is buffered first; written at `offset` if `fd` is a file."""
+        while length:
+            if not self.filled:
+                self.filled = self.sock.recv_into(self.view, min(length, BUFFER))
+                if not self.filled:
+                    raise ConnectionError("body cut off")
+            take = min(self.filled, length)
+            if fd >= 0:
+                os.pwrite(fd, self.view[:take], offset)
+            offset += take
+            length -= take
+            self.consume(take)
 
     def respond(self, status: bytes, headers: bytes) -> None:
         self.sock.sendall(
@@ -147,27 +147,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The same sink as an ASGI app (``--asgi``): `SINK_DIR` in the environment, if storing."""
     if scope["type"] != "http":
         return
-    directory = os.environ.get("SINK_DIR")
-    headers = dict(scope["headers"])
-    if scope["method"] == "POST":
-        name, offset, status = str(next(_names)), 0, 201
-    else:
-        name, offset = scope["path"].rsplit("/", 1)[-1], int(headers.get(b"upload-offset", b"0"))
-        status = 204 if scope["method"] == "PATCH" else 200
-    fd = -1
-    if directory is not None and scope["method"] != "GET":
-        flags = os.O_WRONLY | (os.O_CREAT if status == 201 else 0)
-        fd = os.open(os.path.join(directory, name), flags, 0o644)
+    name, offset, status = _target(scope)
+    fd = -1 if scope["method"] == "GET" else _open(os.environ.get("SINK_DIR"), name, create=status == 201)
     try:
-        more = True
-        while more:
-            message = await receive()
-            body = message.get("body", b"")
-            if fd >= 0 and body:
-                offset += os.pwrite(fd, body, offset)
-            elif body:
-                offset += len(body)
-            more = message.get("more_body", False)
+        offset = await _receive_body(receive, fd, offset)
         if fd >= 0 and offset:
             os.fdatasync(fd)
     finally:
@@ -178,6 +161,37 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         answer.append((b"location", b"/files/" + name.encode()))
     await send({"type": "http.response.start", "status": status, "headers": answer})
     await send({"type": "http.response.body", "body": b""})
+
+
+def _target(scope: dict[str, Any]) -> tuple[str, int, int]:
+    """The file a request writes, where in it, and the status it answers: a POST makes a new one."""
+    if scope["method"] == "POST":
+        return str(next(_names)), 0, 201
+    headers = dict(scope["headers"])
+    status = 204 if scope["method"] == "PATCH" else 200
+    return scope["path"].rsplit("/", 1)[-1], int(headers.get(b"upload-offset", b"0")), status
+
+
+async def _receive_body(receive: Any, fd: int, offset: int) -> int:
+    """Every body message, written at its place if `fd` is a file; returns the end offset."""
+    more = True
+    while more:
+        message = await receive()
+        body = message.get("body", b"")
+        if fd >= 0 and body:
+            offset += os.pwrite(fd, body, offset)
+        elif body:
+            offset += len(body)
+        more = message.get("more_body", False)
+    return offset
+
+
+def _open(directory: str | None, name: str, *, create: bool) -> int:
+    """The file `name` to write into, or -1 without a directory (storing nothing)."""
+    if directory is None:
+        return -1
+    flags = os.O_WRONLY | (os.O_CREAT if create else 0)
+    return os.open(os.path.join(directory, name), flags, 0o644)
 
 
 def main() -> None:

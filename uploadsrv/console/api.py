@@ -154,19 +154,9 @@ class ConsoleApi:
     ) -> list[dict[str, object]]:
         """The most recently active sessions: what storage holds (up to SCAN_LIMIT of it)
         and what this process saw happen, deleted ones included."""
-        scanned = 0
-        async for info in self.service.uploads():
-            self.hub.view(info)
-            scanned += 1
-            if scanned >= SCAN_LIMIT:
-                break
+        await self._scan()
         views = [
-            v
-            for v in self.hub.views()
-            if viewer.sees(v.info.owner)
-            and (state is None or v.state == state)
-            and (owner is None or v.info.owner == owner)
-            and (protocol is None or v.info.protocol == protocol)
+            v for v in self.hub.views() if viewer.sees(v.info.owner) and _matches(v, state, owner, protocol)
         ]
         views.sort(key=_last_activity, reverse=True)
         rows = []
@@ -175,6 +165,15 @@ class ConsoleApi:
                 await self.hub.fill_chunks(view)
             rows.append(self.hub.row(view))
         return rows
+
+    async def _scan(self) -> None:
+        """Show the hub what storage holds, up to SCAN_LIMIT uploads."""
+        scanned = 0
+        async for info in self.service.uploads():
+            self.hub.view(info)
+            scanned += 1
+            if scanned >= SCAN_LIMIT:
+                break
 
     async def _stream(self, viewer: Viewer) -> AsyncIterator[str]:
         """A snapshot, then every change as it happens and the rates every second, until
@@ -203,6 +202,15 @@ class ConsoleApi:
                 yield sse_event(name, data)
                 if name == "resync":
                     return
+
+
+def _matches(view: SessionView, state: str | None, owner: str | None, protocol: str | None) -> bool:
+    """Whether the session passes the listing's filters (None: any)."""
+    return (
+        (state is None or view.state == state)
+        and (owner is None or view.info.owner == owner)
+        and (protocol is None or view.info.protocol == protocol)
+    )
 
 
 def _caller(request: Request, viewer: Viewer) -> Caller:
