@@ -311,10 +311,7 @@ def scenarios(bench: Bench, args: argparse.Namespace) -> list[Scenario]:
 async def run_all(args: argparse.Namespace, work: Path, console: Console) -> list[Scenario]:
     started: list[Server] = []
     try:
-        names = list(args.servers)
-        if args.compare:
-            names.insert(names.index(UPLOADSRV) if UPLOADSRV in names else len(names), COMPARED)
-        for name in names:
+        for name in _server_names(args):
             python = args.compare if name == COMPARED else sys.executable
             server = servers.start(name, work / "data", work / f"{name.replace('/', '_')}.log", python)
             if isinstance(server, str):
@@ -324,25 +321,45 @@ async def run_all(args: argparse.Namespace, work: Path, console: Console) -> lis
         bench = Bench(args, work)
         listed = scenarios(bench, args)
         for scenario in listed:
-            runs: dict[str, list[Figure]] = {}
-            for _ in range(args.rounds):
-                for server in started:  # taking turns, so noise weighs on all alike
-                    if scenario.only and server.name not in scenario.only:
-                        continue
-                    runs.setdefault(server.name, []).append(await bench.measure(scenario, server))
-            scenario.figures = {name: _median(figures) for name, figures in runs.items()}
+            await _run(bench, scenario, started, args.rounds)
             console.print(
                 f"{scenario.name}: "
                 + ", ".join(f"{n} {_rate(f, scenario.unit)}" for n, f in scenario.figures.items())
             )
-        for scenario in listed[len(listed) - 3 :] if not args.no_extra else []:
-            reference = listed[0].figures.get(SINK)
-            if reference is not None:  # the extra paths are compared with the sink's single upload
-                scenario.figures.setdefault(SINK, reference)
+        if not args.no_extra:
+            _compare_extra_with_sink(listed)
         return listed
     finally:
         for server in started:
             server.stop()
+
+
+def _server_names(args: argparse.Namespace) -> list[str]:
+    """The servers to run; with `--compare`, the other checkout's uploadsrv just before ours."""
+    names = list(args.servers)
+    if args.compare:
+        names.insert(names.index(UPLOADSRV) if UPLOADSRV in names else len(names), COMPARED)
+    return names
+
+
+async def _run(bench: Bench, scenario: Scenario, started: list[Server], rounds: int) -> None:
+    """`rounds` runs of the scenario on each server it is for; its figures are their medians."""
+    runs: dict[str, list[Figure]] = {}
+    for _ in range(rounds):
+        for server in started:  # taking turns, so noise weighs on all alike
+            if scenario.only and server.name not in scenario.only:
+                continue
+            runs.setdefault(server.name, []).append(await bench.measure(scenario, server))
+    scenario.figures = {name: _median(figures) for name, figures in runs.items()}
+
+
+def _compare_extra_with_sink(listed: list[Scenario]) -> None:
+    """The extra paths (the last three scenarios) are compared with the sink's single upload."""
+    reference = listed[0].figures.get(SINK)
+    if reference is None:
+        return
+    for scenario in listed[len(listed) - 3 :]:
+        scenario.figures.setdefault(SINK, reference)
 
 
 def _size(size: int) -> str:
@@ -375,30 +392,46 @@ def table(listed: list[Scenario], names: list[str]) -> Table:
     for column in ("measure", *names, "vs sink", "vs best peer", *extra):
         result.add_column(column, justify="left" if column == "measure" else "right")
     for s in listed:
-        ours = s.figures.get(UPLOADSRV)
-        sink = s.figures.get(SINK)
-        peers = [s.figures[p].rate for p in PEERS if p in s.figures and p not in s.only]
-        vs_sink = _ratio(ours, sink.rate if sink else None, s.target_sink)
-        vs_peer = _ratio(ours, max(peers) if peers else None, s.target_peer)
-        cells = [_rate(s.figures[n], s.unit) if n in s.figures else "" for n in names]
-        compared = s.figures.get(COMPARED)
-        vs_compared = [_ratio(ours, compared.rate if compared else None, None)] if extra else []
-        result.add_row(f"{s.name}, {s.unit}", *cells, vs_sink, vs_peer, *vs_compared)
         per = "s/GiB" if s.unit == "MB/s" else "ms/upload"
-        cpu_cells = [_cpu(s.figures[n], s.unit) if n in s.figures else "" for n in names]
-        mark = ""
-        if ours is not None and s.cpu_target is not None:
-            ok = float(_cpu(ours, s.unit)) <= s.cpu_target
-            mark = f"(<= {s.cpu_target}, {'ok' if ok else 'below'})"
-        result.add_row(f"  server CPU, {per}", *cpu_cells, mark, "")
-        result.add_row(
-            f"  client CPU, {per}",
-            *[_cpu(s.figures[n], s.unit, True) if n in s.figures else "" for n in names],
-        )
-        result.add_row(
-            "  server peak RSS, MB", *[f"{s.figures[n].rss_mb:.0f}" if n in s.figures else "" for n in names]
-        )
+        result.add_row(f"{s.name}, {s.unit}", *_cells(s, names, _rate), *_versus(s, compare=bool(extra)))
+        result.add_row(f"  server CPU, {per}", *_cells(s, names, _cpu), _cpu_mark(s), "")
+        result.add_row(f"  client CPU, {per}", *_cells(s, names, _client_cpu))
+        result.add_row("  server peak RSS, MB", *_cells(s, names, lambda f, unit: f"{f.rss_mb:.0f}"))
     return result
+
+
+def _cells(scenario: Scenario, names: list[str], show: Callable[[Figure, str], str]) -> list[str]:
+    """One figure of each server, blank for one that did not run the scenario."""
+    figures = scenario.figures
+    return [show(figures[n], scenario.unit) if n in figures else "" for n in names]
+
+
+def _versus(s: Scenario, *, compare: bool) -> list[str]:
+    """uploadsrv's rate against the sink's, the best peer's and (`--compare`) the other checkout's."""
+    ours = s.figures.get(UPLOADSRV)
+    sink = s.figures.get(SINK)
+    peers = [s.figures[p].rate for p in PEERS if p in s.figures and p not in s.only]
+    cells = [
+        _ratio(ours, sink.rate if sink else None, s.target_sink),
+        _ratio(ours, max(peers) if peers else None, s.target_peer),
+    ]
+    if compare:
+        compared = s.figures.get(COMPARED)
+        cells.append(_ratio(ours, compared.rate if compared else None, None))
+    return cells
+
+
+def _cpu_mark(s: Scenario) -> str:
+    """Whether uploadsrv's server CPU is within the scenario's target, if it has one."""
+    ours = s.figures.get(UPLOADSRV)
+    if ours is None or s.cpu_target is None:
+        return ""
+    ok = float(_cpu(ours, s.unit)) <= s.cpu_target
+    return f"(<= {s.cpu_target}, {'ok' if ok else 'below'})"
+
+
+def _client_cpu(figure: Figure, unit: str) -> str:
+    return _cpu(figure, unit, client=True)
 
 
 def _ratio(ours: Figure | None, baseline: float | None, target: float | None) -> str:
@@ -440,7 +473,7 @@ def s3_row(args: argparse.Namespace, work: Path) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -474,7 +507,11 @@ def main() -> None:
     parser.add_argument("--s3-uploads", type=int, default=16)
     parser.add_argument("--s3-size", type=size, default=size("64M"))
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
     console = Console(width=250)
     with tempfile.TemporaryDirectory(prefix="bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
@@ -490,19 +527,25 @@ def main() -> None:
             f"{s3['ratio']:.2f} (>= 0.9, {mark})"
         )
     if args.json:
-        report = {
-            "args": {k: v for k, v in vars(args).items() if k != "json"},
-            "scenarios": [
-                {
-                    "name": s.name,
-                    "unit": s.unit,
-                    "figures": {n: asdict(f) | {"rate": f.rate} for n, f in s.figures.items()},
-                }
-                for s in listed
-            ],
-            "s3": s3,
-        }
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(_report(args, listed, s3), indent=2))
+
+
+def _report(
+    args: argparse.Namespace, listed: list[Scenario], s3: dict[str, float] | None
+) -> dict[str, object]:
+    """The run as JSON (`--json`): its arguments and every figure."""
+    return {
+        "args": {k: v for k, v in vars(args).items() if k != "json"},
+        "scenarios": [
+            {
+                "name": s.name,
+                "unit": s.unit,
+                "figures": {n: asdict(f) | {"rate": f.rate} for n, f in s.figures.items()},
+            }
+            for s in listed
+        ],
+        "s3": s3,
+    }
 
 
 if __name__ == "__main__":
