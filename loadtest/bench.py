@@ -10,7 +10,8 @@ median of `--rounds`: the bare sink (`loadtest/sink.py`: a socket, a thread per 
 that stores nothing (what the clients reach alone), `@tus/server` with `@tus/file-store`
 (Node; installed from `loadtest/peers/package-lock.json` on first use) and `tuspyserver`
 (the `bench` extra), and uploadsrv. Large uploads are sent by curl, one process per upload;
-small ones by a lean keep-alive client (`loadtest/lean.py`). Server CPU and peak RSS come
+small ones over a lean keep-alive connection (`loadtest/lean.py`) with the tus requests
+of `loadtest/clients.py`. Server CPU and peak RSS come
 from /proc, the clients' CPU from their own accounting. Every upload through uploadsrv is
 downloaded and compared by sha256 afterwards, outside the timed part.
 """
@@ -40,13 +41,13 @@ from rich.table import Table
 from uploadsrv.config import parse_size
 
 from . import lean, servers
+from .clients import TUS, tus_append_headers, tus_create, tus_in_one, tus_pair
 from .procs import peak_rss_mb
 from .servers import COMPARED, PEERS, SINK, UPLOADSRV, Server
 
 GiB = 1 << 30
 CURL = ["curl", "-s", "-S", "-H", "Expect:", "-w", "%{http_code}\n"]
-APPEND = ["-X", "PATCH", "-H", "Tus-Resumable: 1.0.0", "-H", "Upload-Offset: 0"]
-APPEND += ["-H", "Content-Type: application/offset+octet-stream"]
+APPEND = ["-X", "PATCH", *(arg for k, v in tus_append_headers(0).items() for arg in ("-H", f"{k}: {v}"))]
 
 
 @dataclass
@@ -157,11 +158,11 @@ class Bench:
 
     async def pairs(self, server: Server) -> Outcome:
         """`--small` uploads as create + 1 KiB PATCH, over `--connections` connections."""
-        return await self._small(server, lean.tus_pair)
+        return await self._small(server, tus_pair)
 
     async def in_one(self, server: Server) -> Outcome:
         """`--small` uploads of 1 KiB, each in its creation request."""
-        return await self._small(server, lean.tus_in_one)
+        return await self._small(server, tus_in_one)
 
     async def _small(
         self, server: Server, upload: Callable[[lean.Connection, bytes], Awaitable[bytes]]
@@ -233,7 +234,7 @@ class Bench:
 async def _create(server: Server, size: int, count: int) -> list[bytes]:
     connection = await lean.Connection.open(server.url)
     try:
-        return [await lean.create(connection, size) for _ in range(count)]
+        return [await tus_create(connection, size) for _ in range(count)]
     finally:
         await connection.close()
 
@@ -272,7 +273,7 @@ async def verify_uploadsrv(server: Server, paths: list[bytes], digests: dict[int
                     digest.update(block)
             if digests.get(size) != digest.hexdigest():
                 raise RuntimeError(f"uploadsrv's upload {path!r} ({size} bytes) is corrupted")
-            (await http.delete(path.decode(), headers={"Tus-Resumable": "1.0.0"})).raise_for_status()
+            (await http.delete(path.decode(), headers=TUS)).raise_for_status()
 
 
 def scenarios(bench: Bench, args: argparse.Namespace) -> list[Scenario]:

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from .clients import tus_append_headers, tus_create_headers, tus_upload_in_one
 from .procs import cpu_seconds, free_port, start_uploadsrv
-
-TUS = {"Tus-Resumable": "1.0.0"}
 
 
 class Receiver:
@@ -77,17 +76,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(30)
 
 
-def upload(client: httpx.Client, files: str, data: bytes) -> tuple[str, float]:
+def upload(client: httpx.Client, url: str, data: bytes) -> tuple[str, float]:
     """One tus upload; its id and when the final 204 arrived."""
-    created = client.post(files, headers={**TUS, "Upload-Length": str(len(data))})
-    url = created.headers["location"]
-    done = client.patch(
-        url,
-        content=data,
-        headers={**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
-    )
-    assert done.status_code == 204, done.text
-    return url.rsplit("/", 1)[1], time.time()
+    upload_url = tus_upload_in_one(client, url, [data], len(data))
+    return upload_url.rsplit("/", 1)[1], time.time()
 
 
 def wait(condition: Callable[[], bool], timeout: float) -> bool:
@@ -106,7 +98,7 @@ def latency(work: Path, receiver: Receiver, count: int) -> list[float]:
     )  # fmt: skip
     try:
         with httpx.Client(timeout=60) as client:
-            answered = dict(upload(client, url + "/files/", os.urandom(1024)) for _ in range(count))
+            answered = dict(upload(client, url, os.urandom(1024)) for _ in range(count))
         wait(lambda: len(receiver.finished()) >= count, 60)
         return sorted(at - answered[upload_id] for _, upload_id, _, at in receiver.finished())
     finally:
@@ -120,7 +112,7 @@ def crash(work: Path, receiver: Receiver, count: int) -> dict[str, object]:
     receiver.down()
     process, url = start_uploadsrv(work / "crash.log", *flags)
     with httpx.Client(timeout=60) as client:
-        ids = {upload(client, url + "/files/", os.urandom(1000 + n))[0] for n in range(count)}
+        ids = {upload(client, url, os.urandom(1000 + n))[0] for n in range(count)}
     process.kill()  # SIGKILL: no shutdown code runs
     process.wait()
     receiver.up()
@@ -157,18 +149,13 @@ def throughput(work: Path, receiver: Receiver, size: int, events: str) -> tuple[
 
     try:
         with httpx.Client(timeout=600) as client:
-            created = client.post(url + "/files/", headers={**TUS, "Upload-Length": str(size)})
+            created = client.post(url + "/files/", headers=tus_create_headers(size))
             cpu_before = cpu_seconds(process.pid)
             started = time.perf_counter()
             done = client.patch(
                 created.headers["location"],
                 content=body(),
-                headers={
-                    **TUS,
-                    "Upload-Offset": "0",
-                    "Content-Type": "application/offset+octet-stream",
-                    "Content-Length": str(size),
-                },
+                headers={**tus_append_headers(0), "Content-Length": str(size)},
             )
             elapsed = time.perf_counter() - started
             cpu = cpu_seconds(process.pid) - cpu_before

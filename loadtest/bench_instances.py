@@ -32,7 +32,7 @@ import httpx
 
 from uploadsrv.config import parse_bool, parse_size
 
-from .clients import TUS, tus_upload_in_one
+from .clients import TUS, tus_create_headers, tus_upload_in_one
 from .procs import boto3_credentials, free_port, start_moto, start_uploadsrv
 
 BLOCK = 1 << 20
@@ -101,7 +101,7 @@ def aggregate_mb_s(urls: list[str], uploads: int, data: bytes) -> float:
 def head_ms(url: str, count: int) -> float:
     """Mean milliseconds of a HEAD (which takes and releases the upload's lock)."""
     with httpx.Client(timeout=60) as http:
-        created = http.post(url + "/files/", headers={**TUS, "Upload-Length": "10"})
+        created = http.post(url + "/files/", headers=tus_create_headers(10))
         upload = created.headers["location"]
         for _ in range(20):  # warm up the connection and the server's S3 pool
             http.head(upload, headers=TUS)

@@ -1,10 +1,11 @@
-"""A lean keep-alive HTTP/1.1 client on asyncio streams, for the benchmark's small requests.
+"""A lean keep-alive HTTP/1.1 connection on asyncio streams, for the benchmark's small requests.
 
 A general client (httpx) spends more CPU per request than the servers it measures here
 (1.2-1.8 ms on these cores), so it, not the server, would set the rate. This one writes
 each request in one `write`, reads the answer head with one `readuntil`, and reads
 Content-Length and chunked bodies: some 50 microseconds of CPU per request, which the benchmark shows
-against a server that answers without storing.
+against a server that answers without storing. It knows HTTP only: what tus sends over it
+is in `clients.py`, with the load test's clients.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from urllib.parse import urlsplit
-
-TUS = b"Tus-Resumable: 1.0.0\r\n"
-OFFSET_STREAM = b"Content-Type: application/offset+octet-stream\r\n"
 
 
 class Answer:
@@ -73,37 +71,13 @@ class Connection:
             await self._writer.wait_closed()
 
 
+def header_lines(headers: dict[str, str]) -> bytes:
+    """`headers` as the lines of a request head, for `Connection.request`."""
+    return b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items())
+
+
 def path_of(location: bytes) -> bytes:
     """The path of a Location, absolute or not."""
     if location.startswith(b"http"):
         return b"/" + location.split(b"/", 3)[3]
     return location
-
-
-async def tus_pair(connection: Connection, body: bytes) -> bytes:
-    """Create an upload, then append `body` in one PATCH; returns the upload's path."""
-    created = await connection.request(b"POST", b"/files/", TUS + b"Upload-Length: %d\r\n" % len(body))
-    if created.status != 201:
-        raise RuntimeError(f"create answered {created.status}: {created.body[:200]!r}")
-    path = path_of(created.headers[b"location"])
-    appended = await connection.request(b"PATCH", path, TUS + OFFSET_STREAM + b"Upload-Offset: 0\r\n", body)
-    if appended.status != 204 or appended.headers.get(b"upload-offset") != b"%d" % len(body):
-        raise RuntimeError(f"PATCH answered {appended.status}: {appended.body[:200]!r}")
-    return path
-
-
-async def tus_in_one(connection: Connection, body: bytes) -> bytes:
-    """The whole upload in its creation request (creation-with-upload)."""
-    headers = TUS + OFFSET_STREAM + b"Upload-Length: %d\r\n" % len(body)
-    created = await connection.request(b"POST", b"/files/", headers, body)
-    if created.status != 201 or created.headers.get(b"upload-offset") != b"%d" % len(body):
-        raise RuntimeError(f"create answered {created.status}: {created.body[:200]!r}")
-    return path_of(created.headers[b"location"])
-
-
-async def create(connection: Connection, length: int) -> bytes:
-    """An empty upload of `length` bytes; returns its path."""
-    created = await connection.request(b"POST", b"/files/", TUS + b"Upload-Length: %d\r\n" % length)
-    if created.status != 201:
-        raise RuntimeError(f"create answered {created.status}: {created.body[:200]!r}")
-    return path_of(created.headers[b"location"])

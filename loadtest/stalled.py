@@ -22,9 +22,8 @@ import httpx
 
 from uploadsrv.config import parse_size
 
+from .clients import TUS, tus_create_headers
 from .procs import spawned_server
-
-TUS = {"Tus-Resumable": "1.0.0"}
 
 
 def rss_mb(pid: int) -> float:
@@ -67,7 +66,7 @@ async def stall(url: str, pid: int, data_dir: Path, uploads: int, sent: int) -> 
 
 
 async def _create(client: httpx.AsyncClient, url: str, length: int) -> str:
-    response = await client.post(url + "/files/", headers={**TUS, "Upload-Length": str(length)})
+    response = await client.post(url + "/files/", headers=tus_create_headers(length))
     return response.headers["location"]
 
 
