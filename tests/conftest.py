@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import httpx
@@ -20,7 +21,11 @@ import pytest
 
 from uploadsrv.storage.local import RECORD_XATTR
 
+if TYPE_CHECKING:
+    from uploadsrv.core.storage import Storage
+
 TUS = {"Tus-Resumable": "1.0.0"}
+BACKENDS = ["local", "s3"]
 STARTUP_SECONDS = 60  #: generous: a loaded CI machine takes over 15 s to import and start a server
 
 
@@ -351,6 +356,73 @@ class Receiver:
         return self.requests(hook, upload_id)
 
 
+# -- the backends themselves, without a server -----------------------------------------
+
+NOW = 1_700_000_000.0  #: far from the wall clock, so a backend reading that one shows
+
+
+class FakeClock:
+    """The one clock of a test, shared by the backend and the core; moved by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name, value in Moto.credentials.items():
+        monkeypatch.setenv(name, value)
+    yield
+
+
+@pytest.fixture(params=BACKENDS)
+async def open_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, aws_credentials: None, clock: FakeClock
+) -> AsyncIterator[Callable[[], Storage]]:
+    """Opens an instance of the backend under test, on the test's one clock; every instance
+    shares one store, as server instances do."""
+    from uploadsrv.storage.local import LocalStorage
+    from uploadsrv.storage.s3 import S3Storage
+
+    opened: list[Storage] = []
+    if request.param == "s3":
+        moto: Moto = request.getfixturevalue("moto")
+        bucket = moto.new_bucket()
+
+    def open_one() -> Storage:
+        if request.param == "local":
+            backend: Storage = LocalStorage(tmp_path / "data", clock=clock)
+        else:
+            backend = S3Storage(
+                f"s3://{bucket}/contract/",
+                endpoint_url=moto.endpoint,
+                spool_dir=tmp_path / "spool",
+                clock=clock,
+            )
+        opened.append(backend)
+        return backend
+
+    yield open_one
+    for backend in opened:
+        await backend.close()
+
+
+@pytest.fixture
+async def storage(open_backend: Callable[[], Storage]) -> Storage:
+    """The backend under test (each test runs on every backend), checked and open."""
+    backend = open_backend()
+    await backend.check()
+    return backend
+
+
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
     """A fresh hook receiver for one test."""
@@ -359,7 +431,6 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
     started.stop()
 
 
-BACKENDS = ["local", "s3"]
 NODE_DIR = Path(__file__).parent / "node"
 
 

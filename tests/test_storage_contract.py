@@ -6,78 +6,16 @@ Straight to the backends, without the service: what the core relies on a backend
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from uploadsrv.core import UploadService, errors
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.core.storage import Chunked, Storage, StoredChunk
-from uploadsrv.storage.local import LocalStorage
 from uploadsrv.storage.s3 import MIN_PART, S3Storage
 
-from .conftest import Moto
-
-NOW = 1_700_000_000.0  #: far from the wall clock, so a backend reading that one shows
-
-
-class FakeClock:
-    """The one clock of a test, shared by the backend and the core; moved by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(NOW)
-
-
-@pytest.fixture
-def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name, value in Moto.credentials.items():
-        monkeypatch.setenv(name, value)
-    yield
-
-
-@pytest.fixture(params=["local", "s3"])
-async def open_backend(
-    request: pytest.FixtureRequest, tmp_path: Path, aws_credentials: None, clock: FakeClock
-) -> AsyncIterator[Callable[[], Storage]]:
-    """Opens an instance of the backend under test; every instance shares one store, as
-    server instances do."""
-    opened: list[Storage] = []
-    if request.param == "s3":
-        moto: Moto = request.getfixturevalue("moto")
-        bucket = moto.new_bucket()
-
-    def open_one() -> Storage:
-        if request.param == "local":
-            backend: Storage = LocalStorage(tmp_path / "data", clock=clock)
-        else:
-            backend = S3Storage(
-                f"s3://{bucket}/contract/",
-                endpoint_url=moto.endpoint,
-                spool_dir=tmp_path / "spool",
-                clock=clock,
-            )
-        opened.append(backend)
-        return backend
-
-    yield open_one
-    for backend in opened:
-        await backend.close()
-
-
-@pytest.fixture
-async def storage(open_backend: Callable[[], Storage]) -> Storage:
-    backend = open_backend()
-    await backend.check()
-    return backend
+from .conftest import NOW, FakeClock
 
 
 async def new_upload(storage: Storage, length: int | None, **kind: object) -> UploadInfo:
@@ -121,6 +59,30 @@ async def test_committed_bytes_are_the_offset_and_read_back(storage: Storage) ->
     assert (info.offset, info.length, info.is_complete) == (11, 11, True)
     assert await read_all(storage, info) == b"hello world"
     assert await read_all(storage, info, 3, 8) == b"lo wo"
+
+
+async def test_writes_go_at_the_offset_and_commit_returns_it(storage: Storage) -> None:
+    info = await new_upload(storage, 10)
+    async with storage.writer(info, transactional=False) as writer:
+        await writer.write([b"12", memoryview(b"345")])
+        assert await writer.commit() == 5
+    info.offset = 5
+    async with storage.writer(info, transactional=False) as writer:
+        await writer.write([b"67890"])
+        assert await writer.commit() == 10
+    info.offset = 10
+    assert b"".join([b async for b in storage.read(info, 0, 10)]) == b"1234567890"
+
+
+async def test_unknown_and_malformed_ids_are_not_found(storage: Storage) -> None:
+    for upload_id in ("0" * 32, "../../etc", ""):
+        with pytest.raises(errors.UploadNotFound):
+            await storage.get(upload_id)
+
+
+async def test_upload_ids_lists_every_upload(storage: Storage) -> None:
+    made = {(await new_upload(storage, 10)).id for _ in range(5)}
+    assert {upload_id async for upload_id in storage.upload_ids()} == made
 
 
 async def test_a_discarded_transactional_write_leaves_nothing(storage: Storage) -> None:
