@@ -23,6 +23,7 @@ from uploadsrv.storage.local import RECORD_XATTR
 
 if TYPE_CHECKING:
     from uploadsrv.core.storage import Storage
+    from uploadsrv.storage.s3.state import State
 
 TUS = {"Tus-Resumable": "1.0.0"}
 BACKENDS = ["local", "s3"]
@@ -146,6 +147,112 @@ class RedisServer:
             self.process.wait()
 
 
+class LocalLayout:
+    """Where local disk keeps an upload: the one place the tests know it (storage/local.py's
+    module docstring describes it), for looking behind the server's back. Two layouts:
+    ``files/<id>`` (a tus or draft upload: the bytes, the record an xattr), and
+    ``uploads/<id[:2]>/<id>/`` (chunk sessions, large records, older data directories)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        root = data_dir.resolve()
+        self.files = root / "files"
+        self.uploads = root / "uploads"
+
+    def flat(self, upload_id: str) -> Path:
+        """The file of a tus or IETF draft upload's bytes, its record an xattr."""
+        return self.files / upload_id
+
+    def directory(self, upload_id: str) -> Path:
+        """The directory of a chunk session (or an upload whose record is a file)."""
+        return self.uploads / upload_id[:2] / upload_id
+
+    def data(self, upload_id: str) -> Path:
+        """The file of the upload's bytes, in whichever layout it is stored."""
+        flat = self.flat(upload_id)
+        return flat if flat.exists() else self.directory(upload_id) / "data"
+
+    def record(self, upload_id: str) -> Path:
+        """The record of an upload in the directory layout."""
+        return self.directory(upload_id) / "info.json"
+
+    def chunk_locked(self, upload_id: str, number: int) -> bool:
+        return (self.directory(upload_id) / "chunks" / f"{number}.lock").exists()
+
+    def stored(self) -> list[Path]:
+        """Everything stored for uploads, in both layouts (finished, half-made or being removed)."""
+        return sorted([*self.files.glob("*"), *self.uploads.glob("*/*")])
+
+    def stored_size(self, upload_id: str) -> int:
+        return self.data(upload_id).stat().st_size
+
+    def exists(self, upload_id: str) -> bool:
+        return self.flat(upload_id).exists() or self.directory(upload_id).exists()
+
+    def age(self, upload_id: str, past: float) -> None:
+        flat = self.flat(upload_id)
+        if flat.exists():
+            record = json.loads(os.getxattr(flat, RECORD_XATTR))
+            record["created_at"] = record["updated_at"] = past
+            os.setxattr(flat, RECORD_XATTR, json.dumps(record).encode())
+        else:
+            record = json.loads(self.record(upload_id).read_text())
+            record["created_at"] = record["updated_at"] = past
+            self.record(upload_id).write_text(json.dumps(record))
+        os.utime(self.data(upload_id), (past, past))
+
+
+class S3Layout:
+    """Where S3 keeps an upload: the multipart upload under its key, the info object (read
+    with the backend's own `State`) beside it, and a tail object for bytes short of a part."""
+
+    def __init__(self, moto: Moto, bucket: str, prefix: str) -> None:
+        self.client = moto.client
+        self.bucket = bucket
+        self.prefix = prefix
+
+    def key(self, upload_id: str, suffix: str = "") -> str:
+        return self.prefix + upload_id + suffix
+
+    def state(self, upload_id: str) -> State:
+        from uploadsrv.storage.s3.state import State
+
+        body = self.client.get_object(Bucket=self.bucket, Key=self.key(upload_id, ".info"))["Body"].read()
+        return State.from_json(body)
+
+    def _confirmed_parts(self, upload_id: str, multipart_id: str) -> dict[int, int]:
+        listed = self.client.list_parts(Bucket=self.bucket, Key=self.key(upload_id), UploadId=multipart_id)
+        return {p["PartNumber"]: p["Size"] for p in listed.get("Parts", [])}
+
+    def chunk_locked(self, upload_id: str, number: int) -> bool:
+        key = self.key(upload_id, f".chunk-{number}.lock")
+        return "Contents" in self.client.list_objects_v2(Bucket=self.bucket, Prefix=key)
+
+    def stored_size(self, upload_id: str) -> int:
+        state = self.state(upload_id)
+        if state.completed:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key(upload_id))["ContentLength"]
+        confirmed = self._confirmed_parts(upload_id, state.multipart_id)
+        size = sum(confirmed[p.number] for p in state.parts)
+        if state.tail_key:
+            size += self.client.head_object(Bucket=self.bucket, Key=state.tail_key)["ContentLength"]
+        return size
+
+    def landed(self, upload_id: str) -> int:
+        return sum(self._confirmed_parts(upload_id, self.state(upload_id).multipart_id).values())
+
+    def exists(self, upload_id: str) -> bool:
+        key = self.key(upload_id)
+        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key)
+        uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
+        mine = [u for u in uploads.get("Uploads", []) if u["Key"] == key]
+        return bool(listing.get("Contents")) or bool(mine)
+
+    def age(self, upload_id: str, past: float) -> None:
+        state = self.state(upload_id)
+        state.record["created_at"] = state.record["updated_at"] = past
+        self.client.put_object(Bucket=self.bucket, Key=self.key(upload_id, ".info"), Body=state.to_json())
+
+
 class Server:
     """One `uploadsrv serve` process on a loopback port, on local disk or S3."""
 
@@ -163,6 +270,13 @@ class Server:
         self.backend = "s3" if moto else "local"
         self.bucket = bucket or (moto.new_bucket() if moto else None)
         self.prefix = "uploads/"
+        #: Where the server's backend keeps its uploads; `local` also for an S3 server,
+        #: whose data directory should stay empty.
+        self.local = LocalLayout(data_dir)
+        self.layout: LocalLayout | S3Layout = self.local
+        if moto:
+            assert self.bucket is not None
+            self.layout = S3Layout(moto, self.bucket, self.prefix)
         storage = []
         if moto:
             storage = ["--storage", f"s3://{self.bucket}/{self.prefix}", "--s3-endpoint-url", moto.endpoint]
@@ -231,79 +345,34 @@ class Server:
 
     def upload_dir(self, upload_url: str) -> Path:
         """The directory of a chunk session (or an upload whose record is a file)."""
-        upload_id = self.upload_id(upload_url)
-        return self.data_dir / "uploads" / upload_id[:2] / upload_id
-
-    def flat_file(self, upload_url: str) -> Path:
-        """The file holding a tus or IETF draft upload's bytes, its record an xattr."""
-        return self.data_dir / "files" / self.upload_id(upload_url)
+        return self.local.directory(self.upload_id(upload_url))
 
     def data_file(self, upload_url: str) -> Path:
         """The file of the upload's bytes, in whichever layout the server stored it."""
-        flat = self.flat_file(upload_url)
-        return flat if flat.exists() else self.upload_dir(upload_url) / "data"
+        return self.local.data(self.upload_id(upload_url))
 
-    def _s3_info(self, upload_url: str) -> dict:
-        assert self.moto is not None
-        key = self.prefix + self.upload_id(upload_url) + ".info"
-        return json.loads(self.moto.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+    def s3_state(self, upload_url: str) -> State:
+        """The upload's info object, as the S3 backend reads it."""
+        assert isinstance(self.layout, S3Layout)
+        return self.layout.state(self.upload_id(upload_url))
 
     def stored_size(self, upload_url: str) -> int:
         """Bytes the storage itself holds for the upload (not what the server says)."""
-        if self.moto is None:
-            return self.data_file(upload_url).stat().st_size
-        state = self._s3_info(upload_url)
-        key = self.prefix + self.upload_id(upload_url)
-        if state["completed"]:
-            return self.moto.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
-        parts = self.moto.client.list_parts(Bucket=self.bucket, Key=key, UploadId=state["multipart_id"])
-        confirmed = {p["PartNumber"]: p["Size"] for p in parts.get("Parts", [])}
-        size = sum(confirmed[p["n"]] for p in state["parts"])
-        if state["tail_key"]:
-            size += self.moto.client.head_object(Bucket=self.bucket, Key=state["tail_key"])["ContentLength"]
-        return size
+        return self.layout.stored_size(self.upload_id(upload_url))
 
     def landed(self, upload_url: str) -> int:
         """Bytes that reached the storage, committed or not (S3: every part uploaded so far)."""
-        if self.moto is None:
-            return self.stored_size(upload_url)
-        state = self._s3_info(upload_url)
-        key = self.prefix + self.upload_id(upload_url)
-        parts = self.moto.client.list_parts(Bucket=self.bucket, Key=key, UploadId=state["multipart_id"])
-        return sum(p["Size"] for p in parts.get("Parts", []))
+        if isinstance(self.layout, LocalLayout):
+            return self.layout.stored_size(self.upload_id(upload_url))
+        return self.layout.landed(self.upload_id(upload_url))
 
     def exists(self, upload_url: str) -> bool:
         """Whether the storage holds anything at all of the upload."""
-        if self.moto is None:
-            return self.flat_file(upload_url).exists() or self.upload_dir(upload_url).exists()
-        listing = self.moto.client.list_objects_v2(
-            Bucket=self.bucket, Prefix=self.prefix + self.upload_id(upload_url)
-        )
-        uploads = self.moto.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
-        mine = [u for u in uploads.get("Uploads", []) if u["Key"] == self.prefix + self.upload_id(upload_url)]
-        return bool(listing.get("Contents")) or bool(mine)
+        return self.layout.exists(self.upload_id(upload_url))
 
     def age(self, upload_url: str, seconds: float) -> None:
         """Backdate an upload's record (and data) as if it had been idle for `seconds`."""
-        past = time.time() - seconds
-        if self.moto is None and self.flat_file(upload_url).exists():
-            flat = self.flat_file(upload_url)
-            record = json.loads(os.getxattr(flat, RECORD_XATTR))
-            record["created_at"] = record["updated_at"] = past
-            os.setxattr(flat, RECORD_XATTR, json.dumps(record).encode())
-            os.utime(flat, (past, past))
-            return
-        if self.moto is None:
-            info = self.upload_dir(upload_url) / "info.json"
-            record = json.loads(info.read_text())
-            record["created_at"] = record["updated_at"] = past
-            info.write_text(json.dumps(record))
-            os.utime(self.upload_dir(upload_url) / "data", (past, past))
-            return
-        state = self._s3_info(upload_url)
-        state["record"]["created_at"] = state["record"]["updated_at"] = past
-        key = self.prefix + self.upload_id(upload_url) + ".info"
-        self.moto.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(state).encode())
+        self.layout.age(self.upload_id(upload_url), time.time() - seconds)
 
 
 class Receiver:

@@ -257,13 +257,13 @@ async def test_completing_again_after_a_crash_between_s3_completion_and_its_reco
     for n in (1, 2):
         assert (await put_chunk(client, session, n, piece(data, session, n))).status_code == 201
     assert srv.moto is not None
-    key = srv.prefix + session["id"]
-    state = srv._s3_info(session["upload_url"])
-    parts = srv.moto.client.list_parts(Bucket=srv.bucket, Key=key, UploadId=state["multipart_id"])["Parts"]
+    key = srv.layout.key(session["id"])
+    state = srv.s3_state(session["upload_url"])
+    parts = srv.moto.client.list_parts(Bucket=srv.bucket, Key=key, UploadId=state.multipart_id)["Parts"]
     srv.moto.client.complete_multipart_upload(
         Bucket=srv.bucket,
         Key=key,
-        UploadId=state["multipart_id"],
+        UploadId=state.multipart_id,
         MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in parts]},
     )
     assert (await status(client, session))["state"] == "incomplete"
@@ -356,10 +356,7 @@ async def test_a_stored_chunk_is_activity_that_keeps_a_session_alive(
 
 def chunk_locked(srv: Server, session: dict, number: int) -> bool:
     """Whether the server holds chunk `number`'s lock (a request is writing it)."""
-    if srv.moto is None:
-        return (srv.upload_dir(session["upload_url"]) / "chunks" / f"{number}.lock").exists()
-    key = f"{srv.prefix}{session['id']}.chunk-{number}.lock"
-    return "Contents" in srv.moto.client.list_objects_v2(Bucket=srv.bucket, Prefix=key)
+    return srv.layout.chunk_locked(session["id"], number)
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])

@@ -18,6 +18,7 @@ from uploadsrv.storage.local import LocalStorage, _DirectorySync
 
 from .conftest import (
     TUS,
+    LocalLayout,
     Server,
     create,
     download,
@@ -236,7 +237,7 @@ async def test_a_new_uploads_first_commit_returns_after_its_file_and_entry_are_s
         await asyncio.gather(*(upload(info) for info in infos))
     finally:
         await storage.close()
-    files = str((tmp_path / "data" / "files").resolve())
+    files = str(LocalLayout(tmp_path / "data").files)
     directory_syncs = [(started, ended) for path, started, ended in fsyncs.calls if path == files]
     for info in infos:
         data = [ended for path, _, ended in fsyncs.calls if path == f"{files}/{info.id}"]

@@ -43,9 +43,9 @@ def local_storage(srv: Server, upload_id: str, protocol: str) -> dict:
     """A tus upload's file holds its record (an xattr), so it has no InfoPath; a chunk
     session is a directory with its record in `info.json`."""
     if protocol != "chunks":
-        return {"Type": "filestore", "Path": str(srv.data_dir.resolve() / "files" / upload_id)}
-    path = srv.data_dir.resolve() / "uploads" / upload_id[:2] / upload_id
-    return {"Type": "filestore", "Path": f"{path}/data", "InfoPath": f"{path}/info.json"}
+        return {"Type": "filestore", "Path": str(srv.local.flat(upload_id))}
+    directory = srv.local.directory(upload_id)
+    return {"Type": "filestore", "Path": f"{directory}/data", "InfoPath": str(srv.local.record(upload_id))}
 
 
 def expected_upload(srv: Server, upload_id: str, offset: int, size: int, protocol: str, **extra) -> dict:
@@ -180,7 +180,7 @@ async def test_pre_create_rejection_goes_to_the_client_as_given(client, start_se
     assert response.status_code == 403
     assert response.text == '{"message":"no"}'
     assert response.headers["x-why"] == "quota"
-    assert not list((srv.data_dir / "uploads").iterdir())
+    assert not srv.local.stored()
     assert receiver.requests("post-create") == []
 
 
@@ -210,7 +210,7 @@ async def test_a_chosen_id_that_is_not_url_safe_is_refused(client, start_server,
         return
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/problem+json"
-    assert not list((srv.data_dir / "uploads").iterdir())
+    assert not srv.local.stored()
 
 
 async def test_pre_finish_headers_and_body_reach_the_final_answer(client, start_server, receiver):
@@ -279,7 +279,7 @@ async def test_blocking_hook_down_is_a_503_and_creates_nothing(client, start_ser
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert response.headers["content-type"] == "application/problem+json"
-    assert not list((srv.data_dir / "uploads").iterdir())
+    assert not srv.local.stored()
 
 
 async def test_blocking_hook_answering_5xx_is_a_503(client, start_server, receiver):

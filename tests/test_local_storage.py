@@ -19,6 +19,8 @@ from uploadsrv.core import UploadService, errors
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.storage.local import RECORD_XATTR, XATTR_RECORD_LIMIT, LocalStorage
 
+from .conftest import LocalLayout
+
 HOLDER = textwrap.dedent(
     """
     import asyncio, sys
@@ -76,7 +78,7 @@ async def test_transactional_writes_are_invisible_until_commit_and_discard_forge
         await writer.write([b"xy"])
         assert await writer.commit() == 2
     assert (await storage.get(info.id)).offset == 2
-    assert os.listdir(storage.root / "files") == [info.id]  # no staging file left
+    assert [p.name for p in LocalLayout(storage.root).stored()] == [info.id]  # no staging file left
 
 
 async def test_expiry_removes_idle_unfinished_uploads_only(storage):
@@ -91,23 +93,23 @@ async def test_expiry_removes_idle_unfinished_uploads_only(storage):
     assert (await service.get(done.id)).is_complete
     with pytest.raises(errors.UploadNotFound):
         await storage.get(idle.id)
-    assert os.listdir(storage.root / "files") == [done.id]
+    assert [p.name for p in LocalLayout(storage.root).stored()] == [done.id]
 
 
 async def test_an_unreadable_record_is_an_unknown_upload_not_a_crash(storage):
     info = await _new_upload(storage)
-    os.removexattr(storage.root / "files" / info.id, RECORD_XATTR)  # a crash right after the open
+    os.removexattr(LocalLayout(storage.root).flat(info.id), RECORD_XATTR)  # a crash right after the open
     with pytest.raises(errors.UploadNotFound):
         await storage.get(info.id)
     orphans = [orphan.name async for orphan in storage.orphans(0)]
-    assert orphans == [str(storage.root / "files" / info.id)]  # prune can clear it
+    assert orphans == [str(LocalLayout(storage.root).flat(info.id))]  # prune can clear it
 
 
 def _legacy_upload(storage: LocalStorage, content: bytes, length: int) -> UploadInfo:
     """An upload as the directory layout stores it (data directories written before the
     flat layout, chunk sessions, large records)."""
     info = UploadInfo(id=new_upload_id(), length=length)
-    directory = storage.root / "uploads" / info.id[:2] / info.id
+    directory = LocalLayout(storage.root).directory(info.id)
     directory.mkdir(parents=True)
     (directory / "data").write_bytes(content)
     (directory / "info.json").write_text(json.dumps(info.to_record()))
@@ -131,17 +133,17 @@ async def test_uploads_in_the_directory_layout_are_read_resumed_and_deleted(stor
 
 async def test_an_unreadable_record_in_the_directory_layout_is_an_unknown_upload(storage):
     info = _legacy_upload(storage, b"", 10)
-    (storage.root / "uploads" / info.id[:2] / info.id / "info.json").write_bytes(b"")
+    LocalLayout(storage.root).record(info.id).write_bytes(b"")
     with pytest.raises(errors.UploadNotFound):
         await storage.get(info.id)
     orphans = [orphan.name async for orphan in storage.orphans(0)]
-    assert orphans == [str(storage.root / "uploads" / info.id[:2] / info.id)]  # prune can clear it
+    assert orphans == [str(LocalLayout(storage.root).directory(info.id))]  # prune can clear it
 
 
 async def test_a_record_too_large_for_an_attribute_is_stored_in_a_directory(storage):
     info = UploadInfo(id=new_upload_id(), length=10, metadata={"note": "x" * XATTR_RECORD_LIMIT})
     await storage.create(info)
-    assert (storage.root / "uploads" / info.id[:2] / info.id / "info.json").exists()
+    assert LocalLayout(storage.root).record(info.id).exists()
     assert (await storage.get(info.id)).metadata == info.metadata
 
 
@@ -151,7 +153,7 @@ async def test_a_chunk_request_racing_the_deletion_of_its_session_leaves_nothing
     for _ in range(100):
         info = UploadInfo(id=new_upload_id(), length=4, chunk_size=1)
         await storage.create(info)
-        directory = storage.root / "uploads" / info.id[:2] / info.id
+        directory = LocalLayout(storage.root).directory(info.id)
         for number in range(2, 30):  # the lock files of earlier chunks, for the removal to walk
             (directory / "chunks" / f"{number}.lock").touch()
         deleted = asyncio.ensure_future(storage.delete(info.id))

@@ -143,7 +143,7 @@ def test_inspect_of_an_unknown_upload_fails_naming_it(srv):
 async def test_prune_aborts_orphaned_multipart_uploads_and_objects(client, start_server):
     srv: Server = start_server(backend="s3")
     s3 = srv.moto.client
-    orphan_key = srv.prefix + "f" * 32
+    orphan_key = srv.layout.key("f" * 32)
     orphan = s3.create_multipart_upload(Bucket=srv.bucket, Key=orphan_key)["UploadId"]
     s3.put_object(Bucket=srv.bucket, Key=orphan_key + ".tail-dead", Body=b"12345")
     live = await create(client, srv, 100)
@@ -163,7 +163,7 @@ async def test_prune_aborts_orphaned_multipart_uploads_and_objects(client, start
 
 async def test_prune_removes_half_created_upload_directories(client, start_server):
     srv: Server = start_server()
-    broken = srv.data_dir / "uploads" / "ab" / ("ab" + "0" * 30)
+    broken = srv.local.directory("ab" + "0" * 30)
     broken.mkdir(parents=True)
     (broken / "data").write_bytes(b"x" * 10)
     crashed_at = time.time() - 3600

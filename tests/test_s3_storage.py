@@ -44,8 +44,8 @@ async def test_many_tiny_patches_add_up_to_several_parts(client, s3_server):
     step = 700 * 1024
     for start in range(0, len(data), step):
         assert (await patch(client, url, start, data[start : start + step])).status_code == 204
-    state = s3_server._s3_info(url)
-    assert state["completed"] and len(state["parts"]) == 4  # three of 5 MiB and the rest
+    state = s3_server.s3_state(url)
+    assert state.completed and len(state.parts) == 4  # three of 5 MiB and the rest
     assert sha256(await download(client, url)) == sha256(data)
 
 
@@ -78,8 +78,8 @@ async def test_concatenation_copies_large_parts_inside_s3(client, s3_server):
     assert response.status_code == 201, response.text
     final = response.headers["location"]
     assert sha256(await download(client, final)) == sha256(b"".join(pieces))
-    parts = s3_server._s3_info(final)["parts"]
-    assert all(p["size"] >= MIN_PART for p in parts[:-1])
+    parts = s3_server.s3_state(final).parts
+    assert all(p.size >= MIN_PART for p in parts[:-1])
 
 
 async def test_termination_leaves_no_object_and_no_multipart_upload(client, s3_server):
@@ -101,12 +101,12 @@ async def test_s3_checks_a_crc32_of_every_part_and_keeps_a_composite_one(client,
     url = await create(client, s3_server, len(data))
     assert (await patch(client, url, 0, data[: 3 * MiB])).status_code == 204  # a tail first
     assert (await patch(client, url, 3 * MiB, data[3 * MiB :])).status_code == 204
-    parts = s3_server._s3_info(url)["parts"]
-    bounds = list(itertools.pairwise(itertools.accumulate([p["size"] for p in parts], initial=0)))
+    parts = s3_server.s3_state(url).parts
+    bounds = list(itertools.pairwise(itertools.accumulate([p.size for p in parts], initial=0)))
     assert len(parts) == 3 and bounds[-1][1] == len(data)
     # What CompleteMultipartUpload was given: the CRC32 S3 confirmed for each part.
-    assert [p["checksum"] for p in parts] == [base64.b64encode(_crc32(data[a:b])).decode() for a, b in bounds]
-    key = s3_server.prefix + Server.upload_id(url)
+    assert [p.checksum for p in parts] == [base64.b64encode(_crc32(data[a:b])).decode() for a, b in bounds]
+    key = s3_server.layout.key(Server.upload_id(url))
     head = s3_server.moto.client.head_object(Bucket=s3_server.bucket, Key=key, ChecksumMode="ENABLED")
     composite = base64.b64encode(_crc32(b"".join(_crc32(data[a:b]) for a, b in bounds))).decode()
     assert head["ChecksumCRC32"].partition("-")[0] == composite  # S3 adds "-3", moto does not
@@ -118,10 +118,10 @@ async def test_checksums_can_be_turned_off_for_stores_without_them(client, start
     data = os.urandom(6 * MiB)
     url = await create(client, srv, len(data))
     assert (await patch(client, url, 0, data)).status_code == 204
-    state = srv._s3_info(url)
-    assert state["checksum"] is None and all("checksum" not in p for p in state["parts"])
+    state = srv.s3_state(url)
+    assert state.checksum is None and all(p.checksum is None for p in state.parts)
     head = srv.moto.client.head_object(
-        Bucket=srv.bucket, Key=srv.prefix + Server.upload_id(url), ChecksumMode="ENABLED"
+        Bucket=srv.bucket, Key=srv.layout.key(Server.upload_id(url)), ChecksumMode="ENABLED"
     )
     assert "ChecksumCRC32" not in head
     assert sha256(await download(client, url)) == sha256(data)
@@ -287,7 +287,7 @@ async def test_the_finished_object_has_the_type_and_name_from_metadata(client, s
         client, s3_server, 5, **{"Upload-Metadata": "filename cmVwb3J0LnBkZg==,filetype YXBwbGljYXRpb24vcGRm"}
     )
     await patch(client, url, 0, b"%PDF-")
-    key = s3_server.prefix + Server.upload_id(url)
+    key = s3_server.layout.key(Server.upload_id(url))
     head = s3_server.moto.client.head_object(Bucket=s3_server.bucket, Key=key)
     assert head["ContentType"] == "application/pdf"
     assert head["ContentDisposition"] == "inline; filename*=UTF-8''report.pdf"  # as GET shows it
