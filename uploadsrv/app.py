@@ -55,14 +55,11 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     hooks = open_hooks(settings, capabilities)
     service = UploadService(
         storage,
-        max_size=settings.max_size,
-        expiry=settings.expiry,
-        lock_timeout=settings.lock_timeout,
+        **settings.core_limits(),
         coordinator=coordinator,
         enforce_owners=authenticator is not None,
         quotas=quotas,
         hooks=hooks,
-        max_metadata_size=settings.max_metadata_size,
         clock=clock,
         capabilities=capabilities,
     )

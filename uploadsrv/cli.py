@@ -20,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .config import ConfigError, Settings, env_name, flag_name, parse_duration
@@ -378,9 +378,7 @@ def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespac
                     await coordinator.start()
                 service = UploadService(
                     storage,
-                    max_size=settings.max_size,
-                    expiry=settings.expiry,
-                    lock_timeout=settings.lock_timeout,
+                    **settings.core_limits(),
                     coordinator=coordinator,
                     hooks=hooks,
                     capabilities=capabilities,
@@ -403,6 +401,18 @@ def _operator(run: Callable[..., Awaitable[int]]) -> Callable[[argparse.Namespac
     return command
 
 
+def _show(
+    args: argparse.Namespace, data: Any, print_table: Callable[[Any, Console], None], console: Console
+) -> None:
+    """An operator command's answer: JSON with --json, else for people to read."""
+    from . import operator
+
+    if args.json:
+        operator.emit_json(data)
+    else:
+        print_table(data, console)
+
+
 async def list_command(
     service: UploadService, settings: Settings, args: argparse.Namespace, console: Console
 ) -> int:
@@ -416,10 +426,7 @@ async def list_command(
         sort=args.sort,
         limit=args.limit,
     )
-    if args.json:
-        operator.emit_json(rows)
-    else:
-        operator.print_uploads(rows, console)
+    _show(args, rows, operator.print_uploads, console)
     return 0
 
 
@@ -434,10 +441,7 @@ async def inspect_command(
     except UploadNotFound:
         print(f"uploadsrv inspect: upload {args.upload_id}: not found", file=sys.stderr)
         return 1
-    if args.json:
-        operator.emit_json(details)
-    else:
-        console.print_json(data=details)
+    _show(args, details, lambda data, out: out.print_json(data=data), console)
     return 0
 
 
@@ -475,10 +479,7 @@ async def stats_command(
     from . import operator
 
     totals = await operator.stats(service)
-    if args.json:
-        operator.emit_json(totals)
-    else:
-        operator.print_stats(totals, console)
+    _show(args, totals, operator.print_stats, console)
     return 0
 
 
@@ -492,11 +493,7 @@ async def hooks_command(
         print(f"uploadsrv hooks: {service.storage!r} keeps no hook outbox", file=sys.stderr)
         return 1
     if args.action == "list":
-        rows = await operator.hook_events(outbox)
-        if args.json:
-            operator.emit_json(rows)
-        else:
-            operator.print_hook_events(rows, console)
+        _show(args, await operator.hook_events(outbox), operator.print_hook_events, console)
         return 0
     if args.action == "drop" and not args.event_id:
         print("uploadsrv hooks drop: which event? (see uploadsrv hooks list)", file=sys.stderr)

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 ENV_PREFIX = "UPLOADSRV_"
 
@@ -338,6 +338,16 @@ class Settings:
         if not settings.auth:  # a proxy naming the owner is what --owner-header always meant
             settings.auth = "header" if settings.owner_header else "none"
         return settings
+
+    def core_limits(self) -> dict[str, Any]:
+        """The upload core's limits (`UploadService`'s keywords): the server and the
+        operator commands apply the same ones."""
+        return {
+            "max_size": self.max_size,
+            "expiry": self.expiry,
+            "lock_timeout": self.lock_timeout,
+            "max_metadata_size": self.max_metadata_size,
+        }
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes `from_env` rebuild these settings (for worker processes)."""
