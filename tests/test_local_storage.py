@@ -11,11 +11,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from uploadsrv.core import UploadService, errors
+from uploadsrv.core import errors
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.storage.local import RECORD_XATTR, XATTR_RECORD_LIMIT, LocalStorage
 
@@ -81,19 +80,14 @@ async def test_transactional_writes_are_invisible_until_commit_and_discard_forge
     assert [p.name for p in LocalLayout(storage.root).stored()] == [info.id]  # no staging file left
 
 
-async def test_expiry_removes_idle_unfinished_uploads_only(storage):
-    now = [time.time()]
-    service = UploadService(storage, max_size=1 << 20, expiry=60, clock=lambda: now[0])
-    idle = await service.create(length=10)
-    done = await service.create(length=0)
-    now[0] += 61
-    with pytest.raises(errors.UploadGone):
-        await service.get(idle.id)
-    assert await service.expire() == [idle.id]
-    assert (await service.get(done.id)).is_complete
-    with pytest.raises(errors.UploadNotFound):
-        await storage.get(idle.id)
-    assert [p.name for p in LocalLayout(storage.root).stored()] == [done.id]
+async def test_a_deleted_upload_leaves_nothing_of_it_on_disk(storage):
+    """(Expiry on every backend, with the core: test_storage_contract.py.)"""
+    kept, deleted = await _new_upload(storage), await _new_upload(storage)
+    async with storage.writer(deleted, transactional=False) as writer:
+        await writer.write([b"abc"])
+        await writer.commit()
+    await storage.delete(deleted.id)
+    assert [p.name for p in LocalLayout(storage.root).stored()] == [kept.id]
 
 
 async def test_an_unreadable_record_is_an_unknown_upload_not_a_crash(storage):
