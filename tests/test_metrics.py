@@ -32,20 +32,23 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 async def test_totals_are_summed_over_two_workers(start_server):
     srv: Server = start_server("--workers", "2")
-    count, data = 40, os.urandom(3000)
-    # No keep-alive: every request is a new connection, so both workers take some.
+    batch, data = 20, os.urandom(3000)
+    # No keep-alive: every request is a new connection. The kernel hands each one to
+    # whichever worker accepts first, and on a busy machine one worker can take a whole
+    # batch: send batches until both have finished uploads (so the sum is over two).
     limits = httpx.Limits(max_keepalive_connections=0)
+    count = 0
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
 
         async def one() -> None:
             url = await create(client, srv, len(data))
             assert (await patch(client, url, 0, data)).status_code == 204
 
-        await asyncio.gather(*(one() for _ in range(count)))
+        while len(_completing_workers(srv)) < 2 and count < 20 * batch:
+            await asyncio.gather(*(one() for _ in range(batch)))
+            count += batch
+        assert len(_completing_workers(srv)) == 2, "both workers should have served uploads"
         assert (await client.head(srv.files + "0" * 32, headers=TUS)).status_code == 404
-    lines = [json.loads(line) for line in srv.log.read_text().splitlines() if line.startswith("{")]
-    completing = {line["pid"] for line in lines if line["msg"] == "upload completed"}
-    assert len(completing) == 2, "both workers should have served uploads"
     for _ in range(6):  # whichever worker answers the scrape, it shows every worker's counts
         samples = scrape(srv.url + "/metrics")
         assert value(samples, "uploadsrv_uploads_created_total", protocol="tus") == count
@@ -60,6 +63,12 @@ async def test_totals_are_summed_over_two_workers(start_server):
         assert value(samples, "uploadsrv_storage_operation_seconds_count", operation="create") == count
         assert value(samples, "uploadsrv_storage_operation_seconds_count", operation="commit") == count
         assert value(samples, "uploadsrv_requests_in_flight") == 1  # the scrape itself
+
+
+def _completing_workers(srv: Server) -> set[int]:
+    """The pids of the workers that logged a finished upload."""
+    lines = [json.loads(line) for line in srv.log.read_text().splitlines() if line.startswith("{")]
+    return {line["pid"] for line in lines if line["msg"] == "upload completed"}
 
 
 async def test_request_durations_bytes_sent_and_104s_are_counted(client, start_server):
