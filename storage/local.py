@@ -166,6 +166,17 @@ class LocalStorage:
         path = self._dir(upload_id)
         return _Place(f"{path}/data", f"{path}/staging", f"{path}/preempt", path)
 
+    def _opened(self, upload_id: str, open_at: Callable[[_Place], T]) -> T:
+        """`open_at` the upload's flat place, else in its directory: no stat first."""
+        try:
+            return open_at(self._flat(upload_id))
+        except FileNotFoundError:
+            return open_at(self._in_directory(upload_id))
+
+    def _entry_sync(self, place: _Place) -> Callable[[], None] | None:
+        """What makes a flat upload's new entry durable (a directory upload syncs its own)."""
+        return self._files_synced.sync if place.directory is None else None
+
     def _place(self, upload_id: str) -> _Place:
         """The upload's files: in its directory if it has one, else flat (also once deleted)."""
         flat = self._flat(upload_id)
@@ -180,13 +191,15 @@ class LocalStorage:
         flat = self._flat(info.id)
         directory = self._dir(info.id)
         with _disk_errors():
-            if os.path.lexists(flat.data) or os.path.lexists(directory):
+            if os.path.lexists(directory):  # a flat upload of this id fails O_EXCL
                 raise UploadExists(f"an upload with id {info.id} already exists")
             try:
                 if self._flat_record_fits(info, record) and self._create_flat(
                     flat.data, record, info.updated_at
                 ):
                     return
+                if os.path.lexists(flat.data):
+                    raise FileExistsError(flat.data)
                 new_shard = _make_directory(directory)
             except FileExistsError:  # only an id a hook chose can be taken
                 raise UploadExists(f"an upload with id {info.id} already exists") from None
@@ -288,16 +301,13 @@ class LocalStorage:
 
     @asynccontextmanager
     async def writer(self, info: UploadInfo, *, transactional: bool) -> AsyncIterator[_Writer]:
-        place = self._place(info.id)
-        synced = self._files_synced.sync if place.directory is None else None
         try:
             if transactional:  # truncates a staging file a crash may have left, however large
-                file = await self._run_owned(
-                    _FileWriter, _FileWriter.close, place, info.offset, transactional, synced, self._clock
-                )
+                place = self._place(info.id)
+                file = await self._run_owned(self._file_writer, _FileWriter.close, place, info, True)
             else:
                 with _disk_errors():
-                    file = _FileWriter(place, info.offset, transactional, synced, self._clock)
+                    file = self._opened(info.id, lambda place: self._file_writer(place, info, False))
         except FileNotFoundError:
             raise UploadNotFound() from None
         try:
@@ -307,6 +317,9 @@ class LocalStorage:
                 await self._run(file.close)  # also removes the staging file
             else:
                 file.close()  # closing a regular file's descriptor does not block
+
+    def _file_writer(self, place: _Place, info: UploadInfo, transactional: bool) -> _FileWriter:
+        return _FileWriter(place, info.offset, transactional, self._entry_sync(place), self._clock)
 
     async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
         try:
@@ -472,9 +485,7 @@ class LocalStorage:
         """
         try:
             if chunk is None:
-                place = self._place(upload_id)
-                fd = os.open(place.lock_target, os.O_RDONLY)
-                marker = place.preempt
+                fd, marker = self._opened(upload_id, _open_lock)
             else:
                 path = self._dir(upload_id)
                 fd = os.open(f"{path}/chunks/{chunk}.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -847,6 +858,11 @@ def _fill_new_upload(path: str, info: UploadInfo, record: bytes) -> None:
     # upload's record (`get` says: create it again), never a stored byte.
     with open(f"{path}/info.json", "xb") as f:
         f.write(record)
+
+
+def _open_lock(place: _Place) -> tuple[int, str]:
+    """The descriptor to flock for the upload, and its preempt marker."""
+    return os.open(place.lock_target, os.O_RDONLY), place.preempt
 
 
 def _read_xattr_record(path: str) -> bytes:

@@ -9,14 +9,18 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from . import auth, memory, metrics
 from .backend import open_storage
@@ -35,7 +39,7 @@ from .hook_delivery import open_hooks
 from .logs import AccessLog
 from .protocols import chunks, ietf, openapi, tus
 from .protocols.common import Links, problem
-from .protocols.routes import upload_routes
+from .protocols.routes import UploadRouter, upload_routes
 from .readiness import Readiness
 
 log = logging.getLogger("uploadsrv")
@@ -71,12 +75,13 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     readiness = Readiness({"storage": storage.check})
     if coordinator is not None:
         readiness.checks["redis"] = coordinator.check
+    uploads = upload_routes(
+        settings.base_path,
+        tus.TusProtocol(service, settings, links),
+        ietf.IetfProtocol(service, settings, links),
+    )
     routes: list[BaseRoute] = [
-        *upload_routes(
-            settings.base_path,
-            tus.TusProtocol(service, settings, links),
-            ietf.IetfProtocol(service, settings, links),
-        ),
+        *uploads,
         *_chunk_routes(sessions, settings, links),
         Route("/healthz", _health),
         Route("/readyz", readiness.endpoint),
@@ -85,7 +90,8 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
         routes.append(Route(settings.metrics_path, metrics.endpoint(settings.metrics_token)))
     if settings.console and sessions is not None:  # the console shows chunk sessions too
         routes += _console_routes(service, sessions, settings, authenticator)
-    app = Starlette(
+    app = _Server(
+        uploads=uploads,
         routes=routes,
         middleware=[
             Middleware(
@@ -100,6 +106,26 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None)
     )
     app.state.service = service
     return app
+
+
+class _Server(Starlette):
+    """Starlette, with the upload URLs dispatched ahead of its router (`UploadRouter`),
+    inside the same middleware (errors, request ids, metrics and logs, CORS, auth)."""
+
+    def __init__(self, *, uploads: tuple[Route, Route], **options: Any) -> None:
+        self._uploads = uploads
+        super().__init__(**options)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """Starlette's own stack, with `UploadRouter` in front of its exception middleware."""
+        handlers = dict(self.exception_handlers)
+        on_error = handlers.pop(Exception, None) or handlers.pop(500, None)
+        inner = ExceptionMiddleware(self.router, handlers=handlers, debug=self.debug)
+        app: ASGIApp = UploadRouter(*self._uploads, fallback=inner)
+        outer = [Middleware(ServerErrorMiddleware, handler=on_error, debug=self.debug), *self.user_middleware]
+        for cls, args, kwargs in reversed(outer):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 def _owner_quotas(settings: Settings, coordinator: Coordinator | None) -> OwnerQuotas | None:

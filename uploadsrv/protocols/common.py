@@ -7,12 +7,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
+from functools import cached_property, lru_cache
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import http_sf
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from uploadsrv.core import Checksum
 from uploadsrv.core import errors as e
@@ -171,7 +174,7 @@ class Links:
 
 def public_url(request: Request, path: str, *, trust_proxy: bool) -> str:
     """The absolute URL clients should use for `path`, as seen from outside a trusted proxy."""
-    scheme = request.url.scheme
+    scheme = request.scope.get("scheme", "http")  # as request.url has it, without parsing a URL
     host = request.headers.get("host") or request.url.netloc
     if trust_proxy:
         scheme = _first(request.headers.get("x-forwarded-proto")) or scheme
@@ -189,7 +192,42 @@ def sse_event(name: str, data: object) -> str:
 
 
 def http_date(timestamp: float) -> str:
-    return formatdate(timestamp, usegmt=True)
+    return _http_date(int(timestamp))  # whole seconds, as formatdate has them
+
+
+@lru_cache(maxsize=8)
+def _http_date(second: int) -> str:
+    """Kept: many answers in one second carry the same date (Upload-Expires)."""
+    return formatdate(second, usegmt=True)
+
+
+class RequestHeaders(Headers):
+    """Starlette's request headers, looked up in a dict built once: a handler asks for a
+    dozen, and each plain `Headers` lookup decodes and compares every header sent."""
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__(scope=scope)
+        self._first: dict[bytes, bytes] = {}
+        for name, value in self._list:
+            self._first.setdefault(name, value)
+
+    def __getitem__(self, key: str) -> str:
+        return self._first[key.lower().encode("latin-1")].decode("latin-1")
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower().encode("latin-1") in self._first
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._first.get(key.lower().encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+
+class UploadRequest(Request):
+    """A request to the upload URLs, with `RequestHeaders`."""
+
+    @cached_property
+    def headers(self) -> RequestHeaders:
+        return RequestHeaders(self.scope)
 
 
 def content_length(request: Request) -> int | None:
