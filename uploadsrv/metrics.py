@@ -6,7 +6,10 @@ the workers start, every worker writes its values to its own files there, and a 
 whichever worker answers it, sums them all. With one worker the values stay in memory.
 
 Label children are looked up once and kept (`_child`): prometheus-client's `labels()`
-validates and locks on every call, which the hot path does not need to pay for.
+validates and locks on every call, which the hot path does not need to pay for. For the
+same reason the per-request counts go straight to the children's values (`_adder`,
+`_observer`): `Counter.inc` and `Histogram.observe` check observability and sign first,
+three Python calls per count, a tenth of a small upload's calls.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import hmac
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -139,21 +143,42 @@ def _child(metric: MetricWrapperBase, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
+@functools.cache
+def _adder(metric: MetricWrapperBase, *labels: str) -> Callable[[float], None]:
+    """`inc` of a counter's (or gauge's) value itself, for counts made on every request."""
+    target: Any = _child(metric, *labels) if labels else metric
+    adder: Callable[[float], None] = target._value.inc
+    return adder
+
+
+@functools.cache
+def _observer(metric: Histogram, *labels: str) -> Callable[[float], None]:
+    """`observe` of a histogram without the checks, for times taken on every request."""
+    child: Any = _child(metric, *labels) if labels else metric
+    total, buckets, bounds = child._sum, child._buckets, child._upper_bounds
+
+    def observe(amount: float) -> None:
+        total.inc(amount)
+        buckets[bisect_left(bounds, amount)].inc(1)  # the first bound >= amount; the last is +Inf
+
+    return observe
+
+
 def exchange_started(exchange: Exchange) -> None:
-    IN_FLIGHT.inc()
+    _adder(IN_FLIGHT)(1)
 
 
 def observe_exchange(exchange: Exchange) -> None:
     """Count one finished request (an `ExchangeMiddleware` observer)."""
-    IN_FLIGHT.dec()
+    _adder(IN_FLIGHT)(-1)
     method = exchange.method if exchange.method in METHODS else "other"
     status = str(exchange.status)
-    _child(REQUESTS, method, exchange.route, status).inc()
-    _child(REQUEST_SECONDS, method, exchange.route).observe(exchange.seconds)
+    _adder(REQUESTS, method, exchange.route, status)(1)
+    _observer(REQUEST_SECONDS, method, exchange.route)(exchange.seconds)
     if exchange.received:
-        _child(BYTES_RECEIVED, exchange.protocol).inc(exchange.received)
+        _adder(BYTES_RECEIVED, exchange.protocol)(exchange.received)
     if exchange.sent:
-        _child(BYTES_SENT, exchange.protocol).inc(exchange.sent)
+        _adder(BYTES_SENT, exchange.protocol)(exchange.sent)
     if exchange.informational:
         _child(INFORMATIONAL, "104").inc(exchange.informational)
     if exchange.status >= 400:
@@ -164,7 +189,7 @@ def on_event(event: UploadEvent, info: UploadInfo) -> None:
     """Count an upload's lifecycle (a core event listener)."""
     counter = UPLOADS.get(event)
     if counter is not None:
-        _child(counter, info.protocol).inc()
+        _adder(counter, info.protocol)(1)
 
 
 def watch_hooks(hooks: Hooks) -> None:
@@ -207,15 +232,21 @@ def instrument(storage: object) -> None:
 
 
 def _timed(call: Callable[..., Coroutine[Any, Any, Any]], operation: str) -> Callable[..., Any]:
-    histogram = _child(STORAGE_SECONDS, operation)
+    return functools.wraps(call)(_observed(call, _observer(STORAGE_SECONDS, operation)))
 
-    @functools.wraps(call)
+
+def _observed(
+    call: Callable[..., Coroutine[Any, Any, Any]], observe: Callable[[float], None]
+) -> Callable[..., Any]:
+    """`call`, its time observed in `histogram`. Without functools.wraps: a writer's
+    calls are wrapped for every request, and copying their names was a tenth of that."""
+
     async def timed(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         try:
             return await call(*args, **kwargs)
         finally:
-            histogram.observe(time.perf_counter() - started)
+            observe(time.perf_counter() - started)
 
     return timed
 
@@ -223,11 +254,14 @@ def _timed(call: Callable[..., Coroutine[Any, Any, Any]], operation: str) -> Cal
 def _timed_writer(
     opener: Callable[..., AbstractAsyncContextManager[Any]], prefix: str
 ) -> Callable[..., AbstractAsyncContextManager[Any]]:
+    writes = _observer(STORAGE_SECONDS, prefix + "write")
+    commits = _observer(STORAGE_SECONDS, prefix + "commit")
+
     @asynccontextmanager
     async def writer(*args: Any, **kwargs: Any) -> Any:
         async with opener(*args, **kwargs) as opened:
-            opened.write = _timed(opened.write, prefix + "write")
-            opened.commit = _timed(opened.commit, prefix + "commit")
+            opened.write = _observed(opened.write, writes)
+            opened.commit = _observed(opened.commit, commits)
             yield opened
 
     return writer

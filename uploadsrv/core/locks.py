@@ -173,16 +173,7 @@ class UploadLocks:
                 slot.holder.preempt()
             elif slot.lock.locked() and not preempt:
                 raise UploadBusy()
-            busy = slot.lock.locked()
-            started = time.monotonic() if busy else 0.0
-            try:
-                async with asyncio.timeout(self._timeout):  # no task per request, as wait_for has
-                    await slot.lock.acquire()
-            except TimeoutError:
-                self._emit(LockEvent.TIMED_OUT, time.monotonic() - started)
-                raise UploadBusy("another request holds this upload; retry shortly") from None
-            if busy:
-                self._emit(LockEvent.WAITED, time.monotonic() - started)
+            await self._take(slot)
             try:
                 async with self._cross_process(upload_id, preempt, chunk) as hold:
                     slot.holder = hold
@@ -199,6 +190,23 @@ class UploadLocks:
                     del self._slots[key]
                 if not self._slots:
                     self._idle.set()
+
+    async def _take(self, slot: _Slot) -> None:
+        """The slot's lock: at once, without arming a timer, when no other request holds
+        or waits for it (most requests); else within the timeout."""
+        if slot.users == 1:
+            await slot.lock.acquire()
+            return
+        busy = slot.lock.locked()
+        started = time.monotonic() if busy else 0.0
+        try:
+            async with asyncio.timeout(self._timeout):  # no task per request, as wait_for has
+                await slot.lock.acquire()
+        except TimeoutError:
+            self._emit(LockEvent.TIMED_OUT, time.monotonic() - started)
+            raise UploadBusy("another request holds this upload; retry shortly") from None
+        if busy:
+            self._emit(LockEvent.WAITED, time.monotonic() - started)
 
     @asynccontextmanager
     async def _cross_process(self, upload_id: str, preempt: bool, chunk: int | None) -> AsyncIterator[Hold]:
