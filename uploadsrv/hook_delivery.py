@@ -11,9 +11,7 @@ import logging
 import os
 import random
 import time
-
-import anyio._backends._asyncio  # noqa: F401  # see below
-import httpx
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .core.capabilities import Capabilities
@@ -21,10 +19,10 @@ from .core.errors import HookInvalid, HookUnavailable
 from .core.hooks import HookAnswer, HookMessage, Hooks
 from .core.outbox import HookSender
 
+if TYPE_CHECKING:
+    import httpx
+
 log = logging.getLogger("uploadsrv.hooks")
-# httpx's first request imports anyio's asyncio backend, on the event loop: py-spy showed
-# it as a stall of up to 0.16 s of every upload in a fresh server (at its first
-# post-receive, mid-body). Imported above, it is paid at start-up instead.
 # httpx logs every request at info; hooks log what matters (failures, deliveries) themselves.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -45,7 +43,14 @@ class HttpDelivery:
         self.url = url
         self._backoff = backoff
         self._key = signing_key(secret) if secret else None
-        self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+        # Imported here, at start-up with --hooks-http only (httpx adds 5 MB to the RSS of a
+        # server without hooks). anyio's asyncio backend too: httpx's first request imports
+        # it, on the event loop, which py-spy showed as a stall of up to 0.16 s of every
+        # upload in a fresh server (at its first post-receive, mid-body).
+        import anyio._backends._asyncio  # noqa: F401
+        import httpx
+
+        self._client: httpx.AsyncClient = httpx.AsyncClient(timeout=timeout, follow_redirects=False)
 
     async def deliver(self, message: HookMessage, *, attempts: int) -> HookAnswer:
         for attempt in range(attempts):
@@ -58,6 +63,8 @@ class HttpDelivery:
         raise HookUnavailable(f"{message.hook.value} hook failed: {error}")
 
     async def _post(self, message: HookMessage) -> HookAnswer:
+        import httpx  # loaded by __init__
+
         headers = {name: value for name, value in message.forward}
         headers.update({"Content-Type": "application/json", "Accept": "application/json"})
         timestamp = int(time.time())
