@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -74,6 +75,7 @@ RECORD_XATTR = "user.uploadsrv.record"
 #: Larger records go to a directory: ext4 holds at most one block (4 KiB) of attributes
 #: per file, and an update must still fit after the record grows by a few fields.
 XATTR_RECORD_LIMIT = 3 << 10
+ENTRY_TICKETS = 1 << 16  #: new uploads whose directory sync ticket is kept until their first commit
 NO_XATTR = (errno.ENOTSUP, errno.E2BIG, errno.ENOSPC)  #: setxattr: use the directory layout
 
 
@@ -121,6 +123,7 @@ class LocalStorage:
             os.makedirs(self._files, exist_ok=True)
             _sync(str(self.root))
         self._files_synced = _DirectorySync(self._files)
+        self._entries: dict[str, int] = {}  #: new flat uploads' directory sync tickets
         self._xattrs = True  #: False once the filesystem refused a user xattr
         self._closed = False
         os.makedirs(self._outbox, exist_ok=True)
@@ -173,9 +176,18 @@ class LocalStorage:
         except FileNotFoundError:
             return open_at(self._in_directory(upload_id))
 
-    def _entry_sync(self, place: _Place) -> Callable[[], None] | None:
-        """What makes a flat upload's new entry durable (a directory upload syncs its own)."""
-        return self._files_synced.sync if place.directory is None else None
+    def _entry_sync(self, place: _Place, upload_id: str) -> Callable[[], None] | None:
+        """What makes a flat upload's new entry durable (a directory upload syncs its own):
+        nothing more if ``files/`` was synced since this process created it."""
+        if place.directory is not None:
+            return None
+        ticket = self._entries.pop(upload_id, None)
+        return functools.partial(self._files_synced.sync, ticket)
+
+    def _remember_entry(self, upload_id: str, ticket: int) -> None:
+        if len(self._entries) >= ENTRY_TICKETS:  # uploads created and never written: forget
+            self._entries.clear()  # them; their first commit then syncs the directory anew
+        self._entries[upload_id] = ticket
 
     def _place(self, upload_id: str) -> _Place:
         """The upload's files: in its directory if it has one, else flat (also once deleted)."""
@@ -197,6 +209,7 @@ class LocalStorage:
                 if self._flat_record_fits(info, record) and self._create_flat(
                     flat.data, record, info.updated_at
                 ):
+                    self._remember_entry(info.id, self._files_synced.entry_made())
                     return
                 if os.path.lexists(flat.data):
                     raise FileExistsError(flat.data)
@@ -319,7 +332,7 @@ class LocalStorage:
                 file.close()  # closing a regular file's descriptor does not block
 
     def _file_writer(self, place: _Place, info: UploadInfo, transactional: bool) -> _FileWriter:
-        return _FileWriter(place, info.offset, transactional, self._entry_sync(place), self._clock)
+        return _FileWriter(place, info.offset, transactional, self._entry_sync(place, info.id), self._clock)
 
     async def read(self, info: UploadInfo, start: int, end: int) -> AsyncIterator[bytes]:
         try:
@@ -927,11 +940,12 @@ def _directory_orphans(path: str, now: float, older_than: float) -> list[Orphan]
 
 
 class _DirectorySync:
-    """Group commit: one fsync of a directory for every thread that asks while one runs.
+    """Group commit: one fsync of a directory for every entry made before it started.
 
-    A thread's `sync` returns once an fsync that started after its call has finished, so
-    the entries it made before calling are durable; the threads that arrive while one
-    fsync runs share the next one instead of queueing one each.
+    An entry made in the directory takes a ticket (`entry_made`); `sync(ticket)` returns
+    once an fsync that started after the ticket was taken has finished, so the entry is
+    durable: at once if one already has (the uploads created while another commit synced
+    the directory), else with the next fsync, which every thread waiting meanwhile shares.
     """
 
     def __init__(self, path: str) -> None:
@@ -941,10 +955,18 @@ class _DirectorySync:
         self._covered = 0  #: every ticket up to this one is synced
         self._syncing = False
 
-    def sync(self) -> None:
+    def entry_made(self) -> int:
+        """A ticket for an entry just made (or about to be synced)."""
         with self._changed:
             self._asked += 1
-            ticket = self._asked
+            return self._asked
+
+    def sync(self, ticket: int | None = None) -> None:
+        """Return once the entry of `ticket` (None: any made so far) is durable."""
+        with self._changed:
+            if ticket is None:
+                self._asked += 1
+                ticket = self._asked
             while self._covered < ticket:
                 if self._syncing:
                     self._changed.wait()

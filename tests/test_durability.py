@@ -203,32 +203,42 @@ async def test_an_announced_trailer_that_never_comes_stores_nothing(client, serv
 
 
 class _Fsyncs:
-    """Records what os.fsync was called on (by path) and when, then really syncs: a power
-    loss cannot be staged here, so the order of syncs stands for what one would keep."""
+    """Records what os.fsync was called on (by path) and when, and when each file was
+    created, then really does it: a power loss cannot be staged here, so the order of
+    syncs stands for what one would keep."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str, float, float]] = []  # path, started, ended
-        real = os.fsync
+        self.created: dict[str, float] = {}  # path -> when its entry existed
+        real_fsync, real_open = os.fsync, os.open
 
         def fsync(fd: int) -> None:
             started = time.monotonic()
-            real(fd)
+            real_fsync(fd)
             self.calls.append((os.readlink(f"/proc/self/fd/{fd}"), started, time.monotonic()))
 
+        def open_(path, flags, *args, **kwargs):
+            fd = real_open(path, flags, *args, **kwargs)
+            if flags & os.O_CREAT:
+                self.created.setdefault(os.readlink(f"/proc/self/fd/{fd}"), time.monotonic())
+            return fd
+
         monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "open", open_)
 
 
 async def test_a_new_uploads_first_commit_returns_after_its_file_and_entry_are_synced(tmp_path, monkeypatch):
+    """Each of 32 new uploads committed at once: its file was fsynced (bytes, size and
+    record: one inode), and so was the directory, in an fsync that began after the file
+    existed, before the commit returned; the uploads shared those directory syncs."""
     storage = LocalStorage(tmp_path / "data")
     fsyncs = _Fsyncs(monkeypatch)
     try:
         infos = [UploadInfo(id=new_upload_id(), length=3) for _ in range(32)]
-        created: dict[str, float] = {}
         committed: dict[str, float] = {}
 
         async def upload(info: UploadInfo) -> None:
             await storage.create(info)
-            created[info.id] = time.monotonic()
             async with storage.writer(info, transactional=False) as writer:
                 await writer.write([b"abc"])
                 assert await writer.commit() == 3
@@ -240,10 +250,29 @@ async def test_a_new_uploads_first_commit_returns_after_its_file_and_entry_are_s
     files = str(LocalLayout(tmp_path / "data").files)
     directory_syncs = [(started, ended) for path, started, ended in fsyncs.calls if path == files]
     for info in infos:
-        data = [ended for path, _, ended in fsyncs.calls if path == f"{files}/{info.id}"]
-        assert data and data[0] <= committed[info.id]  # the bytes, size and record (one inode)
-        assert any(created[info.id] <= s and e <= committed[info.id] for s, e in directory_syncs)
-    assert len(directory_syncs) <= len(infos)
+        path = f"{files}/{info.id}"
+        data = [ended for synced, _, ended in fsyncs.calls if synced == path]
+        assert data and data[0] <= committed[info.id]
+        created = fsyncs.created[path]
+        assert any(created <= s and e <= committed[info.id] for s, e in directory_syncs)
+    assert len(directory_syncs) < len(infos)
+
+
+async def test_an_upload_created_before_a_directory_sync_needs_none_of_its_own(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path / "data")
+    fsyncs = _Fsyncs(monkeypatch)
+    try:
+        first, second = UploadInfo(id=new_upload_id(), length=1), UploadInfo(id=new_upload_id(), length=1)
+        for info in (first, second):
+            await storage.create(info)
+        for info in (first, second):  # the first commit's directory sync covers both entries
+            async with storage.writer(info, transactional=False) as writer:
+                await writer.write([b"x"])
+                await writer.commit()
+    finally:
+        await storage.close()
+    files = str((tmp_path / "data" / "files").resolve())
+    assert [path for path, _, _ in fsyncs.calls] == [f"{files}/{first.id}", files, f"{files}/{second.id}"]
 
 
 def test_threads_asking_while_a_directory_sync_runs_share_the_next_one(tmp_path, monkeypatch):
