@@ -298,3 +298,24 @@ async def test_per_owner_limits_count_across_instances_in_redis(client, instance
     finally:
         stalled.close()
     wait_for(lambda: httpx.head(other, headers=busy).status_code == 200, 10, "alice served again")
+
+
+async def test_an_owner_at_the_request_limit_may_send_the_next_request_once_answered(
+    client, instances, redis_server
+):
+    """The in-flight count drops before the answer's last part goes out, so a client
+    sending one request at a time, alternating instances, is never refused."""
+    from .test_auth import CLAIMS, SECRET, bearer, mint
+
+    auth = ("--auth", "jwt", "--jwt-secret", SECRET, *CLAIMS)
+    group = instances(2, redis_server, *auth, "--max-requests-per-owner", "1")
+    alice = {**TUS, **bearer(mint("alice"))}
+    created = await client.post(group.next().files, headers={**alice, "Upload-Length": "40"})
+    assert created.status_code == 201
+    url = created.headers["location"].split("?")[0]
+    statuses = []
+    for offset in range(40):  # a HEAD ends with its head, a PATCH's 204 too
+        statuses.append((await client.head(group.on(group.next(), url), headers=alice)).status_code)
+        response = await patch(client, group.on(group.next(), url), offset, b"x", **bearer(mint("alice")))
+        statuses.append(response.status_code)
+    assert statuses == [200, 204] * 40

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qsl
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
 from .core.errors import TooManyRequests, Unauthorized, UploadError
@@ -281,10 +281,7 @@ class AuthMiddleware:
         except TooManyRequests as error:
             await _refuse(error, scope, receive, send)
             return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            await self._quotas.end_request(owner)
+        await _counted(self._quotas, owner, self.app, scope, receive, send)
 
     def _target(self, scope: Scope) -> str | None:
         """'' for a collection, the upload id for one upload, None for other routes."""
@@ -325,3 +322,42 @@ def _echoed(scope: Scope) -> dict[str, str]:
         return {"Tus-Resumable": "1.0.0"}
     interop = ietf.supported_version(fields.get(b"upload-draft-interop-version", b"").decode("latin-1"))
     return {} if interop is None else {ietf.HEADER: str(interop.version)}
+
+
+async def _counted(
+    quotas: OwnerQuotas, owner: str, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Serve a request counted as in flight for `owner` until its answer is about to be
+    complete for the client, so a client that has its answer may send the next request at
+    once: before the last part of a body, or before the head of an answer without one
+    (the server writes a head at once, and a HEAD's or a 204's ends there)."""
+    ended = False
+    head_only = scope["method"] == "HEAD"
+
+    async def end() -> None:
+        nonlocal ended
+        if not ended:
+            ended = True
+            await quotas.end_request(owner)
+
+    async def send_counted(message: Message) -> None:
+        if _completes(message, head_only):
+            await end()
+        await send(message)
+
+    try:
+        await app(scope, receive, send_counted)
+    finally:
+        await end()
+
+
+def _completes(message: Message, head_only: bool) -> bool:
+    """Whether the client has the whole answer once `message` is sent: the last part of a
+    body, or a head that is all of it (a HEAD's, a 204 or 304, Content-Length 0)."""
+    if message["type"] == "http.response.body":
+        return not message.get("more_body", False)
+    if message["type"] != "http.response.start":
+        return False
+    if head_only or message["status"] in (204, 304):
+        return True
+    return any(name.lower() == b"content-length" and value == b"0" for name, value in message["headers"])
