@@ -57,6 +57,8 @@ DEFAULT_EVENTS = (
     Hook.POST_TERMINATE,
     Hook.POST_EXPIRE,
 )
+#: A post-receive's content read when it goes: the upload and the extra fields it reports.
+Snapshot = tuple[UploadInfo, dict[str, Any]]
 #: post-receive requests in flight at once, over all uploads; more are dropped (best effort).
 MAX_PROGRESS_IN_FLIGHT = 64
 #: Uploads whose last post-receive time is remembered before the stale ones are dropped.
@@ -188,6 +190,8 @@ class Hooks:
         self._progress: dict[str, asyncio.Task[None]] = {}
         #: upload id -> when its last post-receive started (time.monotonic).
         self._last_progress: dict[str, float] = {}
+        #: upload id -> the chunk session report to send when the one in flight ends.
+        self._follow_ups: dict[str, tuple[Coroutine[Any, Any, Snapshot], Caller | None]] = {}
         #: Told of every hook sent outside the outbox: (hook, "delivered" or "failed").
         self.listeners: list[Callable[[str, str], None]] = []
 
@@ -300,8 +304,8 @@ class Hooks:
 
     def progress_due(self, upload_id: str) -> bool:
         """Whether a post-receive for this upload is due: the interval has passed since the
-        last one and none is in flight (a chunk session asks once per stored chunk)."""
-        if Hook.POST_RECEIVE not in self.events or upload_id in self._progress:
+        last one (a chunk session asks once per stored chunk)."""
+        if Hook.POST_RECEIVE not in self.events:
             return False
         if time.monotonic() - self._last_progress.get(upload_id, -1e9) < self.progress_interval:
             return False
@@ -309,24 +313,27 @@ class Hooks:
         return True
 
     def progress_later(
-        self,
-        upload_id: str,
-        snapshot: Coroutine[Any, Any, tuple[UploadInfo, dict[str, Any]]],
-        caller: Caller | None,
+        self, upload_id: str, snapshot: Coroutine[Any, Any, Snapshot], caller: Caller | None
     ) -> None:
-        """A post-receive whose content takes a read first (a chunk session's stored chunks)."""
-        if len(self._progress) >= MAX_PROGRESS_IN_FLIGHT or upload_id in self._progress:
+        """A post-receive whose content takes a read first (a chunk session's stored chunks).
+        While one for the session is in flight, this one follows it (only the latest waits:
+        it reads the state when it goes), so the application always learns the last chunk."""
+        if upload_id in self._progress:
+            previous = self._follow_ups.pop(upload_id, None)
+            if previous is not None:
+                previous[0].close()
+            self._follow_ups[upload_id] = (snapshot, caller)
+        elif len(self._progress) >= MAX_PROGRESS_IN_FLIGHT:
             snapshot.close()
-            return
+        else:
+            self._start_progress(upload_id, self._send_snapshot(snapshot, caller))
 
-        async def send() -> None:
-            try:
-                info, extra = await snapshot
-            except UploadError:
-                return  # gone meanwhile: nothing to report
-            await self._send(self.message(Hook.POST_RECEIVE, info, caller, **extra), 1, None)
-
-        self._start_progress(upload_id, send())
+    async def _send_snapshot(self, snapshot: Coroutine[Any, Any, Snapshot], caller: Caller | None) -> None:
+        try:
+            info, extra = await snapshot
+        except UploadError:
+            return  # gone meanwhile: nothing to report
+        await self._send(self.message(Hook.POST_RECEIVE, info, caller, **extra), 1, None)
 
     def _report(self, progress: Progress) -> None:
         """Start sending `progress`'s report unless one for the upload is in flight (then
@@ -347,7 +354,13 @@ class Hooks:
     def _start_progress(self, upload_id: str, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
         self._progress[upload_id] = task
-        task.add_done_callback(lambda _: self._progress.pop(upload_id, None))
+        task.add_done_callback(lambda _: self._progress_ended(upload_id))
+
+    def _progress_ended(self, upload_id: str) -> None:
+        self._progress.pop(upload_id, None)
+        follow_up = self._follow_ups.pop(upload_id, None)
+        if follow_up is not None:
+            self._start_progress(upload_id, self._send_snapshot(*follow_up))
 
     async def _send(
         self, message: HookMessage, attempts: int, on_answer: Callable[[HookAnswer], None] | None
@@ -372,6 +385,9 @@ class Hooks:
         task.add_done_callback(self._in_flight.discard)
 
     async def close(self) -> None:
+        for snapshot, _ in self._follow_ups.values():
+            snapshot.close()
+        self._follow_ups.clear()
         tasks = [*self._in_flight, *self._progress.values()]
         for task in tasks:
             task.cancel()
