@@ -63,29 +63,21 @@ async def test_a_large_body_with_a_wrong_checksum_stores_nothing(client, server)
     data = os.urandom(3 * MiB)
     url = await create(client, server, len(data))
     wrong = base64.b64encode(hashlib.sha1(data[:-1]).digest()).decode()
-    sock = raw_request(
-        server.port,
-        patch_head(server, url, 0, len(data), f"Upload-Checksum: sha1 {wrong}\n"),
-        data,
-        close=False,
-    )
-    try:
-        assert read_response(sock)[0] == 460
-    finally:
-        sock.close()
+    assert _checksummed_patch(server, url, data, f"sha1 {wrong}") == 460
     assert (await client.head(url, headers=TUS)).headers["upload-offset"] == "0"
     right = base64.b64encode(hashlib.sha1(data).digest()).decode()
-    sock = raw_request(
-        server.port,
-        patch_head(server, url, 0, len(data), f"Upload-Checksum: sha1 {right}\n"),
-        data,
-        close=False,
-    )
+    assert _checksummed_patch(server, url, data, f"sha1 {right}") == 204
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+def _checksummed_patch(server: Server, url: str, data: bytes, checksum: str) -> int:
+    """The status of a raw PATCH of all of `data` at offset 0 with `Upload-Checksum`."""
+    head = patch_head(server, url, 0, len(data), f"Upload-Checksum: {checksum}\n")
+    sock = raw_request(server.port, head, data, close=False)
     try:
-        assert read_response(sock)[0] == 204
+        return read_response(sock)[0]
     finally:
         sock.close()
-    assert sha256(await download(client, url)) == sha256(data)
 
 
 async def test_a_large_body_waiting_for_100_continue_gets_it(client, server):
