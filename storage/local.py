@@ -36,6 +36,8 @@ chunk up, one directory listing lists them all. ``chunks/<n>.lock`` and
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import functools
@@ -50,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from uploadsrv.core.errors import (
     ChecksumMismatch,
@@ -71,6 +73,8 @@ MAX_CHUNK = 5 << 30
 LOCK_POLL_SECONDS = 0.02  #: how often a waiter retries a lock held by another process
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 SMALL_WRITE = 64 << 10  #: a write smaller than this waits for the next one or the commit
+WRITEBACK_BYTES = 1 << 20  #: bytes written between two starts of the disk's writeback
+PAGE = 4096
 RECORD_XATTR = "user.uploadsrv.record"
 #: Larger records go to a directory: ext4 holds at most one block (4 KiB) of attributes
 #: per file, and an update must still fit after the record grows by a few fields.
@@ -617,13 +621,29 @@ def _close_result(done: asyncio.Future[T], close: Callable[[T], object]) -> None
 
 
 class _Positioned:
-    """A file written at a moving position, from blocks or straight from a `Readable`."""
+    """A file written at a moving position, from blocks or straight from a `Readable`.
+
+    Every `WRITEBACK_BYTES` written, the disk is told to start writing them out
+    (`_start_writeback`), so the commit's fsync waits for the last stretch only instead
+    of the whole body: on the build machine a 4 MiB PATCH's fsync took 3-6 ms after the
+    body, most of the request's time past the network's. A staging file (whose bytes
+    are copied elsewhere, or dropped) is not written back early.
+    """
 
     _fd: int
     _position: int
+    _written_back = 0  #: bytes before this were handed to the disk's writeback
+    _write_back = True
 
     def write(self, blocks: Sequence[bytes]) -> None:
         self._position = _pwrite_all(self._fd, blocks, self._position)
+        self._write_back_some()
+
+    def _write_back_some(self) -> None:
+        if self._write_back and self._position - self._written_back >= WRITEBACK_BYTES:
+            end = self._position & -PAGE  # a partial page is dirtied again by the next write
+            _start_writeback(self._fd, self._written_back, end - self._written_back)
+            self._written_back = end
 
     def receive(
         self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
@@ -647,6 +667,7 @@ class _Positioned:
             if hasher is not None:
                 hasher.update([block])
             self._position = _pwrite_all(self._fd, (block,), self._position)
+            self._write_back_some()
             received += got
             if time.monotonic() >= deadline:
                 break
@@ -675,10 +696,11 @@ class _FileWriter(_Positioned):
         self._synced = offset > 0
         if self._staging is None:
             self._fd = os.open(self._data, os.O_WRONLY)
-            self._position = offset
+            self._position = self._written_back = offset
         else:
             self._fd = os.open(self._staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._position = 0
+            self._write_back = False
 
     def commit(self, blocks: Sequence[bytes] = ()) -> int:
         """Write `blocks` (the held small writes), then make everything written durable."""
@@ -731,7 +753,7 @@ class _ChunkFile(_Positioned):
         self._path = path
         self._clock = clock
         self._fd = os.open(f"{path}/assembly", os.O_WRONLY | os.O_CREAT, 0o644)
-        self._position = offset
+        self._position = self._written_back = offset
 
     def commit(self, chunk: StoredChunk, blocks: Sequence[bytes] = ()) -> None:
         """Bytes first (with `blocks`, the held small writes), then every name that leads
@@ -787,6 +809,28 @@ def _assemble(path: str, length: int, sha256: str | None, clock: Clock) -> None:
             raise ChecksumMismatch("the assembled file does not match the declared sha256")
     os.replace(f"{path}/assembly", f"{path}/data")
     _sync(path)
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """glibc's sync_file_range(2), which Python's os module lacks; None elsewhere."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  #: start writing dirty pages out; wait for nothing (fs.h)
+
+
+def _start_writeback(fd: int, offset: int, count: int) -> None:
+    """Start writing `count` bytes at `offset` to the disk, without waiting: only a hint
+    (the fsync at commit is what makes them durable), so a failure here is ignored."""
+    if _SYNC_FILE_RANGE is not None and count > 0:
+        _SYNC_FILE_RANGE(fd, offset, count, SYNC_FILE_RANGE_WRITE)  # ctypes lets the GIL go
 
 
 def _pwrite_all(fd: int, blocks: Sequence[bytes | memoryview], position: int) -> int:

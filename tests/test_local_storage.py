@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 
 from uploadsrv.core import errors
 from uploadsrv.core.model import UploadInfo, new_upload_id
+from uploadsrv.storage import local
 from uploadsrv.storage.local import RECORD_XATTR, XATTR_RECORD_LIMIT, LocalStorage
 
 from .conftest import LocalLayout
@@ -78,6 +81,46 @@ async def test_transactional_writes_are_invisible_until_commit_and_discard_forge
         assert await writer.commit() == 2
     assert (await storage.get(info.id)).offset == 2
     assert [p.name for p in LocalLayout(storage.root).stored()] == [info.id]  # no staging file left
+
+
+async def test_a_body_is_handed_to_the_disks_writeback_as_it_is_written_not_only_at_commit(
+    storage, monkeypatch
+):
+    """The kernel's writeback cannot be watched from here: the calls that start it are
+    recorded (and still made), whole pages in order from the upload's offset on."""
+    started: list[tuple[int, int]] = []
+    real = local._SYNC_FILE_RANGE
+    assert real is not None  # glibc
+
+    def recording(fd: int, offset: int, count: int, flags: int) -> int:
+        started.append((offset, count))
+        return real(fd, offset, count, flags)
+
+    monkeypatch.setattr(local, "_SYNC_FILE_RANGE", recording)
+    body = os.urandom(3 * local.WRITEBACK_BYTES + 1000)
+    info = await _new_upload(storage, len(body) + 7)
+    async with storage.writer(info, transactional=False) as writer:
+        await writer.write([b"1234567"])
+        await writer.commit()
+    info.offset = 7
+    async with storage.writer(info, transactional=False) as writer:
+        for start in range(0, len(body), 300_000):
+            await writer.write([body[start : start + 300_000]])
+        assert started, "nothing was written back before the commit"
+        await writer.commit()
+    assert started[0][0] == 7
+    assert all(offset + count == after for (offset, count), (after, _) in itertools.pairwise(started))
+    assert all((offset + count) % local.PAGE == 0 for offset, count in started)
+    assert started[-1][0] + started[-1][1] > len(body) + 7 - 2 * local.WRITEBACK_BYTES
+    with open(LocalLayout(storage.root).data(info.id), "rb") as stored:
+        assert hashlib.sha256(stored.read()).hexdigest() == hashlib.sha256(b"1234567" + body).hexdigest()
+
+    started.clear()
+    checked = await _new_upload(storage, len(body))
+    async with storage.writer(checked, transactional=True) as writer:
+        await writer.write([body])
+        await writer.commit()
+    assert started == []  # a staging file's bytes are copied into the data file, not written back
 
 
 async def test_a_deleted_upload_leaves_nothing_of_it_on_disk(storage):
