@@ -550,6 +550,8 @@ class _Writer(_Writing):
     _file: _FileWriter
 
     async def commit(self) -> int:
+        if not self._held and self._file.durable:  # the body's last hop made it so
+            return self._file.committed
         return await self._run(self._file.commit, self._take_held())
 
     async def checkpoint(self) -> int:
@@ -694,6 +696,7 @@ class _FileWriter(_Positioned):
         self._committed = offset
         #: The record and directory entries were synced with the upload's first bytes.
         self._synced = offset > 0
+        self._durable_at = -1  #: the position `receive` last committed at
         if self._staging is None:
             self._fd = os.open(self._data, os.O_WRONLY)
             self._position = self._written_back = offset
@@ -701,6 +704,27 @@ class _FileWriter(_Positioned):
             self._fd = os.open(self._staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._position = 0
             self._write_back = False
+
+    @property
+    def committed(self) -> int:
+        return self._committed
+
+    @property
+    def durable(self) -> bool:
+        """Everything written is durable already (`receive` committed a complete body)."""
+        return self._durable_at == self._position
+
+    def receive(
+        self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
+    ) -> int:
+        """As `_Positioned.receive`; once the body is complete, it is also committed on this
+        thread before the hop back: the commit's fsync overlaps the event loop's work, and
+        `commit` needs no second hop. A staging file waits for its checksum's verdict."""
+        received = super().receive(held, source, count, hasher, seconds)
+        if source.complete and self._staging is None:
+            self.commit()
+            self._durable_at = self._position
+        return received
 
     def commit(self, blocks: Sequence[bytes] = ()) -> int:
         """Write `blocks` (the held small writes), then make everything written durable."""

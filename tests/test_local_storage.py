@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,8 @@ from uploadsrv.storage import local
 from uploadsrv.storage.local import RECORD_XATTR, XATTR_RECORD_LIMIT, LocalStorage
 
 from .conftest import LocalLayout
+
+MiB = 1 << 20
 
 HOLDER = textwrap.dedent(
     """
@@ -121,6 +124,57 @@ async def test_a_body_is_handed_to_the_disks_writeback_as_it_is_written_not_only
         await writer.write([body])
         await writer.commit()
     assert started == []  # a staging file's bytes are copied into the data file, not written back
+
+
+class _Body:
+    """A body read on a disk thread (`Readable`), from memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    @property
+    def complete(self) -> bool:
+        return not self._data
+
+    def readinto(self, view: memoryview, /) -> int:
+        count = min(len(view), len(self._data))
+        view[:count], self._data = self._data[:count], self._data[count:]
+        return count
+
+
+async def test_a_body_read_to_its_end_on_a_disk_thread_is_committed_there_in_the_same_hop(
+    storage, monkeypatch
+):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # the upload's file, not its directory's
+            synced.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    data = os.urandom(3 * MiB + 5)
+    info = await _new_upload(storage, len(data))
+    async with storage.writer(info, transactional=False) as writer:
+        body = _Body(data[5:])
+        assert await writer.receive([data[:5]], body, 2 * MiB, None, 60) == 2 * MiB
+        assert synced == []  # the body goes on: its commit is still to come
+        assert await writer.receive([], body, 2 * MiB, None, 60) == MiB
+        assert synced == ["fsync"]  # the body is complete: committed on the thread
+        assert await writer.commit() == len(data)
+        assert synced == ["fsync"]  # nothing left to do, no second hop
+    assert (await storage.get(info.id)).offset == len(data)
+    with open(LocalLayout(storage.root).data(info.id), "rb") as stored:
+        assert hashlib.sha256(stored.read()).hexdigest() == hashlib.sha256(data).hexdigest()
+
+    synced.clear()
+    checked = await _new_upload(storage, len(data))
+    async with storage.writer(checked, transactional=True) as writer:
+        assert await writer.receive([], _Body(data), 4 * MiB, None, 60) == len(data)
+        assert synced == []  # a checksummed body waits for its verdict
+        await writer.discard()
+    assert (await storage.get(checked.id)).offset == 0
 
 
 async def test_a_deleted_upload_leaves_nothing_of_it_on_disk(storage):

@@ -49,7 +49,13 @@ class Writer(Protocol):
 
 class Readable(Protocol):
     """A source of bytes read on a storage thread: `readinto` returns 0 at the end, and
-    raises BlockingIOError when nothing arrived for a moment (the caller waits elsewhere)."""
+    raises BlockingIOError when nothing arrived for a moment (the caller waits elsewhere).
+
+    `complete` turns true once every byte of the body was read: a writer may then make
+    it durable on the same thread at once, so that `commit` finds nothing left to do.
+    """
+
+    complete: bool
 
     def readinto(self, view: memoryview, /) -> int: ...
 
