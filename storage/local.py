@@ -48,7 +48,6 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +63,8 @@ from uploadsrv.core.errors import (
 )
 from uploadsrv.core.model import UploadInfo, is_upload_id
 from uploadsrv.core.storage import RECEIVE_BUFFERS, Clock, Hasher, Orphan, Readable, StoredChunk
+
+from .threads import DiskThreads
 
 T = TypeVar("T")
 
@@ -132,7 +133,7 @@ class LocalStorage:
         self._closed = False
         os.makedirs(self._outbox, exist_ok=True)
         self._claims: dict[str, int] = {}  # event id -> descriptor holding its flock
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-disk")
+        self._pool = DiskThreads(io_threads, "uploadsrv-disk")
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
@@ -143,13 +144,13 @@ class LocalStorage:
         with _disk_errors():
             if self._closed:
                 return fn(*args)
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            return await self._pool.run(fn, *args)
 
     async def _run_owned(self, fn: Callable[..., T], close: Callable[[T], object], *args: object) -> T:
         """`fn` on a disk thread, for a result holding a descriptor. If the request is
         cancelled meanwhile (its client went away), the result is closed when the thread
         delivers it; a plain descriptor number would otherwise stay open for good."""
-        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        future = self._pool.run(fn, *args)
         try:
             with _disk_errors():
                 return await asyncio.shield(future)
@@ -312,7 +313,7 @@ class LocalStorage:
 
     async def close(self) -> None:
         self._closed = True
-        self._pool.shutdown(wait=True)
+        self._pool.close()
 
     # -- bytes -------------------------------------------------------------------
 

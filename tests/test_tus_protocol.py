@@ -279,6 +279,19 @@ async def test_cors_preflight_allows_tus_headers_and_responses_expose_them(clien
         assert name in exposed
 
 
+async def test_answers_vary_on_origin_with_or_without_one(client, server):
+    """A cache between browser and server must not hand one origin's answer to another."""
+    plain = await client.post(server.files, headers={**TUS, "Upload-Length": "1"})
+    assert plain.status_code == 201
+    assert plain.headers.get_list("vary") == ["Origin"]
+    assert "access-control-allow-origin" not in plain.headers
+    cross = await client.post(
+        server.files, headers={**TUS, "Upload-Length": "1", "Origin": "https://app.example"}
+    )
+    assert cross.headers["access-control-allow-origin"] == "*"
+    assert cross.headers.get_list("vary") == ["Origin"]
+
+
 # -- bad input gets a clear error and loses nothing -------------------------------------
 
 
