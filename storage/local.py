@@ -48,7 +48,7 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -141,7 +141,7 @@ class LocalStorage:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """`fn` on a disk thread; once the pool is closed (the server is stopping while a
         cancelled request still commits what arrived), on the caller's thread."""
-        with _disk_errors():
+        with _disk_errors:
             if self._closed:
                 return fn(*args)
             return await self._pool.run(fn, *args)
@@ -152,7 +152,7 @@ class LocalStorage:
         delivers it; a plain descriptor number would otherwise stay open for good."""
         future = self._pool.run(fn, *args)
         try:
-            with _disk_errors():
+            with _disk_errors:
                 return await asyncio.shield(future)
         except asyncio.CancelledError:
             future.add_done_callback(lambda done: _close_result(done, close))
@@ -207,7 +207,7 @@ class LocalStorage:
         record = json.dumps(info.to_record()).encode()
         flat = self._flat(info.id)
         directory = self._dir(info.id)
-        with _disk_errors():
+        with _disk_errors:
             if os.path.lexists(directory):  # a flat upload of this id fails O_EXCL
                 raise UploadExists(f"an upload with id {info.id} already exists")
             try:
@@ -223,7 +223,7 @@ class LocalStorage:
                 raise UploadExists(f"an upload with id {info.id} already exists") from None
         if new_shard:  # one of 256, so syncing its entry is rare
             await self._run(_sync, self._uploads)
-        with _disk_errors():
+        with _disk_errors:
             _fill_new_upload(directory, info, record)
 
     def _flat_record_fits(self, info: UploadInfo, record: bytes) -> bool:
@@ -251,7 +251,7 @@ class LocalStorage:
 
     async def get(self, upload_id: str) -> UploadInfo:
         try:
-            with _disk_errors():
+            with _disk_errors:
                 return self._get(upload_id)
         except FileNotFoundError:
             raise UploadNotFound() from None
@@ -324,7 +324,7 @@ class LocalStorage:
                 place = self._place(info.id)
                 file = await self._run_owned(self._file_writer, _FileWriter.close, place, info, True)
             else:
-                with _disk_errors():
+                with _disk_errors:
                     file = self._opened(info.id, lambda place: self._file_writer(place, info, False))
         except FileNotFoundError:
             raise UploadNotFound() from None
@@ -598,15 +598,21 @@ async def _acquire(fd: int, marker: str | None, timeout: float) -> None:
     _remove_file(marker)
 
 
-@contextmanager
-def _disk_errors() -> Iterator[None]:
-    """OSErrors as the core's storage errors; FileNotFoundError is left to the caller."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise _storage_error(exc) from exc
+class _DiskErrors:
+    """OSErrors as the core's storage errors; FileNotFoundError is left to the caller.
+    A class, not a generator: it wraps every metadata call of every request."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise _storage_error(exc) from exc
+
+
+_disk_errors = _DiskErrors()
 
 
 def _try_flock(fd: int) -> bool:

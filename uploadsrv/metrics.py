@@ -20,7 +20,7 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -257,14 +257,34 @@ def _timed_writer(
     writes = _observer(STORAGE_SECONDS, prefix + "write")
     commits = _observer(STORAGE_SECONDS, prefix + "commit")
 
-    @asynccontextmanager
-    async def writer(*args: Any, **kwargs: Any) -> Any:
-        async with opener(*args, **kwargs) as opened:
-            opened.write = _observed(opened.write, writes)
-            opened.commit = _observed(opened.commit, commits)
-            yield opened
+    def writer(*args: Any, **kwargs: Any) -> AbstractAsyncContextManager[Any]:
+        return _TimedWriter(opener(*args, **kwargs), writes, commits)
 
     return writer
+
+
+class _TimedWriter:
+    """An opened writer whose writes and commits are timed; a class, not a generator,
+    as every request with a body opens one."""
+
+    __slots__ = ("_commits", "_opening", "_writes")
+
+    def __init__(
+        self,
+        opening: AbstractAsyncContextManager[Any],
+        writes: Callable[[float], None],
+        commits: Callable[[float], None],
+    ) -> None:
+        self._opening, self._writes, self._commits = opening, writes, commits
+
+    async def __aenter__(self) -> Any:
+        opened = await self._opening.__aenter__()
+        opened.write = _observed(opened.write, self._writes)
+        opened.commit = _observed(opened.commit, self._commits)
+        return opened
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._opening.__aexit__(*exc_info)
 
 
 def endpoint(token: str | None) -> Callable[[Request], Coroutine[Any, Any, Response]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -203,29 +203,54 @@ class UploadLocks:
         if busy:
             self._emit(LockEvent.WAITED, time.monotonic() - started)
 
+    def _cross_process(
+        self, upload_id: str, preempt: bool, chunk: int | None
+    ) -> AbstractAsyncContextManager[Hold]:
+        """The coordinator's lease first, if there is one, then the backend's lock."""
+        if self._coordinator is None:
+            return self._backend_locked(upload_id, preempt, chunk)
+        return self._leased(self._coordinator, upload_id, preempt, chunk)
+
     @asynccontextmanager
-    async def _cross_process(self, upload_id: str, preempt: bool, chunk: int | None) -> AsyncIterator[Hold]:
+    async def _backend_locked(self, upload_id: str, preempt: bool, chunk: int | None) -> AsyncIterator[Hold]:
+        """The backend's lock alone (one process, or processes sharing a disk)."""
+        hold = Hold(on_preempt=self._on_preempt)
+        acquired = False
+        try:
+            async with self._storage.lock(
+                upload_id, timeout=self._timeout, preempt=preempt, chunk=chunk
+            ) as backend_lock:
+                acquired = True
+                hold.watch(backend_lock)
+                yield hold
+        except UploadBusy:
+            if not acquired:
+                self._timed_out(preempt)
+            raise
+
+    @asynccontextmanager
+    async def _leased(
+        self, coordinator: Coordinator, upload_id: str, preempt: bool, chunk: int | None
+    ) -> AsyncIterator[Hold]:
         """The coordinator's lease first (its release requests reach the holder at once),
         then the backend's lock within the same timeout; a backend that fences its writes
         with the lease takes no lock of its own."""
-        hold = Hold(on_preempt=lambda: self._emit(LockEvent.PREEMPTED))
+        hold = Hold(on_preempt=self._on_preempt)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         async with AsyncExitStack() as held:
             try:
-                lease = None
-                if self._coordinator is not None:
-                    lease = await held.enter_async_context(
-                        self._coordinator.lock(
-                            upload_id,
-                            timeout=self._timeout,
-                            preempt=preempt,
-                            chunk=chunk,
-                            on_preempt=hold.preempt,
-                        )
+                lease = await held.enter_async_context(
+                    coordinator.lock(
+                        upload_id,
+                        timeout=self._timeout,
+                        preempt=preempt,
+                        chunk=chunk,
+                        on_preempt=hold.preempt,
                     )
-                    hold.watch(lease)
-                if lease is not None and self._fenced is not None:
+                )
+                hold.watch(lease)
+                if self._fenced is not None:
                     await held.enter_async_context(self._fenced.fenced_lock(upload_id, lease, chunk=chunk))
                 else:
                     backend_lock = await held.enter_async_context(
@@ -235,7 +260,13 @@ class UploadLocks:
                     )
                     hold.watch(backend_lock)
             except UploadBusy:
-                if preempt:  # without, busy is an answer, not a timeout
-                    self._emit(LockEvent.TIMED_OUT, self._timeout)
+                self._timed_out(preempt)
                 raise
             yield hold
+
+    def _on_preempt(self) -> None:
+        self._emit(LockEvent.PREEMPTED)
+
+    def _timed_out(self, preempt: bool) -> None:
+        if preempt:  # without, busy is an answer, not a timeout
+            self._emit(LockEvent.TIMED_OUT, self._timeout)

@@ -128,12 +128,11 @@ def with_reply(response: Response, info: UploadInfo) -> Response:
 
 
 def make_caller(request: Request, protocol: str) -> Caller:
-    """The core's view of who sends `request`: built once per request, headers in one tuple."""
+    """The core's view of who sends `request`: built once per request, its headers as they came."""
     scope = request.scope
     identity: Identity = scope.get(IDENTITY, ANONYMOUS)
     client = scope.get("client")
     query = scope.get("query_string")
-    headers = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"])
     note(owner=identity.owner)
     return Caller(
         owner=identity.owner,
@@ -141,7 +140,7 @@ def make_caller(request: Request, protocol: str) -> Caller:
         method=scope["method"],
         uri=scope["path"] + "?" + query.decode("latin-1") if query else scope["path"],
         remote_addr=f"{client[0]}:{client[1]}" if client else "",
-        headers=headers,
+        raw_headers=scope["headers"],
         grant=identity.grant,
         grant_expires=identity.grant_expires,
     )

@@ -113,7 +113,7 @@ class TusProtocol:
             response = await handler(request, make_caller(request, "tus"))
         except e.UploadError as error:
             response = self._error(error)
-        response.headers.update(self._tus_headers())
+        _set_tus_headers(response)
         return response
 
     def _handler(self, method: str, on_upload: bool) -> Handler | None:
@@ -248,6 +248,17 @@ class TusProtocol:
                 raise e.InvalidRequest(f"{url[:100]!r} is not an upload of this server")
             part_ids.append(upload_id)
         return part_ids
+
+
+_TUS_RAW = [(b"tus-resumable", VERSION.encode()), (b"cache-control", b"no-store")]
+
+
+def _set_tus_headers(response: Response) -> None:
+    """Tus-Resumable and Cache-Control on every answer, replacing any the handler set;
+    in the raw list, as one pass (Starlette's MutableHeaders scans it once per header)."""
+    raw = response.raw_headers
+    raw[:] = [header for header in raw if header[0] not in (b"tus-resumable", b"cache-control")]
+    raw.extend(_TUS_RAW)
 
 
 def format_metadata(metadata: dict[str, str | None]) -> str:
