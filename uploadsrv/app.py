@@ -172,10 +172,14 @@ class _Cors(CORSMiddleware):
     Starlette does, without its header objects (a twentieth of a small upload's calls)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or any(name == b"origin" for name, _ in scope["headers"]):
-            await super().__call__(scope, receive, send)
-            return
-        await self.app(scope, receive, functools.partial(_vary_on_origin, send=send))
+        if scope["type"] == "http":
+            for name, _ in scope["headers"]:
+                if name == b"origin":
+                    break
+            else:
+                await self.app(scope, receive, functools.partial(_vary_on_origin, send=send))
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _vary_on_origin(message: Message, send: Send) -> None:

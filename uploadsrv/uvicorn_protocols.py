@@ -435,6 +435,13 @@ class HttpToolsUploadProtocol(_CountsConnections, _ConnectionLimits, HttpToolsPr
         super().on_url(url)
 
     def on_headers_complete(self) -> None:
+        # The head's fields are counted once they are all parsed, before the app starts
+        # (not per field: two calls per header of every request); its bytes were already
+        # counted as they arrived (`data_received`), so a long head is still cut off early.
+        size = 4 * len(self.headers)
+        for name, value in self.headers:
+            size += len(name) + len(value)
+        self._count_head(size, len(self.headers))
         super().on_headers_complete()
         self._head_complete()
         self._trailers = _start_trailers(self.scope)  # type: ignore[arg-type]  # uvicorn's TypedDict scope
@@ -477,10 +484,10 @@ class HttpToolsUploadProtocol(_CountsConnections, _ConnectionLimits, HttpToolsPr
         self._body_complete()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4, 1, trailer=self._trailers is not None)
         if self._trailers is None:
             super().on_header(name, value)
         else:
+            self._count_head(len(name) + len(value) + 4, 1, trailer=True)
             self._trailers.append((name.lower(), value))
 
     def on_message_complete(self) -> None:

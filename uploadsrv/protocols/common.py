@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ import http_sf
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from uploadsrv.core import Checksum
 from uploadsrv.core import errors as e
@@ -201,32 +201,44 @@ def _http_date(second: int) -> str:
 
 
 class RequestHeaders(Headers):
-    """Starlette's request headers, looked up in a dict built once: a handler asks for a
-    dozen, and each plain `Headers` lookup decodes and compares every header sent."""
+    """Starlette's request headers, decoded once into a dict: a handler asks for a
+    dozen, and each plain `Headers` lookup decodes and compares every header sent.
+    Names are looked up as given first (the handlers ask in lowercase), then lowercased."""
 
     def __init__(self, scope: Scope) -> None:
         super().__init__(scope=scope)
-        self._first: dict[bytes, bytes] = {}
+        first: dict[str, str] = {}
         for name, value in self._list:
-            self._first.setdefault(name, value)
+            key = name.decode("latin-1")
+            if key not in first:
+                first[key] = value.decode("latin-1")
+        self._first = first
 
     def __getitem__(self, key: str) -> str:
-        return self._first[key.lower().encode("latin-1")].decode("latin-1")
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower().encode("latin-1") in self._first
+        return isinstance(key, str) and self.get(key) is not None
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = self._first.get(key.lower().encode("latin-1"))
-        return default if value is None else value.decode("latin-1")
+        value = self._first.get(key)
+        if value is None:
+            value = self._first.get(key.lower())
+        return default if value is None else value
 
 
 class UploadRequest(Request):
-    """A request to the upload URLs, with `RequestHeaders`."""
+    """A request to the upload URLs, its `RequestHeaders` a plain attribute: a handler
+    reads them a dozen times, each a call of Starlette's property."""
 
-    @cached_property
-    def headers(self) -> RequestHeaders:
-        return RequestHeaders(self.scope)
+    headers: RequestHeaders = None  # type: ignore[assignment]  # set in __init__; shadows the property
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        super().__init__(scope, receive, send)
+        self.headers = RequestHeaders(scope)
 
 
 def content_length(request: Request) -> int | None:
