@@ -74,7 +74,8 @@ MAX_CHUNK = 5 << 30
 LOCK_POLL_SECONDS = 0.02  #: how often a waiter retries a lock held by another process
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 SMALL_WRITE = 64 << 10  #: a write smaller than this waits for the next one or the commit
-WRITEBACK_BYTES = 1 << 20  #: bytes written between two starts of the disk's writeback
+#: Bytes written between two starts of the disk's writeback (here the disk's largest request).
+WRITEBACK_BYTES = 4 << 20
 PAGE = 4096
 RECORD_XATTR = "user.uploadsrv.record"
 #: Larger records go to a directory: ext4 holds at most one block (4 KiB) of attributes
