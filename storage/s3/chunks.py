@@ -16,8 +16,8 @@ from . import state as records
 from .client import S3Client
 from .lease import LEASE_SECONDS
 from .multipart import Multipart
+from .spool import Spool
 from .state import Part
-from .writer import Spool
 
 #: For each chunk number, the chunks recorded under it by the ETag of their part.
 Markers = dict[int, dict[str, StoredChunk]]
@@ -57,12 +57,12 @@ class ChunkWriter:
         self._multipart, self._number, self._spool = multipart, number, spool
 
     async def write(self, blocks: Sequence[bytes]) -> None:
-        await self._multipart.s3.run(self._spool.write, blocks)
+        await self._multipart.s3.scratch(self._spool.write, blocks)
 
     async def commit(self, chunk: StoredChunk) -> None:
         s3, upload_id = self._multipart.s3, self._multipart.upload_id
         try:
-            part = await self._multipart.upload_part(self._number, self._spool.body(), self._spool.size)
+            part = await self._multipart.upload_spool(self._number, self._spool)
         except StorageUnavailable:
             await records.load(s3, upload_id)  # UploadNotFound if the session was aborted meanwhile
             raise

@@ -101,6 +101,9 @@ class S3Client:
             "s3", endpoint_url=endpoint_url, config=config.merge(Config(read_timeout=SLOW_READ_SECONDS))
         )
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3")
+        #: Spool files' reads and writes, apart from the S3 calls: a request's next bytes
+        #: go to scratch disk while its earlier parts are still on their way to S3.
+        self._scratch = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-spool")
         #: Names this process in leases; see `Lease._take_over_stale`.
         self.instance = secrets.token_hex(8)
         #: Uploads held here under a coordinator's lease: their info writes check it.
@@ -127,8 +130,12 @@ class S3Client:
             raise StorageUnavailable(f"S3 unreachable: {exc}") from exc
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """A blocking call (boto3, a body read, a spool write) on the pool, off the event loop."""
+        """A blocking call (boto3, a response body's read) on the pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def scratch(self, fn: Callable[..., T], *args: Any) -> T:
+        """A spool file's blocking I/O, on threads that never wait behind S3 calls."""
+        return await asyncio.get_running_loop().run_in_executor(self._scratch, fn, *args)
 
     async def read_object(self, key: str, **params: Any) -> tuple[bytes, str]:
         """A small object's bytes and ETag (info, tail, lease, or a range of up to one part)."""
@@ -165,3 +172,4 @@ class S3Client:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._scratch.shutdown(wait=True)

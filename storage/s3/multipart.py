@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from contextlib import suppress
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from uploadsrv.core.errors import StorageUnavailable, UploadNotFound
 from uploadsrv.core.model import UploadInfo
 
 from . import state as records
-from .client import MAX_PART, MIN_PART, READ_BLOCK, S3Client
+from .client import CHECKSUM, MAX_PART, MIN_PART, READ_BLOCK, S3Client
+from .spool import Spool
 from .state import Part, State
 
 
@@ -38,7 +41,11 @@ class Multipart:
     def _params(self) -> dict[str, Any]:
         return {"Key": self.key, "UploadId": self.state.multipart_id}
 
-    async def upload_part(self, number: int, body: bytes | BinaryIO, size: int) -> Part:
+    async def upload_part(
+        self, number: int, body: bytes | BinaryIO, size: int, checksum: Mapping[str, str] | None = None
+    ) -> Part:
+        """UploadPart; `checksum` is the part's checksum parameter if known, else botocore
+        computes it from the body."""
         response = await self.s3.call(
             "upload_part",
             **self._params(),
@@ -46,8 +53,16 @@ class Multipart:
             Body=body,
             ContentLength=size,
             **algorithm(self.state.checksum),
+            **(checksum or {}),
         )
         return Part.confirmed(number, size, response, self.state.checksum)
+
+    def spool(self, directory: Path) -> Spool:
+        """A scratch file for one of this upload's parts (blocking: run it on a thread)."""
+        return Spool(directory, crc32=self.state.checksum == CHECKSUM)
+
+    async def upload_spool(self, number: int, spool: Spool) -> Part:
+        return await self.upload_part(number, spool.body(), spool.size, spool.checksum())
 
     async def copy_part(self, source: str, start: int, end: int) -> Part:
         """Bytes [start, end) of the object `source` as the next part, copied inside S3."""

@@ -25,7 +25,7 @@ from .lease import Lease
 from .multipart import Joiner, Multipart, algorithm, object_headers
 from .outbox import S3Outbox
 from .state import State
-from .writer import PartWriter, Spool
+from .writer import PartWriter
 
 
 class S3Storage:
@@ -246,7 +246,7 @@ class S3Storage:
     @asynccontextmanager
     async def chunk_writer(self, info: UploadInfo, number: int) -> AsyncIterator[chunk_store.ChunkWriter]:
         multipart = await self._multipart(info)
-        spool = await self.s3.run(Spool, self.spool_dir)
+        spool = await self.s3.scratch(multipart.spool, self.spool_dir)
         try:
             yield chunk_store.ChunkWriter(multipart, number, spool)
         finally:

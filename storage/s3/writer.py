@@ -8,46 +8,17 @@ point leaves the previous state whole.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from uploadsrv.core.errors import StorageUnavailable, UploadError
 
 from . import state as records
 from .client import READ_BLOCK
 from .multipart import Multipart
+from .spool import Spool
 from .state import Part
-
-
-class Spool:
-    """One part's bytes on local scratch disk until S3 has them.
-
-    Parts are several MiB and many uploads run at once; spooling keeps the server's
-    memory flat (only the page cache grows) and gives boto3 a seekable body to retry.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115  (closed by close())
-        self.size = 0
-
-    def write(self, blocks: Sequence[bytes]) -> None:
-        for block in blocks:
-            view = memoryview(block)
-            while view:  # a short write (a disk filling up) must not leave a gap
-                written = os.write(self.file.fileno(), view)
-                self.size += written  # counts what is in the file, even if the next write fails
-                view = view[written:]
-
-    def body(self) -> BinaryIO:
-        self.file.seek(0)
-        return self.file
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def split(blocks: Sequence[bytes], count: int) -> tuple[list[bytes], list[bytes]]:
@@ -112,7 +83,7 @@ class PartWriter:
 
     async def _filling(self) -> Spool:
         if self._spool is None:
-            self._spool = await self._s3.run(Spool, self._spool_dir)
+            self._spool = await self._s3.scratch(self._multipart.spool, self._spool_dir)
             if self._tail_pending:
                 assert self._state.tail_key is not None
                 await self._copy_object_into(self._state.tail_key, self._spool)
@@ -125,7 +96,7 @@ class PartWriter:
         body = response["Body"]
         try:
             while block := await self._s3.run(body.read, READ_BLOCK):
-                await self._s3.run(spool.write, [block])
+                await self._s3.scratch(spool.write, [block])
         finally:
             body.close()
 
@@ -134,7 +105,7 @@ class PartWriter:
         while rest:
             spool = await self._filling()
             head, rest = split(rest, self._state.part_size - spool.size)
-            await self._s3.run(spool.write, head)
+            await self._s3.scratch(spool.write, head)
             if spool.size == self._state.part_size:
                 self._spool = None
                 await self._start_part(spool)
@@ -183,7 +154,7 @@ class PartWriter:
 
     async def _upload(self, number: int, spool: Spool) -> Part:
         try:
-            return await self._multipart.upload_part(number, spool.body(), spool.size)
+            return await self._multipart.upload_spool(number, spool)
         finally:
             spool.close()
 
@@ -240,7 +211,7 @@ class PartWriter:
         if broken or spool is None or not spool.size:  # bytes after a failed part are not confirmed
             state.tail_key, state.tail_size = None, 0
         elif self._length is not None and sum(p.size for p in state.parts) + spool.size == self._length:
-            last = await self._multipart.upload_part(len(state.parts) + 1, spool.body(), spool.size)
+            last = await self._multipart.upload_spool(len(state.parts) + 1, spool)
             state.parts.append(last)
             state.tail_key, state.tail_size = None, 0
         else:
