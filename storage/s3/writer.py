@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from uploadsrv.core.errors import StorageUnavailable, UploadError
+from uploadsrv.core.storage import Hasher, Readable
 
 from . import state as records
 from .client import READ_BLOCK
@@ -109,6 +111,26 @@ class PartWriter:
             if spool.size == self._state.part_size:
                 self._spool = None
                 await self._start_part(spool)
+
+    async def receive(
+        self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
+    ) -> int:
+        """The storage `Receiving`: the body read from the socket by a spool thread, straight
+        into the part being filled; each full part starts its upload at once."""
+        await self.write(held)
+        deadline = time.monotonic() + seconds
+        received = 0
+        while received < count:
+            spool = await self._filling()
+            room = min(count - received, self._state.part_size - spool.size)
+            got = await self._s3.scratch(spool.receive, source, room, hasher, deadline)
+            received += got
+            if spool.size == self._state.part_size:
+                self._spool = None
+                await self._start_part(spool)
+            if got < room:  # the body ended, paused or ran out of time
+                break
+        return received
 
     async def _start_part(self, spool: Spool) -> None:
         while len(self._in_flight) >= self._concurrency:
