@@ -6,11 +6,13 @@ Keys under ``s3://bucket/prefix/``:
 ``<id>.info``        the record plus S3 state: multipart upload id, part size, parts, tail
 ``<id>.tail-<n>``    bytes that do not fill a part yet (S3 parts but the last need 5 MiB)
 ``<id>.lock``        a lease, taken with a conditional write, so one instance writes at a time
-``<id>.preempt``     left by an instance that wants the lease; its holder lets go
 ``<id>.chunks/<n>.<size>.<sha256>.<etag>``
                      chunk n of a chunk session is stored (as part n); one listing finds all
-``<id>.chunk-<n>.lock``, ``<id>.chunk-<n>.preempt``
+``<id>.chunk-<n>.lock``
                      the lease on one chunk, so only one instance uploads part n at a time
+``_preempt/<id>``, ``_preempt/<id>.chunk-<n>``
+                     left by an instance that wants the lease; its holder lets go (one
+                     listing a process finds the markers for all the leases it holds)
 ``_outbox/<event>.json``
                      a hook event not delivered yet (no upload id starts with ``_``)
 
@@ -22,10 +24,11 @@ object names them, so the offset a client is told is always bytes S3 has confirm
 tail is written under a new key each time and the old one deleted after the commit, so a
 crash at any point leaves the previous state whole. Any instance can serve any upload.
 
-The rooms: `client` (boto3, the pool, keys, listing pages), `state` (the info object and
-its `Part`s), `multipart` (parts, completion, joins), `writer` (appends through spooled
-parts), `lease` (the shared lock), `chunks` (chunk sessions), `housekeeping` (describe,
-orphans), `outbox` (hook events), `store` (`S3Storage`, which hands each job to its room).
+The rooms: `client` (boto3, the pools, keys, listing pages), `state` (the info object and
+its `Part`s), `multipart` (parts, completion, joins), `spool` (a part's scratch file),
+`writer` (appends through spooled parts), `lease` (the shared lock and its markers),
+`chunks` (chunk sessions), `housekeeping` (describe, orphans), `outbox` (hook events),
+`store` (`S3Storage`, which hands each job to its room).
 """
 
 from .client import MAX_PART, MAX_PARTS, MIN_PART, part_size_for

@@ -33,6 +33,9 @@ NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
 #: Conditional writes that lost a race: the caller decides (leases), so they stay ClientError.
 CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict")
 SLOW_OPERATIONS = {"complete_multipart_upload", "upload_part_copy"}
+#: Calls that move parts' bytes, on threads of their own: a lease's renewal, a preempt
+#: marker's poll or an info write never waits behind a burst of parts.
+TRANSFER_OPERATIONS = {"upload_part", *SLOW_OPERATIONS}
 SLOW_READ_SECONDS = 600
 CHECKSUM = "CRC32"  #: what S3 checks every part with, as boto3's own transfers do
 
@@ -85,7 +88,7 @@ class S3Client:
             retries={"mode": "standard", "max_attempts": 3},
             connect_timeout=3,
             read_timeout=30,  # a hung request must not outlive a lease (lease.LEASE_SECONDS)
-            max_pool_connections=io_threads,
+            max_pool_connections=2 * io_threads,  # the transfers' threads and the others'
             # For bodies without an algorithm of their own (info, tail and lease objects):
             # over plain HTTP SigV4 signs the body's sha256, which S3 checks, so no CRC32
             # on top; over HTTPS botocore sends a CRC32 instead of signing the body. Parts
@@ -101,6 +104,7 @@ class S3Client:
             "s3", endpoint_url=endpoint_url, config=config.merge(Config(read_timeout=SLOW_READ_SECONDS))
         )
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3")
+        self._transfers = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-s3-parts")
         #: Spool files' reads and writes, apart from the S3 calls: a request's next bytes
         #: go to scratch disk while its earlier parts are still on their way to S3.
         self._scratch = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="uploadsrv-spool")
@@ -115,11 +119,14 @@ class S3Client:
         return f"{self.prefix}{upload_id}{suffix}"
 
     async def call(self, operation: str, **params: Any) -> Any:
-        """One boto3 call on this bucket, on the bounded pool; outages become StorageUnavailable."""
+        """One boto3 call on this bucket, on a bounded pool; outages become StorageUnavailable."""
         client = self._slow if operation in SLOW_OPERATIONS else self.boto
         method: Callable[..., Any] = getattr(client, operation)
+        pool = self._transfers if operation in TRANSFER_OPERATIONS else self._pool
         try:
-            return await self.run(lambda: method(Bucket=self.bucket, **params))
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, lambda: method(Bucket=self.bucket, **params)
+            )
         except ClientError as exc:
             if error_code(exc) in NOT_FOUND:
                 raise UploadNotFound() from exc
@@ -171,5 +178,5 @@ class S3Client:
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._scratch.shutdown(wait=True)
+        for pool in (self._pool, self._transfers, self._scratch):
+            pool.shutdown(wait=True)

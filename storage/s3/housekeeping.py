@@ -12,6 +12,7 @@ from uploadsrv.core.storage import Orphan
 
 from . import state as records
 from .client import S3Client
+from .lease import PREEMPT
 from .outbox import OUTBOX
 from .state import State
 
@@ -72,7 +73,7 @@ async def _objects_by_upload(s3: S3Client) -> dict[str, list[dict[str, Any]]]:
     async for obj in s3.objects(s3.prefix):
         if obj["Key"].startswith(s3.prefix + OUTBOX):
             continue  # hook events, not an upload's
-        upload_id = obj["Key"][len(s3.prefix) :].partition(".")[0]
+        upload_id = obj["Key"][len(s3.prefix) :].removeprefix(PREEMPT).partition(".")[0]
         objects.setdefault(upload_id, []).append(obj)
     return objects
 
@@ -102,7 +103,7 @@ def _owned(s3: S3Client, upload_id: str, state: State | None, key: str) -> bool:
     """Whether `key` belongs to the live upload whose state is `state`."""
     if state is None:
         return False
-    if key in (s3.key(upload_id), state.tail_key):
+    if key in (s3.key(upload_id), state.tail_key) or key.startswith(s3.prefix + PREEMPT):
         return True
     suffix = key[len(s3.key(upload_id)) :]
-    return suffix in (".info", ".lock", ".preempt") or suffix.startswith((".chunk-", ".chunks/"))
+    return suffix in (".info", ".lock") or suffix.startswith((".chunk-", ".chunks/"))

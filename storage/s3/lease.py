@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from contextlib import suppress
 
 from botocore.exceptions import ClientError
@@ -19,26 +18,68 @@ RENEW_SECONDS = 2.0  #: ...as its holder renews it this often (a heartbeat)
 #: PREEMPT_POLL_SECONDS), then once a second until a dead holder's lease runs out.
 LEASE_POLL_SECONDS = (0.2, 0.2, 0.2, 0.3, 0.4, 0.7, 1.0)
 PREEMPT_POLL_SECONDS = 0.25  #: how often a lease holder looks for a waiter's marker
+#: Where waiters leave their markers, under the prefix: one listing finds them all.
+PREEMPT = "_preempt/"
+
+
+class Markers:
+    """The preempt markers waiters left for the leases this process holds, found with one
+    listing per PREEMPT_POLL_SECONDS however many it holds. (A HEAD of each lease's
+    marker was a request per upload every 0.25 s: on moto, 3.6 ms of its CPU each, a
+    third as much again as the parts' own bytes cost it at 16 uploads.)"""
+
+    def __init__(self, s3: S3Client) -> None:
+        self._s3 = s3
+        self._held: dict[str, Lease] = {}  #: marker key -> the lease it asks for
+        self._poller: asyncio.Task[None] | None = None
+
+    def watch(self, marker: str, lease: Lease) -> None:
+        self._held[marker] = lease
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll())
+
+    def forget(self, marker: str) -> None:
+        self._held.pop(marker, None)
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._poller
+
+    async def _poll(self) -> None:
+        while self._held:
+            await asyncio.sleep(PREEMPT_POLL_SECONDS)
+            with suppress(StorageUnavailable):
+                async for obj in self._s3.objects(self._s3.prefix + PREEMPT):
+                    lease = self._held.get(obj["Key"])
+                    if lease is not None:
+                        lease.ask()
 
 
 class Lease:
     """A lease object created with If-None-Match under ``<id><name>.lock``.
 
     The holder renews it while it holds it; a holder that died frees it after
-    LEASE_SECONDS. A waiter leaves a preempt marker (``<id><name>.preempt``) that the
-    holder polls for.
+    LEASE_SECONDS. A waiter leaves a preempt marker (``_preempt/<id><name>``) that the
+    holder's `Markers` looks for.
     """
 
-    def __init__(self, s3: S3Client, upload_id: str, name: str) -> None:
+    def __init__(self, s3: S3Client, upload_id: str, name: str, markers: Markers) -> None:
         self._s3 = s3
         self._key = s3.key(upload_id, name + ".lock")
-        self._marker = s3.key(upload_id, name + ".preempt")
+        self._marker = f"{s3.prefix}{PREEMPT}{upload_id}{name}"
+        self._markers = markers
         self._etag: str | None = None
         self._asked = False
         self._keeper: asyncio.Task[None] | None = None
 
     def preempt_requested(self) -> bool:
         return self._asked
+
+    def ask(self) -> None:
+        """A waiter asked for this upload (its marker was found)."""
+        self._asked = True
 
     async def acquire(self, timeout: float, preempt: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -59,6 +100,7 @@ class Lease:
         if asked:
             await self._s3.delete_quietly(self._marker)
         self._keeper = asyncio.ensure_future(self._keep())
+        self._markers.watch(self._marker, self)
 
     def _body(self) -> bytes:
         return json.dumps({"expires": self._s3.clock() + LEASE_SECONDS, "owner": self._s3.instance}).encode()
@@ -90,24 +132,19 @@ class Lease:
         return True
 
     async def _keep(self) -> None:
-        """Renew the lease and watch for a preempt marker while held."""
-        renew_at = time.monotonic() + RENEW_SECONDS
+        """Renew the lease while held; after an outage, again at the next poll's pace."""
+        pause = RENEW_SECONDS
         while True:
-            await asyncio.sleep(PREEMPT_POLL_SECONDS)
-            with suppress(StorageUnavailable):
-                await self._look_for_marker()
-                if time.monotonic() >= renew_at:
-                    if not await self._renew():
-                        self._asked = True  # the lease was lost: stop writing
-                        return
-                    renew_at = time.monotonic() + RENEW_SECONDS
-
-    async def _look_for_marker(self) -> None:
-        try:
-            await self._s3.call("head_object", Key=self._marker)
-            self._asked = True
-        except UploadNotFound:
-            pass
+            await asyncio.sleep(pause)
+            try:
+                renewed = await self._renew()
+            except StorageUnavailable:
+                pause = PREEMPT_POLL_SECONDS
+                continue
+            if not renewed:
+                self._asked = True  # the lease was lost: stop writing
+                return
+            pause = RENEW_SECONDS
 
     async def _renew(self) -> bool:
         try:
@@ -118,6 +155,7 @@ class Lease:
         return True
 
     async def release(self) -> None:
+        self._markers.forget(self._marker)
         if self._keeper is not None:
             self._keeper.cancel()
             with suppress(asyncio.CancelledError):

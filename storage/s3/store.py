@@ -21,7 +21,7 @@ from . import chunks as chunk_store
 from . import housekeeping
 from . import state as records
 from .client import CHECKSUM, MAX_PART, MIN_PART, READ_BLOCK, S3Client, part_size_for
-from .lease import Lease
+from .lease import PREEMPT, Lease, Markers
 from .multipart import Joiner, Multipart, algorithm, object_headers
 from .outbox import S3Outbox
 from .state import State
@@ -70,6 +70,7 @@ class S3Storage:
         self.spool_dir = Path(spool_dir or tempfile.gettempdir())
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = S3Outbox(self.s3)
+        self.markers = Markers(self.s3)
 
     def __repr__(self) -> str:
         return f"S3Storage('s3://{self.bucket}/{self.prefix}')"
@@ -82,6 +83,7 @@ class S3Storage:
             raise RuntimeError(f"S3 bucket {self.bucket!r} is not usable: {exc.__cause__ or exc}") from exc
 
     async def close(self) -> None:
+        await self.markers.close()
         self.s3.close()
 
     # -- records -----------------------------------------------------------------
@@ -166,8 +168,10 @@ class S3Storage:
             if not multipart.state.completed:
                 await multipart.abort()
         # `<id>` and `<id>.*` only: ids differ in length, so a bare prefix would reach others.
-        keys = [{"Key": self.s3.key(upload_id)}]
-        keys += [{"Key": obj["Key"]} async for obj in self.s3.objects(self.s3.key(upload_id, "."))]
+        markers = f"{self.prefix}{PREEMPT}{upload_id}"
+        keys = [{"Key": self.s3.key(upload_id)}, {"Key": markers}]
+        for prefix in (self.s3.key(upload_id, "."), markers + "."):
+            keys += [{"Key": obj["Key"]} async for obj in self.s3.objects(prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys at most
             batch = keys[start : start + 1000]
             await self.s3.call("delete_objects", Delete={"Objects": batch, "Quiet": True})
@@ -274,7 +278,7 @@ class S3Storage:
     async def lock(
         self, upload_id: str, *, timeout: float, preempt: bool = True, chunk: int | None = None
     ) -> AsyncIterator[Lease]:
-        lease = Lease(self.s3, upload_id, "" if chunk is None else f".chunk-{chunk}")
+        lease = Lease(self.s3, upload_id, "" if chunk is None else f".chunk-{chunk}", self.markers)
         await lease.acquire(timeout, preempt)
         try:
             yield lease
