@@ -460,17 +460,23 @@ def s3_row(args: argparse.Namespace, work: Path) -> dict[str, float]:
         client = boto3.client("s3", endpoint_url=endpoint, **boto3_credentials())
         client.create_bucket(Bucket="bench")
         server, url = start_uploadsrv(work / "s3srv.log", *uploadsrv_flags(endpoint, work / "s3data"))
-        direct_s, ours_s = compare(client, url, source, args.s3_uploads, args.rounds)
+        direct, ours = compare(client, url, source, args.s3_uploads, args.rounds, moto.pid, server.pid)
     finally:
         for process in (server, moto):
             if process is not None:
                 process.kill()
                 process.wait()
     total = args.s3_size * args.s3_uploads
+    gib = total / (1 << 30)
     return {
-        "boto3_mb_s": total / direct_s / 1e6,
-        "uploadsrv_mb_s": total / ours_s / 1e6,
-        "ratio": direct_s / ours_s,
+        "boto3_mb_s": total / direct.seconds / 1e6,
+        "uploadsrv_mb_s": total / ours.seconds / 1e6,
+        "ratio": direct.seconds / ours.seconds,
+        "boto3_moto_cpu_s_per_gib": direct.moto_cpu / gib,
+        "boto3_client_cpu_s_per_gib": direct.client_cpu / gib,
+        "uploadsrv_moto_cpu_s_per_gib": ours.moto_cpu / gib,
+        "uploadsrv_cpu_s_per_gib": ours.server_cpu / gib,
+        "tus_client_cpu_s_per_gib": ours.client_cpu / gib,
     }
 
 

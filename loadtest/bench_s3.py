@@ -5,16 +5,22 @@
 Prints aggregate MB/s of (a) boto3's managed multipart upload and (b) tus uploads
 through uploadsrv's S3 backend (one PATCH per file, as background clients send it),
 the ratio b/a, and the server's peak RSS. Both use 8 MiB parts, 4 in parallel per file;
-each side's figure is the best of `--rounds` runs, the sides taking turns.
+each side's figure is the best of `--rounds` runs, the sides taking turns. Beside each,
+the CPU per GiB (user + system, from /proc) of moto, uploadsrv and the clients (this
+process's threads) in that run: on shared cores, where moto is CPU-bound, the total is
+what sets the rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,7 +31,7 @@ from boto3.s3.transfer import TransferConfig
 from uploadsrv.config import parse_size
 
 from .clients import tus_upload_in_one
-from .procs import boto3_credentials, peak_rss_mb, start_moto, start_uploadsrv, timed
+from .procs import boto3_credentials, cpu_seconds, peak_rss_mb, start_moto, start_uploadsrv
 
 PART = 8 << 20
 PARALLEL_PARTS = 4
@@ -70,17 +76,51 @@ def uploadsrv_flags(endpoint: str, data_dir: Path) -> list[str]:
     ]
 
 
-def compare(client, url: str, source: Path, count: int, rounds: int) -> tuple[float, float]:
-    """Seconds for `count` uploads of `source` with boto3 directly and as tus through
-    uploadsrv at `url`: the best of `rounds` runs of each, taking turns, so a noisy
-    machine (it only ever slows a run down) weighs on both alike."""
-    direct = through = float("inf")
+@dataclass(frozen=True)
+class Run:
+    """One side's run: its seconds and the CPU seconds each process spent meanwhile."""
+
+    seconds: float
+    moto_cpu: float
+    server_cpu: float
+    client_cpu: float
+
+    def per_gib(self, total: int) -> str:
+        gib = total / (1 << 30)
+        server = f", uploadsrv {self.server_cpu / gib:.2f}" if self.server_cpu else ""
+        return f"CPU s/GiB: moto {self.moto_cpu / gib:.2f}{server}, client {self.client_cpu / gib:.2f}"
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process: the clients
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(fn: Callable[[], object], moto: int, server: int, *, server_counts: bool) -> Run:
+    before = (time.perf_counter(), cpu_seconds(moto), cpu_seconds(server), _own_cpu())
+    fn()
+    after = (time.perf_counter(), cpu_seconds(moto), cpu_seconds(server), _own_cpu())
+    seconds, moto_cpu, server_cpu, client_cpu = (b - a for a, b in zip(before, after, strict=True))
+    return Run(seconds, moto_cpu, server_cpu if server_counts else 0.0, client_cpu)
+
+
+def compare(
+    client, url: str, source: Path, count: int, rounds: int, moto: int, server: int
+) -> tuple[Run, Run]:
+    """`count` uploads of `source` with boto3 directly and as tus through uploadsrv at
+    `url` (moto and uploadsrv: their PIDs): the fastest of `rounds` runs of each, taking
+    turns, so a noisy machine (it only ever slows a run down) weighs on both alike."""
+    runs: tuple[list[Run], list[Run]] = ([], [])
     for _ in range(rounds):
-        direct = min(direct, timed(lambda: upload_with_boto3(client, "bench", source, count)))
-        empty_bucket(client, "bench")
-        through = min(through, timed(lambda: upload_with_tus(url, source, count)))
-        empty_bucket(client, "bench")
-    return direct, through
+        for side, (upload, server_counts) in enumerate(
+            (
+                (lambda: upload_with_boto3(client, "bench", source, count), False),
+                (lambda: upload_with_tus(url, source, count), True),
+            )
+        ):
+            runs[side].append(measured(upload, moto, server, server_counts=server_counts))
+            empty_bucket(client, "bench")
+    return min(runs[0], key=lambda r: r.seconds), min(runs[1], key=lambda r: r.seconds)
 
 
 def empty_bucket(client, bucket: str) -> None:
@@ -113,7 +153,9 @@ def main() -> None:
             client.create_bucket(Bucket="bench")
             total_mb = args.size * args.concurrency / 1e6
             server, url = start_uploadsrv(work / "uploadsrv.log", *uploadsrv_flags(endpoint, work / "data"))
-            direct, through = compare(client, url, source, args.concurrency, args.rounds)
+            direct, through = compare(
+                client, url, source, args.concurrency, args.rounds, moto.pid, server.pid
+            )
             rss = peak_rss_mb(server.pid)
         finally:
             for process in (server, moto):
@@ -122,9 +164,10 @@ def main() -> None:
                     process.wait()
 
     print(f"{args.concurrency} concurrent uploads of {args.size / (1 << 20):.0f} MiB to one moto endpoint")
-    print(f"  (a) boto3 multipart, direct : {total_mb / direct:8.1f} MB/s")
-    print(f"  (b) tus through uploadsrv   : {total_mb / through:8.1f} MB/s")
-    print(f"  ratio b/a                   : {direct / through:8.2f}   (target >= 0.8)")
+    total = args.size * args.concurrency
+    for label, run in (("(a) boto3 multipart, direct", direct), ("(b) tus through uploadsrv  ", through)):
+        print(f"  {label} : {total_mb / run.seconds:8.1f} MB/s   {run.per_gib(total)}")
+    print(f"  ratio b/a                   : {direct.seconds / through.seconds:8.2f}   (target >= 0.9)")
     print(f"  uploadsrv peak RSS          : {rss:8.1f} MB  (target < 200 MB)")
 
 
