@@ -10,6 +10,8 @@ import socket
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from uploadsrv.metrics import FLUSH_SECONDS
+
 from .conftest import TUS, Server, create, patch, raw_request, wait_for
 from .test_durability import patch_head
 
@@ -49,20 +51,32 @@ async def test_totals_are_summed_over_two_workers(start_server):
             count += batch
         assert len(_completing_workers(srv)) == 2, "both workers should have served uploads"
         assert (await client.head(srv.files + "0" * 32, headers=TUS)).status_code == 404
+
+    def totals(samples: Samples) -> dict[str, float]:
+        return {
+            "created": value(samples, "uploadsrv_uploads_created_total", protocol="tus"),
+            "finished": value(samples, "uploadsrv_uploads_finished_total", protocol="tus"),
+            "received": value(samples, "uploadsrv_bytes_received_total", protocol="tus"),
+            "posts": value(samples, "uploadsrv_requests_total", method="POST", route="/files/", status="201"),
+            "patches": value(
+                samples, "uploadsrv_requests_total", method="PATCH", route="/files/{upload_id}", status="204"
+            ),
+            "404s": value(samples, "uploadsrv_errors_total", status="404", problem="not-found"),
+            "creates": value(samples, "uploadsrv_storage_operation_seconds_count", operation="create"),
+            "commits": value(samples, "uploadsrv_storage_operation_seconds_count", operation="commit"),
+            "in flight": value(samples, "uploadsrv_requests_in_flight"),  # the scrape itself
+        }
+
+    expected = {
+        **dict.fromkeys(("created", "finished", "posts", "patches", "creates", "commits"), count),
+        "received": count * len(data),
+        "404s": 1,
+        "in flight": 1,
+    }
+    # Each worker adds its counts to the shared files within FLUSH_SECONDS of making them.
+    wait_for(lambda: totals(scrape(srv.url + "/metrics")) == expected, 5 * FLUSH_SECONDS, "every count")
     for _ in range(6):  # whichever worker answers the scrape, it shows every worker's counts
-        samples = scrape(srv.url + "/metrics")
-        assert value(samples, "uploadsrv_uploads_created_total", protocol="tus") == count
-        assert value(samples, "uploadsrv_uploads_finished_total", protocol="tus") == count
-        assert value(samples, "uploadsrv_bytes_received_total", protocol="tus") == count * len(data)
-        posts = value(samples, "uploadsrv_requests_total", method="POST", route="/files/", status="201")
-        patches = value(
-            samples, "uploadsrv_requests_total", method="PATCH", route="/files/{upload_id}", status="204"
-        )
-        assert (posts, patches) == (count, count)
-        assert value(samples, "uploadsrv_errors_total", status="404", problem="not-found") == 1
-        assert value(samples, "uploadsrv_storage_operation_seconds_count", operation="create") == count
-        assert value(samples, "uploadsrv_storage_operation_seconds_count", operation="commit") == count
-        assert value(samples, "uploadsrv_requests_in_flight") == 1  # the scrape itself
+        assert totals(scrape(srv.url + "/metrics")) == expected
 
 
 def _completing_workers(srv: Server) -> set[int]:
