@@ -279,6 +279,8 @@ def _lifespan(
             if coordinator is not None:
                 await coordinator.close()
             await storage.close()
+            if settings.metrics:  # a stopped worker's counts stay in the shared files
+                metrics.TALLY.flush()
 
     return lifespan
 
