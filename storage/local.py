@@ -726,8 +726,8 @@ class _FileWriter(_Positioned):
         self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
     ) -> int:
         """As `_Positioned.receive`; once the body is complete, it is also committed on this
-        thread before the hop back: the commit's fsync overlaps the event loop's work, and
-        `commit` needs no second hop. A staging file waits for its checksum's verdict."""
+        thread before the hop back, so `commit` needs no second hop (nor a free thread).
+        A staging file waits for its checksum's verdict."""
         received = super().receive(held, source, count, hasher, seconds)
         if source.complete and self._staging is None:
             self.commit()
