@@ -14,6 +14,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -21,6 +23,7 @@ from uploadsrv.core import errors
 from uploadsrv.core.model import UploadInfo, new_upload_id
 from uploadsrv.storage import local
 from uploadsrv.storage.local import RECORD_XATTR, XATTR_RECORD_LIMIT, LocalStorage
+from uploadsrv.storage.threads import DiskThreads
 
 from .conftest import LocalLayout
 
@@ -255,3 +258,53 @@ async def test_a_chunk_request_racing_the_deletion_of_its_session_leaves_nothing
             await asyncio.sleep(0)
         await deleted
         assert not directory.exists(), sorted(p.name for p in directory.rglob("*"))
+
+
+# -- the disk threads ---------------------------------------------------------------
+
+
+async def test_disk_threads_stay_within_their_bound_and_deliver_results_and_errors():
+    pool = DiskThreads(3, "test-disk")
+    running, most = 0, 0
+    gate = threading.Event()
+    mutex = threading.Lock()
+
+    def work(n: int) -> int:
+        nonlocal running, most
+        with mutex:
+            running += 1
+            most = max(most, running)
+        gate.wait(30)
+        with mutex:
+            running -= 1
+        if n == 7:
+            raise ValueError("seven")
+        return n * n
+
+    calls = [asyncio.ensure_future(pool.run(work, n)) for n in range(10)]
+    deadline = time.monotonic() + 30
+    while running < 3 and time.monotonic() < deadline:  # all the threads it may start are busy
+        await asyncio.sleep(0.01)
+    gate.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert most == 3
+    assert [r for n, r in enumerate(results) if n != 7] == [n * n for n in range(10) if n != 7]
+    assert isinstance(results[7], ValueError) and str(results[7]) == "seven"
+    pool.close()
+
+
+async def test_a_call_whose_caller_went_away_still_ends_before_the_disk_threads_close():
+    pool = DiskThreads(1, "test-disk")
+    started, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        release.wait(30)
+        ended.set()
+
+    call = pool.run(slow)
+    await asyncio.to_thread(started.wait, 30)
+    call.cancel()  # the caller went away: the call cannot be stopped, and is not
+    release.set()
+    pool.close()
+    assert ended.is_set()
