@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import TUS, Server, create, patch, raw_request, read_response, wait_for
 from uploadsrv import memory
-from uploadsrv.core.errors import ClientDisconnected
+from uploadsrv.core.errors import ClientDisconnected, Superseded
 from uploadsrv.core.locks import Hold
 from uploadsrv.core.storage import RECEIVE_BUFFERS
 
@@ -375,6 +375,38 @@ async def test_a_request_that_fails_frees_what_it_held_without_the_garbage_colle
         assert freed() is None
     finally:
         gc.enable()
+
+
+async def test_a_preempted_copy_is_superseded_however_it_ends_and_its_task_goes_on():
+    """The copy runs in the request's own task: a preemption is answered as Superseded,
+    whether it arrives while the copy waits or as it ends, and never reaches the
+    request's later awaits (its commit) as a cancellation."""
+    hold = Hold(on_preempt=lambda: None)
+    waiting = asyncio.Event()
+
+    async def stalled() -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    copy = asyncio.ensure_future(hold.run(stalled()))
+    await waiting.wait()
+    hold.preempt()
+    with pytest.raises(Superseded):
+        await copy
+
+    ending = Hold(on_preempt=lambda: None)
+
+    async def preempted_as_it_ends() -> int:
+        ending.preempt()  # from within, with no await after it
+        return 1
+
+    async def request() -> str:
+        with pytest.raises(Superseded):
+            await ending.run(preempted_as_it_ends())
+        await asyncio.sleep(0)  # the commit after it: no cancellation left for it
+        return "committed"
+
+    assert await request() == "committed"
 
 
 async def test_the_receive_buffers_kept_for_large_bodies_go_back_at_the_next_trim():

@@ -70,7 +70,7 @@ class Hold:
         cancelling = task.cancelling()
         self._poll_later()
         try:
-            return await work
+            result = await work
         except asyncio.CancelledError:
             # A preemption's cancellation is this hold's own: taken back, and answered as
             # Superseded. Any other (the server stopping) goes on as it came.
@@ -81,6 +81,14 @@ class Hold:
             if self._poll is not None:
                 self._poll.cancel()
             self._task = None
+        if self._preempted and task.cancelling() > cancelling:
+            # Preempted from within the work as it ended: the cancellation is still due,
+            # and is taken here rather than by the caller's next await.
+            with suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)
+            task.uncancel()
+            raise self._stopped()
+        return result
 
     def _stopped(self) -> UploadError:
         if self._lost:
