@@ -30,7 +30,7 @@ class Spool:
         self.size = 0
         self._crc32: int | None = 0 if crc32 else None
 
-    def write(self, blocks: Sequence[bytes]) -> None:
+    def write(self, blocks: Sequence[bytes | memoryview]) -> None:
         for block in blocks:
             view = memoryview(block)
             while view:  # a short write (a disk filling up) must not leave a gap
