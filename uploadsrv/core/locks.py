@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .coordination import Coordinator
 from .errors import StorageUnavailable, Superseded, UploadBusy, UploadError
@@ -158,41 +158,29 @@ class UploadLocks:
             if held_id == upload_id and chunk is not None and slot.holder is not None
         )
 
-    @asynccontextmanager
-    async def hold(
-        self, upload_id: str, *, preempt: bool = True, chunk: int | None = None
-    ) -> AsyncIterator[Hold]:
+    def hold(self, upload_id: str, *, preempt: bool = True, chunk: int | None = None) -> _Holding:
         """Hold `upload_id` (or with `chunk`, one chunk of it) exclusively; with `preempt`,
         a current holder is asked to stop.
 
         Without `preempt` (background expiry) a busy upload raises UploadBusy at once.
         """
-        key = (upload_id, chunk)
-        slot = self._slots.setdefault(key, _Slot())
+        return _Holding(self, (upload_id, chunk), preempt)
+
+    def _enter(self, key: tuple[str, int | None]) -> _Slot:
+        slot = self._slots.get(key)
+        if slot is None:
+            self._slots[key] = slot = _Slot()
         self._idle.clear()
         slot.users += 1
-        try:
-            if slot.holder is not None and preempt:
-                slot.holder.preempt()
-            elif slot.lock.locked() and not preempt:
-                raise UploadBusy()
-            await self._take(slot)
-            try:
-                async with self._cross_process(upload_id, preempt, chunk) as hold:
-                    slot.holder = hold
-                    try:
-                        yield hold
-                    finally:
-                        slot.holder = None
-            finally:
-                slot.lock.release()
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                with suppress(KeyError):
-                    del self._slots[key]
-                if not self._slots:
-                    self._idle.set()
+        return slot
+
+    def _leave(self, key: tuple[str, int | None], slot: _Slot) -> None:
+        slot.users -= 1
+        if slot.users == 0:
+            with suppress(KeyError):
+                del self._slots[key]
+            if not self._slots:
+                self._idle.set()
 
     async def _take(self, slot: _Slot) -> None:
         """The slot's lock: at once, without arming a timer, when no other request holds
@@ -278,3 +266,43 @@ class UploadLocks:
     def _timed_out(self, preempt: bool) -> None:
         if preempt:  # without, busy is an answer, not a timeout
             self._emit(LockEvent.TIMED_OUT, self._timeout)
+
+
+class _Holding:
+    """`UploadLocks.hold` as a class, not a generator: every request on an upload takes one."""
+
+    __slots__ = ("_inner", "_key", "_locks", "_preempt", "_slot")
+
+    def __init__(self, locks: UploadLocks, key: tuple[str, int | None], preempt: bool) -> None:
+        self._locks, self._key, self._preempt = locks, key, preempt
+
+    async def __aenter__(self) -> Hold:
+        locks, (upload_id, chunk) = self._locks, self._key
+        slot = self._slot = locks._enter(self._key)
+        try:
+            if slot.holder is not None and self._preempt:
+                slot.holder.preempt()
+            elif slot.lock.locked() and not self._preempt:
+                raise UploadBusy()
+            await locks._take(slot)
+            try:
+                self._inner = locks._cross_process(upload_id, self._preempt, chunk)
+                slot.holder = await self._inner.__aenter__()
+            except BaseException:
+                slot.lock.release()
+                raise
+        except BaseException:
+            locks._leave(self._key, slot)
+            raise
+        return slot.holder
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        slot = self._slot
+        slot.holder = None
+        try:
+            try:
+                return await self._inner.__aexit__(*exc_info)
+            finally:
+                slot.lock.release()
+        finally:
+            self._locks._leave(self._key, slot)

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import Any
 
 from .caller import Caller
 from .capabilities import Capabilities
@@ -184,15 +185,12 @@ class UploadService:
         """The upload's state without taking its lock (downloads, listings)."""
         return await self._live(upload_id, caller)
 
-    @asynccontextmanager
-    async def hold(
+    def hold(
         self, upload_id: str, caller: Caller | None, *, chunk: int | None = None
-    ) -> AsyncIterator[Hold]:
+    ) -> AbstractAsyncContextManager[Hold]:
         """The upload's lock, for a caller allowed to act on it: taking the lock stops the
         request holding it, which only the upload's owner may do."""
-        await self._authorize(self._known(upload_id), caller)
-        async with self.locks.hold(upload_id, chunk=chunk) as held:
-            yield held
+        return _Authorized(self, upload_id, caller, chunk)
 
     async def append(
         self,
@@ -741,6 +739,26 @@ class UploadService:
         """A post-receive hook said StopUpload: the upload goes, the client gets the hook's answer."""
         await self._remove(info, None)
         raise answer.refusal(400, "upload has been stopped by server")
+
+
+class _Authorized:
+    """`UploadService.hold` as a class, not a generator: every request on an upload takes one."""
+
+    __slots__ = ("_caller", "_chunk", "_held", "_service", "_upload_id")
+
+    def __init__(
+        self, service: UploadService, upload_id: str, caller: Caller | None, chunk: int | None
+    ) -> None:
+        self._service, self._upload_id, self._caller, self._chunk = service, upload_id, caller, chunk
+
+    async def __aenter__(self) -> Hold:
+        service = self._service
+        await service._authorize(service._known(self._upload_id), self._caller)
+        self._held = service.locks.hold(self._upload_id, chunk=self._chunk)
+        return await self._held.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._held.__aexit__(*exc_info)
 
 
 @dataclasses.dataclass(frozen=True)
