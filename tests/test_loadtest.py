@@ -128,3 +128,19 @@ def test_the_benchmark_runs_every_server_and_verifies_uploadsrv(tmp_path):
     for name, figures in list(by_name.items())[5:]:  # uploadsrv only, beside the sink's single upload
         assert set(figures) == {"sink", "uploadsrv"}, name
     assert "vs sink" in result.stdout and "uploadsrv" in result.stdout
+
+
+def test_the_instruction_count_stores_every_upload_it_measures(tmp_path):
+    """The in-process run it measures stores each upload whole; under valgrind it reports
+    instructions per upload (a figure the benchmark's CPU times cannot give on a busy machine)."""
+    data = tmp_path / "data"
+    module = [sys.executable, "-m", "uploadsrv.loadtest.instructions"]
+    stored = subprocess.run([*module, "--run", "one", "40", str(data)], capture_output=True, text=True)
+    assert stored.returncode == 0, stored.stderr[-2000:]
+    files = list((data / "files").iterdir())
+    assert len(files) == 40 and all(f.stat().st_size == 1024 for f in files)
+    command = [*module, "one", "--uploads", "20"]
+    measured = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert measured.returncode == 0, measured.stderr[-2000:]
+    count = int(measured.stdout.split(": ")[1].split()[0].replace(",", ""))
+    assert 10_000 < count < 100_000_000, measured.stdout
