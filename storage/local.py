@@ -62,7 +62,7 @@ from uploadsrv.core.errors import (
     UploadNotFound,
 )
 from uploadsrv.core.model import UploadInfo, is_upload_id
-from uploadsrv.core.storage import RECEIVE_BUFFERS, Clock, Hasher, Orphan, Readable, StoredChunk
+from uploadsrv.core.storage import Clock, Hasher, Orphan, Readable, StoredChunk, receive_into
 
 from .threads import DiskThreads
 
@@ -659,29 +659,11 @@ class _Positioned:
         self, held: list[bytes], source: Readable, count: int, hasher: Hasher | None, seconds: float
     ) -> int:
         self.write(held)
-        with RECEIVE_BUFFERS.buffer() as buffer:
-            return self._receive_into(buffer, source, count, hasher, time.monotonic() + seconds)
+        return receive_into(self._write_block, source, count, hasher, time.monotonic() + seconds)
 
-    def _receive_into(
-        self, buffer: memoryview, source: Readable, count: int, hasher: Hasher | None, deadline: float
-    ) -> int:
-        received = 0
-        while received < count:
-            try:
-                got = source.readinto(buffer[: min(len(buffer), count - received)])
-            except BlockingIOError:
-                break
-            if not got:
-                break
-            block = buffer[:got]
-            if hasher is not None:
-                hasher.update([block])
-            self._position = _pwrite_all(self._fd, (block,), self._position)
-            self._write_back_some()
-            received += got
-            if time.monotonic() >= deadline:
-                break
-        return received
+    def _write_block(self, block: memoryview) -> None:
+        self._position = _pwrite_all(self._fd, (block,), self._position)
+        self._write_back_some()
 
 
 class _FileWriter(_Positioned):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
-import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from uploadsrv.core.storage import RECEIVE_BUFFERS, Hasher, Readable
+from uploadsrv.core.storage import Hasher, Readable, receive_into
 
 SPOOL_READ_BLOCK = 64 << 10  #: under `uploadsrv.memory.MMAP_THRESHOLD`
 
@@ -43,20 +42,10 @@ class Spool:
     def receive(self, source: Readable, count: int, hasher: Hasher | None, deadline: float) -> int:
         """Up to `count` bytes read from `source` into this file, until it ends, has
         nothing for now, or `deadline` (monotonic) passes (see the storage `Receiving`)."""
-        received = 0
-        with RECEIVE_BUFFERS.buffer() as buffer:
-            while received < count and time.monotonic() < deadline:
-                try:
-                    got = source.readinto(buffer[: min(len(buffer), count - received)])
-                except BlockingIOError:
-                    break
-                if not got:
-                    break
-                if hasher is not None:
-                    hasher.update([buffer[:got]])
-                self.write([buffer[:got]])
-                received += got
-        return received
+        return receive_into(self._write_block, source, count, hasher, deadline)
+
+    def _write_block(self, block: memoryview) -> None:
+        self.write((block,))
 
     def checksum(self) -> dict[str, str]:
         """UploadPart's ChecksumCRC32 parameter for these bytes, if they have one."""

@@ -11,6 +11,7 @@ really implements.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -115,6 +116,32 @@ class ReceiveBuffers:
 
 
 RECEIVE_BUFFERS = ReceiveBuffers(1 << 20)
+
+
+def receive_into(
+    store: Callable[[memoryview], None], source: Readable, count: int, hasher: Hasher | None, deadline: float
+) -> int:
+    """A `Receiving` writer's loop, on its thread: up to `count` bytes of `source` through
+    a receive buffer, each block given to `hasher`, then to `store`; it stops early when
+    `source` ends or has nothing for now, or once `deadline` (monotonic) has passed.
+    Returns the bytes read."""
+    received = 0
+    with RECEIVE_BUFFERS.buffer() as buffer:
+        while received < count:
+            try:
+                got = source.readinto(buffer[: min(len(buffer), count - received)])
+            except BlockingIOError:
+                break
+            if not got:
+                break
+            block = buffer[:got]
+            if hasher is not None:
+                hasher.update([block])
+            store(block)
+            received += got
+            if time.monotonic() >= deadline:
+                break
+    return received
 
 
 class UploadLock(Protocol):
