@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import resource
@@ -444,6 +445,15 @@ def _ratio(ours: Figure | None, baseline: float | None, target: float | None) ->
     return f"{ratio:.2f} (>= {target}, {'ok' if ratio >= target else 'below'})"
 
 
+def _s3_missing(console: Console) -> bool:
+    """The S3 row needs boto3 and moto's server (the `bench` extra): without them, a line."""
+    needed = ("boto3", "moto", "flask")  # moto[server] runs on flask
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        console.print(f"S3 row skipped: {', '.join(missing)} not installed (pip install -e '.[bench]')")
+    return bool(missing)
+
+
 def s3_row(args: argparse.Namespace, work: Path) -> dict[str, float]:
     """S3: the same uploads to one moto endpoint, with boto3's own multipart transfer and
     through uploadsrv (httpx tus client, as `bench_s3`)."""
@@ -523,7 +533,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
         listed = asyncio.run(run_all(args, work, console))
-        s3 = None if args.no_s3 else s3_row(args, work)
+        s3 = None if args.no_s3 or _s3_missing(console) else s3_row(args, work)
     names = [n for n in [*args.servers, COMPARED] if any(n in s.figures for s in listed)]
     console.print(table(listed, names))
     if s3 is not None:
