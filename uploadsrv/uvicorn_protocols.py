@@ -36,7 +36,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -65,6 +65,14 @@ def _extensions(scope: Any) -> dict[str, Any]:
     """The scope's extensions (uvicorn's TypedDict types their values too narrowly)."""
     extensions: dict[str, Any] = scope.setdefault("extensions", {})
     return extensions
+
+
+def _fields_size(fields: Iterable[tuple[bytes, bytes]]) -> int:
+    """Bytes of header (or trailer) fields as a head carries them: `name: value` and CRLF."""
+    size = 0
+    for name, value in fields:
+        size += len(name) + len(value) + 4
+    return size
 
 
 def _start_trailers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -438,10 +446,7 @@ class HttpToolsUploadProtocol(_CountsConnections, _ConnectionLimits, HttpToolsPr
         # The head's fields are counted once they are all parsed, before the app starts
         # (not per field: two calls per header of every request); its bytes were already
         # counted as they arrived (`data_received`), so a long head is still cut off early.
-        size = 4 * len(self.headers)
-        for name, value in self.headers:
-            size += len(name) + len(value)
-        self._count_head(size, len(self.headers))
+        self._count_head(_fields_size(self.headers), len(self.headers))
         super().on_headers_complete()
         self._head_complete()
         self._trailers = _start_trailers(self.scope)  # type: ignore[arg-type]  # uvicorn's TypedDict scope
@@ -516,7 +521,7 @@ class H11UploadProtocol(_CountsConnections, _ConnectionLimits, H11Protocol):
             if isinstance(event, h11.Request):
                 try:
                     self._count_head(
-                        len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers),
+                        len(event.target) + _fields_size(event.headers),
                         len(event.headers),
                     )
                 except _Refused:
@@ -538,7 +543,7 @@ class H11UploadProtocol(_CountsConnections, _ConnectionLimits, H11Protocol):
         """Trailers get a budget of their own, as on llhttp: the head's limits again."""
         self._head_size = self._head_lines = 0
         try:
-            self._count_head(sum(len(n) + len(v) + 4 for n, v in fields), len(fields), trailer=True)
+            self._count_head(_fields_size(fields), len(fields), trailer=True)
         except _Refused:
             raise h11.RemoteProtocolError("request trailers too large") from None
 
