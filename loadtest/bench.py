@@ -72,6 +72,7 @@ class Outcome:
     amount: float  #: bytes, or uploads
     client_cpu: float  #: seconds
     paths: list[bytes]  #: the uploads made, for verification
+    chunked: bool = False  #: they hold the chunk file repeated (the chunk API row)
 
 
 @dataclass
@@ -164,7 +165,7 @@ class Bench:
                 command += ["-o", "/dev/null", "-T", str(self.file(chunk)), url]
             cpu, _ = await _curl([command], count=count, expect=("201",))
             done = (await http.post(session["complete_url"])).raise_for_status().json()
-        return Outcome(chunk * count, cpu, [lean.path_of(done["upload_url"].encode())])
+        return Outcome(chunk * count, cpu, [lean.path_of(done["upload_url"].encode())], chunked=True)
 
     async def pairs(self, server: Server) -> Outcome:
         """`--small` uploads as create + 1 KiB PATCH, over `--connections` connections."""
@@ -222,24 +223,25 @@ class Bench:
         # uploadsrv: every upload downloaded and compared, then deleted through its API;
         # the others: their data directory emptied.
         if server.name in (UPLOADSRV, COMPARED):
-            await verify_uploadsrv(server, outcome.paths, self.expected_digests())
+            await verify_uploadsrv(server, outcome.paths, self.expected_digests(outcome.chunked))
         else:
             server.clear()
         return figure
 
-    def expected_digests(self) -> dict[int, str]:
+    def expected_digests(self, chunked: bool) -> dict[int, str]:
+        """sha256 by upload size: of the input files, or (`chunked`) of the chunk file
+        repeated as the chunk API row sends it, which may have the `--single` file's size."""
+        if chunked:
+            count = max(1, self.args.single // CHUNK)
+            digest = hashlib.sha256()
+            block = self.file(CHUNK).read_bytes()
+            for _ in range(count):
+                digest.update(block)
+            return {count * CHUNK: digest.hexdigest()}
         digests = {}
         for size, path in self.files.items():
             with open(path, "rb") as f:
                 digests[size] = hashlib.file_digest(f, "sha256").hexdigest()
-        chunk = self.files.get(8 << 20)
-        if chunk is not None:
-            count = max(1, self.args.single // (8 << 20))
-            digest = hashlib.sha256()
-            block = chunk.read_bytes()
-            for _ in range(count):
-                digest.update(block)
-            digests[count * (8 << 20)] = digest.hexdigest()
         return digests
 
 
