@@ -89,11 +89,10 @@ async def test_transactional_writes_are_invisible_until_commit_and_discard_forge
     assert [p.name for p in LocalLayout(storage.root).stored()] == [info.id]  # no staging file left
 
 
-async def test_a_body_is_handed_to_the_disks_writeback_as_it_is_written_not_only_at_commit(
-    storage, monkeypatch
-):
-    """The kernel's writeback cannot be watched from here: the calls that start it are
-    recorded (and still made), whole pages in order from the upload's offset on."""
+@pytest.fixture
+def writeback_starts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (offset, count) of every writeback start, recorded as the calls are still made:
+    the kernel's writeback itself cannot be watched from here."""
     started: list[tuple[int, int]] = []
     real = local._SYNC_FILE_RANGE
     assert real is not None  # glibc
@@ -103,6 +102,15 @@ async def test_a_body_is_handed_to_the_disks_writeback_as_it_is_written_not_only
         return real(fd, offset, count, flags)
 
     monkeypatch.setattr(local, "_SYNC_FILE_RANGE", recording)
+    return started
+
+
+async def test_a_body_is_handed_to_the_disks_writeback_as_it_is_written_not_only_at_commit(
+    storage, writeback_starts
+):
+    """The kernel's writeback cannot be watched from here: the calls that start it are
+    recorded (and still made), whole pages in order from the upload's offset on."""
+    started = writeback_starts
     body = os.urandom(3 * local.WRITEBACK_BYTES + 1000)
     info = await _new_upload(storage, len(body) + 7)
     async with storage.writer(info, transactional=False) as writer:
@@ -129,18 +137,12 @@ async def test_a_body_is_handed_to_the_disks_writeback_as_it_is_written_not_only
     assert started == []  # a staging file's bytes are copied into the data file, not written back
 
 
-async def test_a_4_mib_body_read_on_a_disk_thread_is_written_back_before_its_last_mib(storage, monkeypatch):
+async def test_a_4_mib_body_read_on_a_disk_thread_is_written_back_before_its_last_mib(
+    storage, writeback_starts
+):
     """The commit's fsync then waits for the last stretch, not for all of a 4 MiB PATCH
     (with a start every 4 MiB the first one came with the body's last byte)."""
-    started: list[tuple[int, int]] = []
-    real = local._SYNC_FILE_RANGE
-    assert real is not None  # glibc
-
-    def recording(fd: int, offset: int, count: int, flags: int) -> int:
-        started.append((offset, count))
-        return real(fd, offset, count, flags)
-
-    monkeypatch.setattr(local, "_SYNC_FILE_RANGE", recording)
+    started = writeback_starts
     body = os.urandom(4 << 20)
     info = await _new_upload(storage, len(body))
     async with storage.writer(info, transactional=False) as writer:
