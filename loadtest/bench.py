@@ -92,6 +92,7 @@ class Bench:
         self.args = args
         self.work = work
         self.files: dict[int, Path] = {}
+        self.digests: dict[int, str] = {}  #: each input file's sha256, taken as it is written
         self.single_sha1 = ""  #: the `--single` file's sha1, base64 (by `prepare`)
 
     # -- inputs ------------------------------------------------------------------
@@ -109,10 +110,13 @@ class Bench:
         """A file of `size` random bytes (made once, by `prepare`)."""
         if size not in self.files:
             path = self.work / f"input-{size}"
+            digest = hashlib.sha256()
             with open(path, "wb") as f:
                 for start in range(0, size, 1 << 20):
-                    f.write(os.urandom(min(1 << 20, size - start)))
-            self.files[size] = path
+                    block = os.urandom(min(1 << 20, size - start))
+                    digest.update(block)
+                    f.write(block)
+            self.files[size], self.digests[size] = path, digest.hexdigest()
         return self.files[size]
 
     # -- the scenarios -------------------------------------------------------------
@@ -154,8 +158,7 @@ class Bench:
 
     async def chunks(self, server: Server) -> Outcome:
         """The chunk API: the `--single` file as chunks of 8 MiB, 4 at a time."""
-        chunk = CHUNK
-        count = max(1, self.args.single // chunk)
+        chunk, count = CHUNK, self._chunk_count()
         async with httpx.AsyncClient(base_url=server.url) as http:
             created = await http.post("/chunks/", json={"size": chunk * count, "chunk_size": chunk})
             session = created.raise_for_status().json()
@@ -228,21 +231,21 @@ class Bench:
             server.clear()
         return figure
 
+    def _chunk_count(self) -> int:
+        """How many chunks the chunk API row sends: the `--single` size in 8 MiB chunks."""
+        return max(1, self.args.single // CHUNK)
+
     def expected_digests(self, chunked: bool) -> dict[int, str]:
         """sha256 by upload size: of the input files, or (`chunked`) of the chunk file
         repeated as the chunk API row sends it, which may have the `--single` file's size."""
-        if chunked:
-            count = max(1, self.args.single // CHUNK)
-            digest = hashlib.sha256()
-            block = self.file(CHUNK).read_bytes()
-            for _ in range(count):
-                digest.update(block)
-            return {count * CHUNK: digest.hexdigest()}
-        digests = {}
-        for size, path in self.files.items():
-            with open(path, "rb") as f:
-                digests[size] = hashlib.file_digest(f, "sha256").hexdigest()
-        return digests
+        if not chunked:
+            return self.digests
+        count = self._chunk_count()
+        digest = hashlib.sha256()
+        block = self.file(CHUNK).read_bytes()
+        for _ in range(count):
+            digest.update(block)
+        return {count * CHUNK: digest.hexdigest()}
 
 
 async def _create(server: Server, size: int, count: int) -> list[bytes]:
