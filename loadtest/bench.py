@@ -9,11 +9,12 @@ median of `--rounds`: the bare sink (`loadtest/sink.py`: a socket, a thread per 
 `recv_into`, `pwrite`, `fdatasync` before the answer), the same sink behind uvicorn, a sink
 that stores nothing (what the clients reach alone), `@tus/server` with `@tus/file-store`
 (Node; installed from `loadtest/peers/package-lock.json` on first use) and `tuspyserver`
-(the `bench` extra), and uploadsrv. Large uploads are sent by curl, one process per upload;
-small ones over a lean keep-alive connection (`loadtest/lean.py`) with the tus requests
-of `loadtest/clients.py`. Server CPU and peak RSS come
-from /proc, the clients' CPU from their own accounting. Every upload through uploadsrv is
-downloaded and compared by sha256 afterwards, outside the timed part.
+(the `bench` extra), and uploadsrv, alone and as two worker processes. Large uploads are
+sent by curl, one process per upload; small ones over a lean keep-alive connection
+(`loadtest/lean.py`) with the tus requests of `loadtest/clients.py`. Server CPU and peak
+RSS come from /proc (all of a server's processes), the clients' CPU from their own
+accounting. Every upload through uploadsrv is downloaded and compared by sha256
+afterwards, outside the timed part.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ from uploadsrv.config import parse_size
 
 from . import lean, servers
 from .clients import TUS, tus_append_headers, tus_create, tus_in_one, tus_pair
-from .procs import peak_rss_mb
-from .servers import COMPARED, PEERS, SINK, UPLOADSRV, Server
+from .servers import COMPARED, OURS, PEERS, SINK, UPLOADSRV, UPLOADSRV_WORKERS, Server
 
 GiB = 1 << 30
 CURL = ["curl", "-s", "-S", "-H", "Expect:", "-w", "%{http_code}\n"]
@@ -222,10 +222,10 @@ class Bench:
         outcome = await scenario.run(server)
         seconds = time.perf_counter() - started
         cpu = server.cpu() - cpu_before
-        figure = Figure(seconds, outcome.amount, cpu, outcome.client_cpu, peak_rss_mb(server.pid))
+        figure = Figure(seconds, outcome.amount, cpu, outcome.client_cpu, server.peak_rss_mb())
         # uploadsrv: every upload downloaded and compared, then deleted through its API;
         # the others: their data directory emptied.
-        if server.name in (UPLOADSRV, COMPARED):
+        if server.name in OURS:
             await verify_uploadsrv(server, outcome.paths, self.expected_digests(outcome.chunked))
         else:
             server.clear()
@@ -408,11 +408,18 @@ def _cpu(figure: Figure, unit: str, client: bool = False) -> str:
 def table(listed: list[Scenario], names: list[str]) -> Table:
     result = Table(title=f"uploadsrv benchmark ({os.cpu_count()} cores, medians)", box=box.MARKDOWN)
     extra = ["vs compared"] if COMPARED in names else []
+    if UPLOADSRV_WORKERS in names:
+        extra += ["2 workers vs sink", "2 workers vs best peer"]
     for column in ("measure", *names, "vs sink", "vs best peer", *extra):
         result.add_column(column, justify="left" if column == "measure" else "right")
     for s in listed:
         per = "s/GiB" if s.unit == "MB/s" else "ms/upload"
-        result.add_row(f"{s.name}, {s.unit}", *_cells(s, names, _rate), *_versus(s, compare=bool(extra)))
+        versus = _versus(s, UPLOADSRV)
+        if COMPARED in names:
+            versus.append(_ratio(s.figures.get(UPLOADSRV), _rate_of(s, COMPARED), None))
+        if UPLOADSRV_WORKERS in names:
+            versus += _versus(s, UPLOADSRV_WORKERS)
+        result.add_row(f"{s.name}, {s.unit}", *_cells(s, names, _rate), *versus)
         result.add_row(f"  server CPU, {per}", *_cells(s, names, _cpu), _cpu_mark(s), "")
         result.add_row(f"  client CPU, {per}", *_cells(s, names, _client_cpu))
         result.add_row("  server peak RSS, MB", *_cells(s, names, lambda f, unit: f"{f.rss_mb:.0f}"))
@@ -425,19 +432,19 @@ def _cells(scenario: Scenario, names: list[str], show: Callable[[Figure, str], s
     return [show(figures[n], scenario.unit) if n in figures else "" for n in names]
 
 
-def _versus(s: Scenario, *, compare: bool) -> list[str]:
-    """uploadsrv's rate against the sink's, the best peer's and (`--compare`) the other checkout's."""
-    ours = s.figures.get(UPLOADSRV)
-    sink = s.figures.get(SINK)
+def _versus(s: Scenario, name: str) -> list[str]:
+    """Server `name`'s rate against the sink's and the best peer's."""
+    ours = s.figures.get(name)
     peers = [s.figures[p].rate for p in PEERS if p in s.figures and p not in s.only]
-    cells = [
-        _ratio(ours, sink.rate if sink else None, s.target_sink),
+    return [
+        _ratio(ours, _rate_of(s, SINK), s.target_sink),
         _ratio(ours, max(peers) if peers else None, s.target_peer),
     ]
-    if compare:
-        compared = s.figures.get(COMPARED)
-        cells.append(_ratio(ours, compared.rate if compared else None, None))
-    return cells
+
+
+def _rate_of(s: Scenario, name: str) -> float | None:
+    figure = s.figures.get(name)
+    return figure.rate if figure else None
 
 
 def _cpu_mark(s: Scenario) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -110,3 +111,13 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (a server's workers), as /proc lists them now."""
+    tree = [pid]
+    for parent in tree:  # grows as children are found
+        with contextlib.suppress(FileNotFoundError):  # a thread or process that just ended
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                tree += [int(child) for child in (task / "children").read_text().split()]
+    return tree

@@ -4,9 +4,11 @@ the peers `@tus/server` and `tuspyserver`, and uploadsrv."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import cpu_seconds, free_port
+from .procs import cpu_seconds, free_port, peak_rss_mb, process_tree
 
 PEERS_DIR = Path(__file__).parent / "peers"
 STARTUP_SECONDS = 60
@@ -25,9 +27,13 @@ SINK_ASGI = "sink (uvicorn)"
 TUS_NODE = "@tus/server"
 TUSPY = "tuspyserver"
 UPLOADSRV = "uploadsrv"
+#: uploadsrv as a two-core machine would run it: two worker processes on one data directory
+#: (its locks and records hold across processes; the peers' in-memory locks would not)
+UPLOADSRV_WORKERS = "uploadsrv (2 workers)"
 COMPARED = "uploadsrv (compared)"  #: uploadsrv from another checkout's interpreter (`--compare`)
-ALL = (ANSWERS_ONLY, SINK, SINK_ASGI, TUS_NODE, TUSPY, UPLOADSRV)
+ALL = (ANSWERS_ONLY, SINK, SINK_ASGI, TUS_NODE, TUSPY, UPLOADSRV, UPLOADSRV_WORKERS)
 PEERS = (TUS_NODE, TUSPY)
+OURS = (UPLOADSRV, UPLOADSRV_WORKERS, COMPARED)  #: whose uploads the bench downloads and verifies
 
 
 @dataclass
@@ -42,12 +48,18 @@ class Server:
         return self.process.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds so far, of the server's workers too (a worker that exited is not counted)."""
+        return sum(cpu_seconds(pid) for pid in process_tree(self.pid))
+
+    def peak_rss_mb(self) -> float:
+        """The peak resident sets of the server's processes since `reset_peak_rss`, added up."""
+        return sum(peak_rss_mb(pid) for pid in process_tree(self.pid))
 
     def reset_peak_rss(self) -> None:
         """Start VmHWM afresh, so each measurement reports its own peak."""
-        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
-            f.write("5")
+        for pid in process_tree(self.pid):
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
 
     def clear(self) -> None:
         for entry in os.scandir(self.data):
@@ -57,7 +69,11 @@ class Server:
                 os.unlink(entry.path)
 
     def stop(self) -> None:
-        self.process.kill()
+        """Kill the server, its workers too (they outlive a killed supervisor)."""
+        tree = process_tree(self.pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait()
 
 
@@ -79,8 +95,9 @@ def start(name: str, work: Path, log: Path, python: str = sys.executable) -> Ser
 def _command(name: str, port: int, data: Path, interpreter: str) -> list[str] | str:
     if name in (ANSWERS_ONLY, SINK, SINK_ASGI):
         return _sink_command(name, port, data)
-    if name in (UPLOADSRV, COMPARED):
-        return [interpreter, "-m", "uploadsrv", "serve", "--port", str(port), "--data-dir", str(data)]
+    if name in OURS:
+        command = [interpreter, "-m", "uploadsrv", "serve", "--port", str(port), "--data-dir", str(data)]
+        return command + (["--workers", "2"] if name == UPLOADSRV_WORKERS else [])
     if name == TUSPY:
         return _tuspy_command(port)
     if name == TUS_NODE:

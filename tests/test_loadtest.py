@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from uploadsrv.loadtest import servers
+from uploadsrv.loadtest.procs import peak_rss_mb, process_tree
 from uploadsrv.loadtest.report import Report, percentile
 
 from .conftest import Server, free_port, spawn
@@ -113,7 +115,8 @@ def test_the_benchmark_runs_every_server_and_verifies_uploadsrv(tmp_path):
     every server (uploadsrv's uploads verified by sha256 inside), figures in the JSON."""
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "uploadsrv.loadtest.bench", "--json", str(out), "--no-s3"]
-    command += ["--servers", "answers only,sink,sink (uvicorn),@tus/server,uploadsrv", "--rounds", "1"]
+    everyone = {"answers only", "sink", "sink (uvicorn)", "@tus/server", "uploadsrv", "uploadsrv (2 workers)"}
+    command += ["--servers", ",".join(sorted(everyone)), "--rounds", "1"]
     # 16M: the chunk API row's upload (two 8 MiB chunks) has the single upload's size, and
     # each is verified against its own content
     command += ["--single", "16M", "--sequential", "3", "--sequential-size", "100K", "--streams", "3"]
@@ -123,13 +126,40 @@ def test_the_benchmark_runs_every_server_and_verifies_uploadsrv(tmp_path):
     report = json.loads(out.read_text())
     by_name = {s["name"]: s["figures"] for s in report["scenarios"]}
     assert len(by_name) == 8
-    everyone = {"answers only", "sink", "sink (uvicorn)", "@tus/server", "uploadsrv"}
     for name, figures in list(by_name.items())[:5]:
         assert set(figures) == everyone, name
         assert all(f["rate"] > 0 and f["server_cpu"] >= 0 and f["rss_mb"] > 0 for f in figures.values())
     for name, figures in list(by_name.items())[5:]:  # uploadsrv only, beside the sink's single upload
         assert set(figures) == {"sink", "uploadsrv"}, name
-    assert "vs sink" in result.stdout and "uploadsrv" in result.stdout
+    assert "vs sink" in result.stdout and "2 workers vs best peer" in result.stdout
+
+
+def test_a_server_is_its_worker_processes_too(tmp_path):
+    """The 2-worker uploadsrv row is a supervisor and its workers: their CPU and memory are
+    found through /proc, grandchildren included, and stopping it stops them all (workers
+    outlive a killed supervisor)."""
+    grandchild = "import time; print('ready', flush=True); time.sleep(60)"
+    child = "import subprocess, sys, time; "
+    child += f"subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE)
+    server = servers.Server("tree", process, "http://127.0.0.1:9", tmp_path)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"  # it runs
+        tree = process_tree(process.pid)
+        assert tree[0] == process.pid and len(tree) == 2
+        assert b"ready" in Path(f"/proc/{tree[1]}/cmdline").read_bytes()
+        assert server.peak_rss_mb() > peak_rss_mb(process.pid)
+    finally:
+        server.stop()
+    assert _ended(tree[1])
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def test_the_instruction_count_stores_every_upload_it_measures(tmp_path):
