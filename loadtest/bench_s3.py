@@ -8,19 +8,22 @@ the ratio b/a, and the server's peak RSS. Both use 8 MiB parts, 4 in parallel pe
 each side's figure is the best of `--rounds` runs, the sides taking turns. Beside each,
 the CPU per GiB (user + system, from /proc) of moto, uploadsrv and the clients (this
 process's threads) in that run: on shared cores, where moto is CPU-bound, the total is
-what sets the rate.
+what sets the rate. And the requests moto served per GiB, by kind (from its log): each
+costs moto some 4 ms of CPU, and unlike CPU time their count does not depend on the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -76,19 +79,56 @@ def uploadsrv_flags(endpoint: str, data_dir: Path) -> list[str]:
     ]
 
 
+#: A request line in moto's (werkzeug's) log: method and target.
+REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/1\.1"')
+
+
+def request_kind(method: str, target: str) -> str:
+    """What a logged request was, by the S3 call and, for objects, uploadsrv's key suffix."""
+    path, _, query = target.partition("?")
+    if "partNumber=" in query:
+        return "part"
+    if "uploads" in query.split("&"):
+        return "create"
+    if "uploadId=" in query:
+        return {"POST": "complete", "GET": "list-parts", "DELETE": "abort"}.get(method, method)
+    if "list-type=2" in query or "prefix=" in query:
+        return "listing"
+    name = path.rsplit("/", 1)[-1]
+    for suffix in (".info", ".lock", ".tail-"):
+        if suffix in name:
+            return f"{method} {suffix.strip('.-')}"
+    return f"{method} {'marker' if '/_preempt/' in path else 'object'}"
+
+
+def requests_since(log: Path, offset: int) -> Counter[str]:
+    """The requests moto logged after byte `offset` of its log, by kind."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return Counter(request_kind(*m.groups()) for m in REQUEST_LINE.finditer(text))
+
+
 @dataclass(frozen=True)
 class Run:
-    """One side's run: its seconds and the CPU seconds each process spent meanwhile."""
+    """One side's run: its seconds, the CPU seconds each process spent meanwhile and the
+    requests moto served."""
 
     seconds: float
     moto_cpu: float
     server_cpu: float
     client_cpu: float
+    requests: Counter[str] = field(default_factory=Counter)
 
     def per_gib(self, total: int) -> str:
         gib = total / (1 << 30)
         server = f", uploadsrv {self.server_cpu / gib:.2f}" if self.server_cpu else ""
         return f"CPU s/GiB: moto {self.moto_cpu / gib:.2f}{server}, client {self.client_cpu / gib:.2f}"
+
+    def requests_per_gib(self, total: int) -> str:
+        gib = total / (1 << 30)
+        kinds = ", ".join(f"{kind} {n / gib:.1f}" for kind, n in sorted(self.requests.items()))
+        return f"moto requests/GiB: {self.requests.total() / gib:.1f} ({kinds})"
 
 
 def _own_cpu() -> float:
@@ -96,20 +136,32 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measured(fn: Callable[[], object], moto: int, server: int, *, server_counts: bool) -> Run:
+def measured(
+    fn: Callable[[], object], moto: int, server: int, *, server_counts: bool, moto_log: Path | None = None
+) -> Run:
+    logged = moto_log.stat().st_size if moto_log else 0
     before = (time.perf_counter(), cpu_seconds(moto), cpu_seconds(server), _own_cpu())
     fn()
     after = (time.perf_counter(), cpu_seconds(moto), cpu_seconds(server), _own_cpu())
     seconds, moto_cpu, server_cpu, client_cpu = (b - a for a, b in zip(before, after, strict=True))
-    return Run(seconds, moto_cpu, server_cpu if server_counts else 0.0, client_cpu)
+    requests = requests_since(moto_log, logged) if moto_log else Counter()
+    return Run(seconds, moto_cpu, server_cpu if server_counts else 0.0, client_cpu, requests)
 
 
 def compare(
-    client, url: str, source: Path, count: int, rounds: int, moto: int, server: int
+    client,
+    url: str,
+    source: Path,
+    count: int,
+    rounds: int,
+    moto: int,
+    server: int,
+    moto_log: Path | None = None,
 ) -> tuple[Run, Run]:
     """`count` uploads of `source` with boto3 directly and as tus through uploadsrv at
-    `url` (moto and uploadsrv: their PIDs): the fastest of `rounds` runs of each, taking
-    turns, so a noisy machine (it only ever slows a run down) weighs on both alike."""
+    `url` (moto and uploadsrv: their PIDs; moto's log, to count its requests): the fastest
+    of `rounds` runs of each, taking turns, so a noisy machine (it only ever slows a run
+    down) weighs on both alike."""
     runs: tuple[list[Run], list[Run]] = ([], [])
     for _ in range(rounds):
         for side, (upload, server_counts) in enumerate(
@@ -118,7 +170,7 @@ def compare(
                 (lambda: upload_with_tus(url, source, count), True),
             )
         ):
-            runs[side].append(measured(upload, moto, server, server_counts=server_counts))
+            runs[side].append(measured(upload, moto, server, server_counts=server_counts, moto_log=moto_log))
             empty_bucket(client, "bench")
     return min(runs[0], key=lambda r: r.seconds), min(runs[1], key=lambda r: r.seconds)
 
@@ -146,7 +198,8 @@ def main() -> None:
             for _ in range(0, args.size, 1 << 20):
                 f.write(os.urandom(min(1 << 20, args.size)))
             f.truncate(args.size)
-        moto, endpoint = start_moto(work / "moto.log")
+        moto_log = work / "moto.log"
+        moto, endpoint = start_moto(moto_log)
         server = None
         try:
             client = boto3.client("s3", endpoint_url=endpoint, **boto3_credentials())
@@ -154,7 +207,7 @@ def main() -> None:
             total_mb = args.size * args.concurrency / 1e6
             server, url = start_uploadsrv(work / "uploadsrv.log", *uploadsrv_flags(endpoint, work / "data"))
             direct, through = compare(
-                client, url, source, args.concurrency, args.rounds, moto.pid, server.pid
+                client, url, source, args.concurrency, args.rounds, moto.pid, server.pid, moto_log
             )
             rss = peak_rss_mb(server.pid)
         finally:
@@ -167,6 +220,7 @@ def main() -> None:
     total = args.size * args.concurrency
     for label, run in (("(a) boto3 multipart, direct", direct), ("(b) tus through uploadsrv  ", through)):
         print(f"  {label} : {total_mb / run.seconds:8.1f} MB/s   {run.per_gib(total)}")
+        print(f"  {'':27}   {run.requests_per_gib(total)}")
     print(f"  ratio b/a                   : {direct.seconds / through.seconds:8.2f}   (target >= 0.9)")
     print(f"  uploadsrv peak RSS          : {rss:8.1f} MB  (target < 200 MB)")
 

@@ -25,6 +25,41 @@ def test_percentiles_use_the_nearest_rank():
     assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2
 
 
+def test_the_s3_bench_counts_moto_requests_by_kind(tmp_path):
+    from uploadsrv.loadtest.bench_s3 import requests_since
+
+    log = tmp_path / "moto.log"
+    before = '127.0.0.1 - - [02/Dec/2026 00:55:08] "PUT /b HTTP/1.1" 200 -\n'
+    lines = [
+        '"POST /b/u/abc?uploads HTTP/1.1" 200',
+        '"PUT /b/u/abc?uploadId=X&partNumber=1 HTTP/1.1" 200',
+        '"PUT /b/u/abc?uploadId=X&partNumber=2 HTTP/1.1" 200',
+        '"GET /b/u/abc?uploadId=X&part-number-marker=1 HTTP/1.1" 200',
+        '"POST /b/u/abc?uploadId=X HTTP/1.1" 200',
+        '"PUT /b/u/abc.info HTTP/1.1" 200',
+        '"GET /b/u/abc.info HTTP/1.1" 200',
+        '"PUT /b/u/abc.lock HTTP/1.1" 200',
+        '"DELETE /b/u/abc.lock HTTP/1.1" 204',
+        '"PUT /b/u/abc.tail-1f2e HTTP/1.1" 200',
+        '"PUT /b/u/_preempt/abc HTTP/1.1" 200',
+        '"GET /b?list-type=2&prefix=u/_preempt/&encoding-type=url HTTP/1.1" 200',
+    ]
+    log.write_text(before + "".join(f"127.0.0.1 - - [x] {line} -\n" for line in lines))
+    assert requests_since(log, len(before)) == {
+        "create": 1,
+        "part": 2,
+        "list-parts": 1,
+        "complete": 1,
+        "PUT info": 1,
+        "GET info": 1,
+        "PUT lock": 1,
+        "DELETE lock": 1,
+        "PUT tail": 1,
+        "PUT marker": 1,
+        "listing": 1,
+    }
+
+
 def test_the_report_fails_on_a_single_corrupted_or_lost_upload():
     report = Report(started=10.0, finished=12.0, uploads=3, verified=3, bytes_sent=4_000_000)
     assert report.ok
