@@ -213,11 +213,25 @@ class S3Layout:
     def key(self, upload_id: str, suffix: str = "") -> str:
         return self.prefix + upload_id + suffix
 
-    def state(self, upload_id: str) -> State:
+    def stored_info(self, upload_id: str) -> State:
+        """The info object exactly as stored."""
         from uploadsrv.storage.s3.state import State
 
         body = self.client.get_object(Bucket=self.bucket, Key=self.key(upload_id, ".info"))["Body"].read()
         return State.from_json(body)
+
+    def state(self, upload_id: str) -> State:
+        """The info object as the backend reads it: with the parts an open one adopts."""
+        state = self.stored_info(upload_id)
+        if state.adoptable():
+            listed = self.client.list_parts(
+                Bucket=self.bucket,
+                Key=self.key(upload_id),
+                UploadId=state.multipart_id,
+                PartNumberMarker=len(state.parts),
+            )
+            state.adopt(listed.get("Parts", []))
+        return state
 
     def _confirmed_parts(self, upload_id: str, multipart_id: str) -> dict[int, int]:
         listed = self.client.list_parts(Bucket=self.bucket, Key=self.key(upload_id), UploadId=multipart_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import itertools
 import os
 import socket
@@ -292,3 +293,62 @@ async def test_the_finished_object_has_the_type_and_name_from_metadata(client, s
     assert head["ContentType"] == "application/pdf"
     assert head["ContentDisposition"] == "inline; filename*=UTF-8''report.pdf"  # as GET shows it
     assert head["ContentLength"] == 5
+
+
+def _listed(*sizes: int) -> list[dict[str, object]]:
+    """ListParts' entries for parts 1, 2, ... of these sizes."""
+    return [{"PartNumber": n, "Size": size, "ETag": f'"e{n}"'} for n, size in enumerate(sizes, 1)]
+
+
+def test_an_open_info_object_adopts_only_confirmed_parts_that_continue_the_named_ones():
+    from uploadsrv.storage.s3.state import Part, State
+
+    def state(**fields: object) -> State:
+        record = {"id": "a" * 32, "length": 30 * MiB, "metadata": {}, "created_at": 0.0, "updated_at": 0.0}
+        named = {"parts": [Part(1, '"e1"', 5 * MiB)], "part_size": 5 * MiB, "high_part": 1, "open": True}
+        return State(record=record, multipart_id="m", **{**named, **fields})  # type: ignore[arg-type]
+
+    listed = _listed(5 * MiB, 5 * MiB, 5 * MiB, 2 * MiB, 5 * MiB)
+    opened = state(tail_key="t", tail_size=MiB)
+    opened.adopt(listed)
+    # Parts 2 and 3 continue part 1 (the tail's bytes are in part 2); part 4 is short of a
+    # part and does not end the upload, so neither it nor anything after it counts.
+    assert [p.number for p in opened.parts] == [1, 2, 3]
+    assert (opened.offset, opened.tail_key, opened.dropped_tail) == (15 * MiB, None, "t")
+    for found in (state(open=False), state(high_part=2), state(high_part=None), state(completed=True)):
+        found.adopt(listed)  # not open, stale parts may follow, written before `high_part`, done
+        assert [p.number for p in found.parts] == [1]
+    short = state()
+    short.record["length"] = 12 * MiB
+    short.adopt([*listed[:2], {"PartNumber": 3, "Size": 2 * MiB, "ETag": '"e3"'}, *listed[3:]])
+    assert [p.number for p in short.parts] == [1, 2, 3] and short.offset == 12 * MiB  # it ends the upload
+
+
+async def test_a_streaming_patch_writes_the_info_object_twice_however_many_parts(client, s3_server):
+    """Once to mark it open before the first part, once to commit (and once more to
+    complete): not once per part. Counted as versions of the info object."""
+    moto, bucket = s3_server.moto.client, s3_server.bucket
+    moto.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    data = os.urandom(4 * 5 * MiB + 1234)  # four full parts and a last one
+    url = await create(client, s3_server, len(data))
+    info_key = s3_server.layout.key(Server.upload_id(url), ".info")
+    assert (await patch(client, url, 0, data)).status_code == 204
+    versions = moto.list_object_versions(Bucket=bucket, Prefix=info_key)["Versions"]
+    assert len([v for v in versions if v["Key"] == info_key]) == 4  # create, open, commit, complete
+    assert sha256(await download(client, url)) == sha256(data)
+
+
+async def test_a_rejected_checksummed_body_leaves_parts_no_reader_adopts(client, s3_server):
+    data = os.urandom(12 * MiB)
+    url = await create(client, s3_server, len(data))
+    bad = f"sha1 {base64.b64encode(hashlib.sha1(data + b'x').digest()).decode()}"
+    assert (await patch(client, url, 0, data[: 11 * MiB], **{"Upload-Checksum": bad})).status_code == 460
+    assert s3_server.landed(url) >= 10 * MiB  # its two full parts are in S3...
+    stored = s3_server.layout.stored_info(Server.upload_id(url))
+    assert stored.high_part == 3 and not stored.open  # ...below `high_part`, never adopted
+    assert (await client.head(url, headers=TUS)).headers["upload-offset"] == "0"
+    assert s3_server.stored_size(url) == 0
+    assert (await patch(client, url, 0, data[: 6 * MiB])).status_code == 204  # over the stale part 1
+    assert (await client.head(url, headers=TUS)).headers["upload-offset"] == str(6 * MiB)
+    assert (await patch(client, url, 6 * MiB, data[6 * MiB :])).status_code == 204
+    assert sha256(await download(client, url)) == sha256(data)

@@ -23,6 +23,8 @@ The info object is the commit point: parts and tail are uploaded first, then the
 object names them, so the offset a client is told is always bytes S3 has confirmed. A
 tail is written under a new key each time and the old one deleted after the commit, so a
 crash at any point leaves the previous state whole. Any instance can serve any upload.
+Mid-request a streaming writer marks the info object open instead of naming each part,
+and readers take the confirmed parts that follow from ListParts (`state.State.adopt`).
 
 The rooms: `client` (boto3, the pools, keys, listing pages), `state` (the info object and
 its `Part`s), `multipart` (parts, completion, joins), `spool` (a part's scratch file),

@@ -112,8 +112,9 @@ class Multipart:
             await self.s3.call("head_object", Key=self.key)  # UploadNotFound if truly gone
         state.completed = True
         await records.save(self.s3, self.upload_id, state)
-        if tail is not None:
-            await self.s3.delete_quietly(tail)
+        for replaced in (tail, state.dropped_tail):  # copied into the last part; in adopted parts
+            if replaced is not None:
+                await self.s3.delete_quietly(replaced)
 
     async def _complete_bytes(self) -> None:
         state = self.state

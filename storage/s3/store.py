@@ -100,6 +100,7 @@ class S3Storage:
             multipart_id=multipart["UploadId"],
             part_size=part_size_for(info.length, self.part_size, self.max_size),
             checksum=self.checksum,
+            high_part=0,
         )
         try:  # only an id a hook chose can be taken
             await self.s3.put(self.s3.key(info.id, ".info"), state.to_json(), IfNoneMatch="*")

@@ -3,6 +3,13 @@
 A tail (bytes that do not fill a part yet; S3 parts but the last need 5 MiB) is written
 under a new key each time and the old one deleted after the commit, so a crash at any
 point leaves the previous state whole.
+
+A streaming request writes the info object once before its first part above
+`State.high_part` (marking it open) and once when it commits: the parts between are
+adopted from ListParts by whoever reads it (`State.adopt`), so a crash loses only the
+parts still in flight without a write per part. Below `high_part` (parts a failed or
+discarded request may have left) each part is named as S3 confirms it. A transactional
+request's parts must never be adopted: it raises `high_part` over them first.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from uploadsrv.core.errors import StorageUnavailable, UploadError
 from uploadsrv.core.storage import Hasher, Readable
 
 from . import state as records
-from .client import READ_BLOCK
+from .client import MAX_PARTS, READ_BLOCK
 from .multipart import Multipart
 from .spool import Spool
 from .state import Part
@@ -79,7 +86,13 @@ class PartWriter:
         self._new_parts: list[Part] = []
         self._spool: Spool | None = None
         self._tail_pending = state.tail_size > 0  # the tail moves into the spool on first write
-        self._original_tail = state.tail_key  # deleted by commit once no longer named
+        #: Deleted by commit once no longer named (or a tail adopted parts replaced).
+        self._original_tail = state.tail_key or state.dropped_tail
+        #: `high_part` as this request found it, and the highest part number it started:
+        #: the commit's `high_part` (a transactional request raises it meanwhile).
+        self._found_high_part = state.high_part
+        self._highest = len(state.parts)
+        self._opened = False  #: this request marked the info object open
         self._in_flight: set[asyncio.Task[Part]] = set()
         self._failure: BaseException | None = None
 
@@ -140,10 +153,42 @@ class PartWriter:
             spool.close()
             raise self._failure
         number = len(self._committed_parts) + len(self._new_parts) + len(self._in_flight) + 1
+        try:
+            await self._cover(number)
+        except BaseException:
+            spool.close()
+            raise
         task = asyncio.ensure_future(self._upload(number, spool))
         if self._record_progress:
             task.add_done_callback(self._part_done)
         self._in_flight.add(task)
+
+    async def _cover(self, number: int) -> None:
+        """Before part `number` is uploaded: make the info object say what it may be.
+        A streaming request's part above `high_part` needs the object marked open by this
+        request (once); a transactional request's part must not be adoptable, so it
+        raises `high_part` over every part the upload can have (once)."""
+        self._highest = max(self._highest, number)
+        state = self._state
+        if state.high_part is None:  # an info object from before `high_part`: named part by part
+            return
+        if self._record_progress:
+            if self._opened or number <= state.high_part:
+                return
+            state.open = True
+            self._opened = True
+        else:
+            if number <= state.high_part and not state.open:
+                return
+            last = MAX_PARTS if self._length is None else -(-self._length // state.part_size)
+            state.open, state.high_part = False, max(state.high_part, last, number)
+        async with self._saving:
+            await records.save(self._s3, self._multipart.upload_id, state)
+
+    def _adopted_by_readers(self) -> bool:
+        """Whether a reader of the info object adopts this request's confirmed parts."""
+        high_part = self._state.high_part
+        return self._opened and high_part is not None and len(self._committed_parts) >= high_part
 
     def _part_done(self, task: asyncio.Task[Part]) -> None:
         if not task.cancelled() and task.exception() is None and self._progress is None:
@@ -214,8 +259,11 @@ class PartWriter:
         finally:
             if spool is not None:
                 spool.close()
+        if self._found_high_part is not None:  # every part is named or below `high_part`
+            state.open, state.high_part = False, max(self._found_high_part, self._highest)
         await records.save(self._s3, self._multipart.upload_id, state)
         self._committed_parts, self._new_parts = list(state.parts), []
+        self._found_high_part, self._opened = state.high_part, False
         self._tail_pending = state.tail_size > 0
         if self._original_tail and self._original_tail != state.tail_key:
             await self._s3.delete_quietly(self._original_tail)
@@ -233,6 +281,9 @@ class PartWriter:
         if broken or spool is None or not spool.size:  # bytes after a failed part are not confirmed
             state.tail_key, state.tail_size = None, 0
         elif self._length is not None and sum(p.size for p in state.parts) + spool.size == self._length:
+            # Not covered first: named by the write that follows, and if that never comes,
+            # these are the upload's last bytes as sent (a transactional request's, checked).
+            self._highest = max(self._highest, len(state.parts) + 1)
             last = await self._multipart.upload_spool(len(state.parts) + 1, spool)
             state.parts.append(last)
             state.tail_key, state.tail_size = None, 0
@@ -250,11 +301,14 @@ class PartWriter:
         self._collect_done()
         self._new_parts.sort(key=lambda p: p.number)
         run = unbroken(self._new_parts, len(self._committed_parts))
+        if run and self._adopted_by_readers():  # durable as they are: nothing to write
+            return sum(p.size for p in self._committed_parts + self._new_parts[:run])
         if run:
             state = self._state
             state.parts = self._committed_parts + self._new_parts[:run]
             state.tail_key, state.tail_size = None, 0  # its bytes are in the first new part
             state.record["updated_at"] = self._s3.clock()
+            state.open = self._opened  # an open mark this request did not make goes
             await records.save(self._s3, self._multipart.upload_id, state)
             self._committed_parts, self._new_parts = list(state.parts), self._new_parts[run:]
         return self._state.offset
