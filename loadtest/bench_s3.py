@@ -98,7 +98,10 @@ def request_kind(method: str, target: str) -> str:
     for suffix in (".info", ".lock", ".tail-"):
         if suffix in name:
             return f"{method} {suffix.strip('.-')}"
-    return f"{method} {'marker' if '/_preempt/' in path else 'object'}"
+    for folder, kind in (("/_preempt/", "marker"), ("/_heartbeats/", "heartbeat")):
+        if folder in path:
+            return f"{method} {kind}"
+    return f"{method} object"
 
 
 def requests_since(log: Path, offset: int) -> Counter[str]:

@@ -42,6 +42,8 @@ def test_the_s3_bench_counts_moto_requests_by_kind(tmp_path):
         '"DELETE /b/u/abc.lock HTTP/1.1" 204',
         '"PUT /b/u/abc.tail-1f2e HTTP/1.1" 200',
         '"PUT /b/u/_preempt/abc HTTP/1.1" 200',
+        '"PUT /b/u/_heartbeats/0123abcd HTTP/1.1" 200',
+        '"PUT /b/other HTTP/1.1" 200',
         '"GET /b?list-type=2&prefix=u/_preempt/&encoding-type=url HTTP/1.1" 200',
     ]
     log.write_text(before + "".join(f"127.0.0.1 - - [x] {line} -\n" for line in lines))
@@ -56,6 +58,8 @@ def test_the_s3_bench_counts_moto_requests_by_kind(tmp_path):
         "DELETE lock": 1,
         "PUT tail": 1,
         "PUT marker": 1,
+        "PUT heartbeat": 1,
+        "PUT object": 1,
         "listing": 1,
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -16,6 +17,7 @@ import zlib
 import httpx
 import pytest
 
+from uploadsrv.core import errors
 from uploadsrv.storage.s3 import MAX_PARTS, MIN_PART, part_size_for
 
 from .conftest import TUS, Moto, Server, create, download, free_port, patch, sha256
@@ -352,3 +354,38 @@ async def test_a_rejected_checksummed_body_leaves_parts_no_reader_adopts(client,
     assert (await client.head(url, headers=TUS)).headers["upload-offset"] == str(6 * MiB)
     assert (await patch(client, url, 6 * MiB, data[6 * MiB :])).status_code == 204
     assert sha256(await download(client, url)) == sha256(data)
+
+
+@pytest.mark.parametrize("open_backend", ["s3"], indirect=True)
+async def test_a_long_held_lease_is_kept_by_its_process_heartbeat_without_rewriting_it(open_backend, clock):
+    """Past its own LEASE_SECONDS a lease holds while its process's heartbeat does: the
+    lease object is written once, and another instance takes it once the heartbeat stops."""
+    from uploadsrv.storage.s3.lease import LEASE_SECONDS
+
+    from .test_storage_contract import new_upload
+
+    holder, other = open_backend(), open_backend()
+    info = await new_upload(holder, 10)
+    lock_key = holder.s3.key(info.id, ".lock")
+
+    async def next_beat(after: str | None) -> str:
+        while True:
+            with contextlib.suppress(errors.UploadNotFound):
+                _, etag = await holder.s3.read_object(holder.heartbeat.key)
+                if etag != after:
+                    return etag
+            await asyncio.sleep(0.05)
+
+    async with holder.lock(info.id, timeout=5.0):
+        _, taken = await holder.s3.read_object(lock_key)
+        beat = await next_beat(None)
+        clock.now += LEASE_SECONDS + 1  # the lease's own time is over...
+        await next_beat(beat)  # ...and a beat since says its process is alive
+        with pytest.raises(errors.UploadBusy):
+            async with other.lock(info.id, timeout=5.0, preempt=False):
+                pass
+        assert (await holder.s3.read_object(lock_key))[1] == taken  # never rewritten
+        await holder.heartbeat.close()  # the holder's process stops beating (it died)
+        clock.now += LEASE_SECONDS + 1
+        async with other.lock(info.id, timeout=5.0, preempt=False):
+            pass

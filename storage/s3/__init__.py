@@ -13,6 +13,9 @@ Keys under ``s3://bucket/prefix/``:
 ``_preempt/<id>``, ``_preempt/<id>.chunk-<n>``
                      left by an instance that wants the lease; its holder lets go (one
                      listing a process finds the markers for all the leases it holds)
+``_heartbeats/<instance>``
+                     a process's heartbeat: keeps the upload leases it holds past their
+                     own 6 s (`lease.Heartbeat`), one renewal for all of them
 ``_outbox/<event>.json``
                      a hook event not delivered yet (no upload id starts with ``_``)
 

@@ -12,7 +12,7 @@ from uploadsrv.core.storage import Orphan
 
 from . import state as records
 from .client import S3Client
-from .lease import PREEMPT
+from .lease import HEARTBEATS, LEASE_SECONDS, PREEMPT
 from .outbox import OUTBOX
 from .state import State
 
@@ -50,6 +50,8 @@ async def orphans(s3: S3Client, older_than: float) -> AsyncIterator[Orphan]:
     for upload_id, found in objects.items():
         for obj in found:
             age = now - obj["LastModified"].timestamp()
+            if obj["Key"].startswith(s3.prefix + HEARTBEATS) and age < LEASE_SECONDS:
+                continue  # a live process's; one whose process is gone is a leftover
             if not _owned(s3, upload_id, states[upload_id], obj["Key"]) and age >= older_than:
                 yield Orphan("object", obj["Key"], obj["Size"], age)
     async for upload in _multipart_uploads(s3):

@@ -21,7 +21,7 @@ from . import chunks as chunk_store
 from . import housekeeping
 from . import state as records
 from .client import CHECKSUM, MAX_PART, MIN_PART, READ_BLOCK, S3Client, part_size_for
-from .lease import PREEMPT, Lease, Markers
+from .lease import PREEMPT, Heartbeat, Lease, Markers
 from .multipart import Joiner, Multipart, algorithm, object_headers
 from .outbox import S3Outbox
 from .state import State
@@ -71,6 +71,7 @@ class S3Storage:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = S3Outbox(self.s3)
         self.markers = Markers(self.s3)
+        self.heartbeat = Heartbeat(self.s3)
 
     def __repr__(self) -> str:
         return f"S3Storage('s3://{self.bucket}/{self.prefix}')"
@@ -84,6 +85,7 @@ class S3Storage:
 
     async def close(self) -> None:
         await self.markers.close()
+        await self.heartbeat.close()
         self.s3.close()
 
     # -- records -----------------------------------------------------------------
@@ -279,7 +281,9 @@ class S3Storage:
     async def lock(
         self, upload_id: str, *, timeout: float, preempt: bool = True, chunk: int | None = None
     ) -> AsyncIterator[Lease]:
-        lease = Lease(self.s3, upload_id, "" if chunk is None else f".chunk-{chunk}", self.markers)
+        # A chunk's lease object is renewed itself: `chunks.busy` goes by its LastModified.
+        name, heartbeat = ("", self.heartbeat) if chunk is None else (f".chunk-{chunk}", None)
+        lease = Lease(self.s3, upload_id, name, self.markers, heartbeat)
         await lease.acquire(timeout, preempt)
         try:
             yield lease
