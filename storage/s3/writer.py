@@ -259,9 +259,19 @@ class PartWriter:
         finally:
             if spool is not None:
                 spool.close()
+        # The upload is complete and a reader of the open info object finds just these
+        # parts: its completion, which follows, is the write that names them.
+        complete_as_stored = (
+            self._adopted_by_readers()
+            and self._failure is None
+            and run == len(parts)
+            and state.tail_key is None
+            and state.offset == self._length
+        )
         if self._found_high_part is not None:  # every part is named or below `high_part`
             state.open, state.high_part = False, max(self._found_high_part, self._highest)
-        await records.save(self._s3, self._multipart.upload_id, state)
+        if not complete_as_stored:
+            await records.save(self._s3, self._multipart.upload_id, state)
         self._committed_parts, self._new_parts = list(state.parts), []
         self._found_high_part, self._opened = state.high_part, False
         self._tail_pending = state.tail_size > 0
