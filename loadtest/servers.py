@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import select
 import shutil
 import signal
 import socket
@@ -69,12 +70,17 @@ class Server:
                 os.unlink(entry.path)
 
     def stop(self) -> None:
-        """Kill the server, its workers too (they outlive a killed supervisor)."""
-        tree = process_tree(self.pid)
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        """Kill the server and its workers (they outlive a killed supervisor), and return
+        once every one of them has ended."""
+        ending = []
+        for pid in process_tree(self.pid):
+            with contextlib.suppress(ProcessLookupError):  # one that ended meanwhile
+                ending.append(os.pidfd_open(pid))  # names this process, even if its pid is reused
+                signal.pidfd_send_signal(ending[-1], signal.SIGKILL)
         self.process.wait()
+        for pidfd in ending:  # readable once its process has ended
+            select.select([pidfd], [], [], STARTUP_SECONDS)
+            os.close(pidfd)
 
 
 def start(name: str, work: Path, log: Path, python: str = sys.executable) -> Server | str:
