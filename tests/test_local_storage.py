@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -168,6 +169,76 @@ class _Body:
         count = min(len(view), len(self._data))
         view[:count], self._data = self._data[:count], self._data[count:]
         return count
+
+
+class _SplicedBody(_Body):
+    """A body that can also be spliced (`Spliceable`), as a socket is: its bytes go into
+    the pipe, a bounded piece at a time."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.spliced = 0
+
+    def splice_to(self, pipe: int, count: int, /) -> int:
+        written = os.write(pipe, self._data[: min(count, len(self._data), 200_000)])
+        self._data = self._data[written:]
+        self.spliced += written
+        return written
+
+
+class _Sha256:
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def update(self, blocks, /) -> None:
+        for block in blocks:
+            self.digest.update(block)
+
+
+async def test_a_body_nobody_hashes_is_spliced_into_the_file_and_written_back_as_it_goes(
+    storage, writeback_starts
+):
+    body = os.urandom(3 * MiB + 123)
+    info = await _new_upload(storage, len(body) + 5)
+    async with storage.writer(info, transactional=False) as writer:
+        source = _SplicedBody(body)
+        assert await writer.receive([b"12345"], source, len(body), None, 60.0) == len(body)
+        assert source.spliced == len(body)
+        assert writer._file.durable  # complete: committed on the thread, as a read body is
+        assert await writer.commit() == len(body) + 5
+    assert writeback_starts[0][0] == 0 and writeback_starts[0][1] < 2 * MiB  # after a MiB, not at the end
+    assert sum(count for _, count in writeback_starts) >= 2 << 20  # the last stretch goes with the fsync
+    with open(LocalLayout(storage.root).data(info.id), "rb") as stored:
+        assert hashlib.sha256(stored.read()).hexdigest() == hashlib.sha256(b"12345" + body).hexdigest()
+
+    hashed = await _new_upload(storage, len(body))
+    hasher, source = _Sha256(), _SplicedBody(body)
+    async with storage.writer(hashed, transactional=True) as writer:
+        assert await writer.receive([], source, len(body), hasher, 60.0) == len(body)
+        await writer.commit()
+    assert source.spliced == 0  # bytes a hasher must see go through the receive buffer
+    assert hasher.digest.hexdigest() == hashlib.sha256(body).hexdigest()
+
+
+async def test_a_pipe_left_holding_bytes_by_a_failed_splice_is_not_used_again(storage, monkeypatch):
+    real = local._splice_all
+    failures = iter([OSError(errno.ENOSPC, "full")])
+
+    def splice_all(pipe: int, fd: int, count: int, position: int) -> int:
+        if (failure := next(failures, None)) is not None:
+            raise failure  # the bytes stay in the pipe
+        return real(pipe, fd, count, position)
+
+    monkeypatch.setattr(local, "_splice_all", splice_all)
+    lost, body = os.urandom(MiB), os.urandom(2 * MiB)
+    info = await _new_upload(storage, len(body))
+    async with storage.writer(info, transactional=False) as writer:
+        with pytest.raises(errors.StorageFull):
+            await writer.receive([], _SplicedBody(lost), len(lost), None, 60.0)
+        assert await writer.receive([], _SplicedBody(body), len(body), None, 60.0) == len(body)
+        assert await writer.commit() == len(body)
+    with open(LocalLayout(storage.root).data(info.id), "rb") as stored:
+        assert hashlib.sha256(stored.read()).hexdigest() == hashlib.sha256(body).hexdigest()
 
 
 async def test_a_body_read_to_its_end_on_a_disk_thread_is_committed_there_in_the_same_hop(

@@ -7,6 +7,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import socket
+import threading
+import time
+
+from uploadsrv.socket_body import SocketReader
 
 from .conftest import TUS, Server, create, download, raw_request, read_response, sha256
 from .test_durability import patch_head
@@ -94,3 +99,69 @@ async def test_a_large_body_waiting_for_100_continue_gets_it(client, server):
     finally:
         sock.close()
     assert sha256(await download(client, url)) == sha256(data)
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()
+    served.setblocking(False)  # as uvicorn's transport leaves it
+    return client, served
+
+
+def _splice_all(reader: SocketReader, pipe: tuple[int, int]) -> bytes:
+    """Everything `reader` splices into `pipe` until it returns 0."""
+    out, into = pipe
+    received = b""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            got = reader.splice_to(into, MiB)
+        except BlockingIOError:  # nothing for WAIT_SECONDS: the loop would wait; try again
+            assert time.monotonic() < deadline, f"stalled after {len(received)} bytes"
+            continue
+        if not got:
+            return received
+        while got:
+            piece = os.read(out, got)
+            received += piece
+            got -= len(piece)
+
+
+def test_a_spliced_body_stops_at_its_end_and_leaves_the_next_request_unread():
+    body, after = os.urandom(3 * MiB + 7), b"HEAD /files/x HTTP/1.1\r\n\r\n"
+    client, served = _tcp_pair()
+    pipe = os.pipe()
+    reader = SocketReader(served, len(body), None)
+    try:
+        sender = threading.Thread(target=client.sendall, args=(body + after,))
+        sender.start()
+        received = _splice_all(reader, pipe)
+        sender.join()
+        assert (reader.complete, reader.gone) == (True, False)
+        assert hashlib.sha256(received).hexdigest() == hashlib.sha256(body).hexdigest()
+        served.setblocking(True)
+        assert served.recv(len(after), socket.MSG_WAITALL) == after
+    finally:
+        for fd in pipe:
+            os.close(fd)
+        client.close()
+        served.close()
+
+
+def test_a_spliced_body_cut_off_keeps_what_arrived_and_counts_the_client_gone():
+    sent = os.urandom(MiB + 3)
+    client, served = _tcp_pair()
+    pipe = os.pipe()
+    reader = SocketReader(served, 2 * MiB, None)
+    try:
+        sender = threading.Thread(target=lambda: (client.sendall(sent), client.close()))
+        sender.start()
+        received = _splice_all(reader, pipe)
+        sender.join()
+        assert (reader.complete, reader.gone, reader.remaining) == (False, True, MiB - 3)
+        assert hashlib.sha256(received).hexdigest() == hashlib.sha256(sent).hexdigest()
+    finally:
+        for fd in pipe:
+            os.close(fd)
+        served.close()

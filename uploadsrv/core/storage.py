@@ -61,6 +61,15 @@ class Readable(Protocol):
     def readinto(self, view: memoryview, /) -> int: ...
 
 
+@runtime_checkable
+class Spliceable(Readable, Protocol):
+    """A `Readable` that can also move its bytes into a pipe inside the kernel (a socket):
+    a writer that needs no hasher can then `splice` them on to its file, no copy through
+    user space. `splice_to` behaves as `readinto` does (0 at the end, BlockingIOError)."""
+
+    def splice_to(self, pipe: int, count: int, /) -> int: ...
+
+
 class Hasher(Protocol):
     def update(self, blocks: Sequence[bytes | memoryview], /) -> None: ...
 
