@@ -81,6 +81,8 @@ def uploadsrv_flags(endpoint: str, data_dir: Path) -> list[str]:
 
 #: A request line in moto's (werkzeug's) log: method and target.
 REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/1\.1"')
+#: Werkzeug colours the request line of any status but 200 (a DELETE's 204, a 404, a 412).
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def request_kind(method: str, target: str) -> str:
@@ -108,7 +110,7 @@ def requests_since(log: Path, offset: int) -> Counter[str]:
     """The requests moto logged after byte `offset` of its log, by kind."""
     with open(log, "rb") as f:
         f.seek(offset)
-        text = f.read().decode(errors="replace")
+        text = COLOUR.sub("", f.read().decode(errors="replace"))
     return Counter(request_kind(*m.groups()) for m in REQUEST_LINE.finditer(text))
 
 

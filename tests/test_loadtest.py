@@ -39,7 +39,7 @@ def test_the_s3_bench_counts_moto_requests_by_kind(tmp_path):
         '"PUT /b/u/abc.info HTTP/1.1" 200',
         '"GET /b/u/abc.info HTTP/1.1" 200',
         '"PUT /b/u/abc.lock HTTP/1.1" 200',
-        '"DELETE /b/u/abc.lock HTTP/1.1" 204',
+        '"\x1b[35m\x1b[1mDELETE /b/u/abc.lock HTTP/1.1\x1b[0m" 204',  # coloured: not a 200
         '"PUT /b/u/abc.tail-1f2e HTTP/1.1" 200',
         '"PUT /b/u/_preempt/abc HTTP/1.1" 200',
         '"PUT /b/u/_heartbeats/0123abcd HTTP/1.1" 200',
