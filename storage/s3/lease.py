@@ -78,7 +78,7 @@ class Heartbeat:
             body = json.dumps({"expires": self._s3.clock() + LEASE_SECONDS}).encode()
             try:
                 await self._s3.put(self.key, body)
-            except StorageUnavailable:
+            except (StorageUnavailable, UploadNotFound):  # missed: a lease lapses unless one lands
                 due = loop.time() + PREEMPT_POLL_SECONDS
                 continue
             self._lapse(loop.time())
