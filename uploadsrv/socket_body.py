@@ -4,8 +4,11 @@ Through uvicorn every 64 KiB of body costs an httptools callback, a buffer appen
 and an ASGI message on the event loop, holding the GIL: for one large upload that was most
 of the server's CPU, twice what a plain socket-to-disk copy costs. Once the request head is
 parsed and the body's length is known, this takes the rest of the body out of uvicorn's
-hands: the transport stops reading, and the storage writer's thread does
-`recv_into` + `pwrite` on a duplicate of the socket until the body ends, as the bare sink does.
+hands: the transport stops reading, and the storage writer's thread reads a duplicate of
+the socket until the body ends: `recv_into` + `pwrite`, as the bare sink does, or, for a
+body whose bytes nobody needs to see (no checksum), `splice_to` a pipe the writer splices
+on into the file, which saves the copy through user space (64 x 16 MiB PATCHes: server CPU
+0.80-0.84 s/GiB against 0.98-1.01 with `recv_into`, the bare sink 0.78-0.83 in the same runs).
 
 Offered (the ASGI extension ``uploadsrv.socket_body``) only for plain-TCP HTTP/1.1
 requests with a Content-Length of at least `MIN_LENGTH` that are not pipelined; TLS and
