@@ -2,7 +2,7 @@
 
     python -m uploadsrv.loadtest.bench [--single 1G] [--sequential 64 --sequential-size 4M]
         [--streams 64 --stream-size 16M] [--small 2000 --connections 32] [--rounds 3]
-        [--servers NAME,...] [--no-extra] [--no-s3] [--json out.json]
+        [--servers NAME,...] [--no-extra] [--no-s3] [--drop-caches] [--json out.json]
 
 Every server gets the same requests in the same run, taking turns, and each figure is the
 median of `--rounds`: the bare sink (`loadtest/sink.py`: a socket, a thread per connection,
@@ -212,10 +212,29 @@ class Bench:
     def small_body(self) -> bytes:
         return self.file(1024).read_bytes()
 
+    def settle(self) -> None:
+        """The same memory for every measurement: what the run before left dirty (the
+        peers do not fsync; deleted uploads) written out now, not by the disk during this
+        run (the 1 GiB row swung 0.8-1.5x), and with `--drop-caches` (root) the page
+        cache emptied and only the inputs read back. Once earlier runs had filled memory
+        with cached pages, every page a server wrote first had to be reclaimed, on its own
+        CPU: the same 1 GiB IETF POST cost 0.7-1.2 s of server CPU with free memory and
+        3.3-4.5 s without, old and new code alike."""
+        os.sync()
+        if not self.args.drop_caches:
+            return
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as caches:
+                caches.write("1")
+        except OSError as error:
+            raise SystemExit(f"--drop-caches needs root: {error}") from None
+        for path in self.files.values():
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
     async def measure(self, scenario: Scenario, server: Server) -> Figure:
-        # What the run before left dirty (the peers do not fsync; deleted uploads) is
-        # written out now, not by the disk during this run: the 1 GiB row swung 0.8-1.5x.
-        await asyncio.to_thread(os.sync)
+        await asyncio.to_thread(self.settle)
         server.reset_peak_rss()
         cpu_before = server.cpu()
         started = time.perf_counter()
@@ -545,6 +564,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-extra", action="store_true", help="skip checksum, IETF and chunk API rows")
     parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="empty the page cache (root; the whole machine's) before every measurement, so each "
+        "starts with free memory; the inputs are read back",
+    )
     parser.add_argument("--s3-uploads", type=int, default=16)
     parser.add_argument("--s3-size", type=size, default=size("64M"))
     parser.add_argument("--json", type=Path)
