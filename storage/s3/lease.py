@@ -62,10 +62,7 @@ class Heartbeat:
         self._held.pop(lease, None)
 
     async def close(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._keeper
+        await _stopped(self._keeper)
 
     async def _keep(self, due: float) -> None:
         loop = asyncio.get_running_loop()
@@ -114,10 +111,7 @@ class Markers:
         self._held.pop(marker, None)
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._poller
+        await _stopped(self._poller)
 
     async def _poll(self) -> None:
         while self._held:
@@ -261,9 +255,14 @@ class Lease:
         self._markers.forget(self._marker)
         if self._heartbeat is not None:
             self._heartbeat.leave(self)
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._keeper
+        await _stopped(self._keeper)
         with suppress(StorageUnavailable, UploadNotFound, ClientError):
             await self._s3.call("delete_object", Key=self._key, IfMatch=self._etag)
+
+
+async def _stopped(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task, if there is one, and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
