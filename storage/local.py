@@ -62,7 +62,16 @@ from uploadsrv.core.errors import (
     UploadNotFound,
 )
 from uploadsrv.core.model import UploadInfo, is_upload_id
-from uploadsrv.core.storage import Clock, Hasher, Orphan, Readable, Spliceable, StoredChunk, receive_into
+from uploadsrv.core.storage import (
+    Clock,
+    Hasher,
+    Orphan,
+    Readable,
+    Spliceable,
+    StoredChunk,
+    receive_into,
+    receive_steps,
+)
 
 from .threads import DiskThreads
 
@@ -673,22 +682,17 @@ class _Positioned:
         return receive_into(self._write_block, source, count, hasher, deadline)
 
     def _splice_from(self, source: Spliceable, count: int, deadline: float) -> int:
-        """`receive_into`'s loop through one of `_PIPES` instead of a receive buffer."""
-        received = 0
+        """`receive_into`'s steps through one of `_PIPES` instead of a receive buffer."""
         with _PIPES.pipe() as (out, into):
-            while received < count:
-                try:
-                    got = source.splice_to(into, count - received)
-                except BlockingIOError:
-                    break
-                if not got:
-                    break
-                self._position = _splice_all(out, self._fd, got, self._position)
-                self._write_back_some()
-                received += got
-                if time.monotonic() >= deadline:
-                    break
-        return received
+
+            def step(wanted: int) -> int:
+                got = source.splice_to(into, wanted)
+                if got:
+                    self._position = _splice_all(out, self._fd, got, self._position)
+                    self._write_back_some()
+                return got
+
+            return receive_steps(step, count, deadline)
 
     def _write_block(self, block: memoryview) -> None:
         self._position = _pwrite_all(self._fd, (block,), self._position)

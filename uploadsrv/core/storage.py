@@ -134,22 +134,36 @@ def receive_into(
     a receive buffer, each block given to `hasher`, then to `store`; it stops early when
     `source` ends or has nothing for now, or once `deadline` (monotonic) has passed.
     Returns the bytes read."""
-    received = 0
     with RECEIVE_BUFFERS.buffer() as buffer:
-        while received < count:
-            try:
-                got = source.readinto(buffer[: min(len(buffer), count - received)])
-            except BlockingIOError:
-                break
-            if not got:
-                break
-            block = buffer[:got]
-            if hasher is not None:
-                hasher.update([block])
-            store(block)
-            received += got
-            if time.monotonic() >= deadline:
-                break
+
+        def step(wanted: int) -> int:
+            got = source.readinto(buffer[: min(len(buffer), wanted)])
+            if got:
+                block = buffer[:got]
+                if hasher is not None:
+                    hasher.update([block])
+                store(block)
+            return got
+
+        return receive_steps(step, count, deadline)
+
+
+def receive_steps(step: Callable[[int], int], count: int, deadline: float) -> int:
+    """`step(wanted)` (read at most `wanted` body bytes and store them; 0 at the body's
+    end, BlockingIOError when nothing has come for now) until `count` bytes, the end, a
+    pause, or `deadline` (monotonic), whichever is first: the loop every way of receiving
+    a body on a disk thread shares. Returns the bytes received."""
+    received = 0
+    while received < count:
+        try:
+            got = step(count - received)
+        except BlockingIOError:
+            break
+        if not got:
+            break
+        received += got
+        if time.monotonic() >= deadline:
+            break
     return received
 
 
