@@ -2,7 +2,8 @@
 
     python -m uploadsrv.loadtest.bench [--single 1G] [--sequential 64 --sequential-size 4M]
         [--streams 64 --stream-size 16M] [--small 2000 --connections 32] [--rounds 3]
-        [--servers NAME,...] [--no-extra] [--no-s3] [--drop-caches] [--json out.json]
+        [--servers NAME,...] [--only SCENARIO,...] [--no-extra] [--no-s3] [--drop-caches]
+        [--json out.json]
 
 Every server gets the same requests in the same run, taking turns, and each figure is the
 median of `--rounds`: the bare sink (`loadtest/sink.py`: a socket, a thread per connection,
@@ -49,6 +50,8 @@ from .servers import COMPARED, OURS, PEERS, SINK, UPLOADSRV, UPLOADSRV_WORKERS, 
 GiB = 1 << 30
 CURL = ["curl", "-s", "-S", "-H", "Expect:", "-w", "%{http_code}\n"]
 CHUNK = 8 << 20  #: the chunk API row's chunk size
+EXTRA = ("checksum", "ietf", "chunks")  #: uploadsrv's other paths (`--no-extra` skips them)
+SCENARIOS = ("single", "sequential", "streams", "pairs", "one", *EXTRA)  #: for `--only`
 APPEND = ["-X", "PATCH", *(arg for k, v in tus_append_headers(0).items() for arg in ("-H", f"{k}: {v}"))]
 
 
@@ -77,6 +80,7 @@ class Outcome:
 
 @dataclass
 class Scenario:
+    key: str  #: its name for `--only`
     name: str
     unit: str  #: "MB/s" or "/s"
     run: Callable[[Server], Awaitable[Outcome]]
@@ -313,19 +317,28 @@ async def verify_uploadsrv(server: Server, paths: list[bytes], digests: dict[int
 
 
 def scenarios(bench: Bench, args: argparse.Namespace) -> list[Scenario]:
+    """The scenarios to run: all of them, or those `--only` names."""
     single = (
         f"{args.single / GiB:g} GiB in one PATCH" if args.single >= GiB else f"{args.single} B in one PATCH"
     )
     listed = [
-        Scenario(single, "MB/s", bench.single, 0.9, 1.3, 0.6),
+        Scenario("single", single, "MB/s", bench.single, 0.9, 1.3, 0.6),
         Scenario(
+            "sequential",
             f"{args.sequential} x {_size(args.sequential_size)} PATCHes, one connection",
             "MB/s",
             bench.sequential,
             0.8,
         ),
-        Scenario(f"{args.streams} concurrent {_size(args.stream_size)} PATCHes", "MB/s", bench.streams, 0.9),
         Scenario(
+            "streams",
+            f"{args.streams} concurrent {_size(args.stream_size)} PATCHes",
+            "MB/s",
+            bench.streams,
+            0.9,
+        ),
+        Scenario(
+            "pairs",
             f"{args.small} x (create + 1 KiB PATCH), {args.connections} connections",
             "/s",
             bench.pairs,
@@ -333,16 +346,20 @@ def scenarios(bench: Bench, args: argparse.Namespace) -> list[Scenario]:
             2.0,
             0.5,
         ),
-        Scenario(f"{args.small} x 1 KiB creation-with-upload", "/s", bench.in_one, 0.5, 2.0, 0.5),
+        Scenario("one", f"{args.small} x 1 KiB creation-with-upload", "/s", bench.in_one, 0.5, 2.0, 0.5),
     ]
     if not args.no_extra:  # uploadsrv's other paths, against the sink's single upload
         only = (UPLOADSRV, COMPARED)
         listed += [
-            Scenario(single + " with Upload-Checksum (sha1)", "MB/s", bench.single_checksum, only=only),
-            Scenario(single.replace("PATCH", "IETF POST, 104s"), "MB/s", bench.single_ietf, only=only),
-            Scenario("chunk API, 8 MiB chunks, 4 at a time", "MB/s", bench.chunks, only=only),
+            Scenario(
+                "checksum", single + " with Upload-Checksum (sha1)", "MB/s", bench.single_checksum, only=only
+            ),
+            Scenario(
+                "ietf", single.replace("PATCH", "IETF POST, 104s"), "MB/s", bench.single_ietf, only=only
+            ),
+            Scenario("chunks", "chunk API, 8 MiB chunks, 4 at a time", "MB/s", bench.chunks, only=only),
         ]
-    return listed
+    return [s for s in listed if args.only is None or s.key in args.only]
 
 
 async def run_all(args: argparse.Namespace, work: Path, console: Console) -> list[Scenario]:
@@ -364,8 +381,7 @@ async def run_all(args: argparse.Namespace, work: Path, console: Console) -> lis
                 f"{scenario.name}: "
                 + ", ".join(f"{n} {_rate(f, scenario.unit)}" for n, f in scenario.figures.items())
             )
-        if not args.no_extra:
-            _compare_extra_with_sink(listed)
+        _compare_extra_with_sink(listed)
         return listed
     finally:
         for server in started:
@@ -392,12 +408,14 @@ async def _run(bench: Bench, scenario: Scenario, started: list[Server], rounds: 
 
 
 def _compare_extra_with_sink(listed: list[Scenario]) -> None:
-    """The extra paths (the last three scenarios) are compared with the sink's single upload."""
-    reference = listed[0].figures.get(SINK)
+    """The extra paths (sink: none of its own) are compared with the sink's single upload."""
+    single = next((s for s in listed if s.key == "single"), None)
+    reference = single.figures.get(SINK) if single is not None else None
     if reference is None:
         return
-    for scenario in listed[len(listed) - 3 :]:
-        scenario.figures.setdefault(SINK, reference)
+    for scenario in listed:
+        if scenario.key in EXTRA:
+            scenario.figures.setdefault(SINK, reference)
 
 
 def _size(size: int) -> str:
@@ -533,6 +551,15 @@ def s3_row(args: argparse.Namespace, work: Path) -> dict[str, float]:
     }
 
 
+def _scenario_keys(text: str) -> list[str]:
+    keys = [key.strip() for key in text.split(",")]
+    unknown = set(keys) - set(SCENARIOS)
+    if unknown:
+        known = ", ".join(SCENARIOS)
+        raise argparse.ArgumentTypeError(f"no scenario {', '.join(sorted(unknown))}; of: {known}")
+    return keys
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -561,6 +588,11 @@ def _parser() -> argparse.ArgumentParser:
         "--compare",
         metavar="PYTHON",
         help="also run the uploadsrv that this interpreter imports (another checkout's venv), for A/B",
+    )
+    parser.add_argument(
+        "--only",
+        type=_scenario_keys,
+        help=f"run only these scenarios, of: {', '.join(SCENARIOS)} (all by default)",
     )
     parser.add_argument("--no-extra", action="store_true", help="skip checksum, IETF and chunk API rows")
     parser.add_argument("--no-s3", action="store_true")

@@ -1,6 +1,7 @@
 """What a small upload costs the server in instructions: steady where CPU time is not.
 
     python -m uploadsrv.loadtest.instructions [pair|one] [--uploads 400] [--python PYTHON]
+        [--without metrics,log]
 
 On a shared machine the CPU time of a request swings by half with the load beside it;
 the number of instructions it takes does not. This runs the app in-process (the ASGI
@@ -9,7 +10,9 @@ its disk threads included) for `--uploads` small tus uploads, 32 at a time, unde
 valgrind's cachegrind, once with 100 and once with 100 + `--uploads`, and prints the
 difference per upload: start-up and imports cancel out. `pair` is a create and a 1 KiB
 PATCH, `one` a 1 KiB creation-with-upload. `--python` measures another checkout's venv.
-The HTTP server's own share (uvicorn, httptools) is not in it.
+`--without` turns off what settings can turn off, to see its share: `metrics` (`--metrics
+false`), `log` (`--log-level warning`: no "upload completed" line). The HTTP server's own
+share (uvicorn, httptools) is not in it.
 """
 
 from __future__ import annotations
@@ -94,19 +97,23 @@ async def one(app: Any) -> None:
 KINDS: dict[str, Callable[[Any], Awaitable[None]]] = {"pair": pair, "one": one}
 
 
-async def run(kind: str, uploads: int, data: str) -> None:
-    """`uploads` uploads of `kind` through the app on a data directory `data`."""
+WITHOUT = ("metrics", "log")  #: what `--without` can turn off
+
+
+async def run(kind: str, uploads: int, data: str, without: frozenset[str] = frozenset()) -> None:
+    """`uploads` uploads of `kind` through the app on a data directory `data`, without the
+    parts named in `without`."""
     import logging.config
 
     from uploadsrv.app import create_app
     from uploadsrv.config import Settings
     from uploadsrv.logs import configure
 
-    logging.config.dictConfig(configure("info"))
+    logging.config.dictConfig(configure("warning" if "log" in without else "info"))
     handler = logging.getLogger().handlers[0]
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(open(os.devnull, "w"))  # noqa: SIM115  (open for the process's life)
-    app = create_app(Settings.from_env({}, data_dir=data))
+    app = create_app(Settings.from_env({}, data_dir=data, metrics="metrics" not in without))
     upload = KINDS[kind]
     remaining = iter(range(uploads))
 
@@ -118,12 +125,20 @@ async def run(kind: str, uploads: int, data: str) -> None:
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
 
 
-def instructions(python: str, kind: str, uploads: int) -> int:
+def instructions(python: str, kind: str, uploads: int, without: str = "") -> int:
     """User-space instructions of one in-process run, all threads (cachegrind's I refs)."""
     data = tempfile.mkdtemp(prefix="uploadsrv-instructions-")
     try:
         command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
-        command += [python, __file__, "--run", kind, str(uploads), data]  # by path: another venv may lack it
+        command += [
+            python,
+            __file__,
+            "--run",
+            kind,
+            str(uploads),
+            data,
+            without,
+        ]  # by path: another venv may lack it
         done = subprocess.run(command, capture_output=True, text=True, check=True)
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -136,9 +151,10 @@ def instructions(python: str, kind: str, uploads: int) -> int:
 def main() -> None:
     if sys.argv[1:2] == ["--run"]:  # the measured process
         kind, uploads, data = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        without = frozenset(filter(None, sys.argv[5].split(","))) if len(sys.argv) > 5 else frozenset()
         import uvloop
 
-        uvloop.run(run(kind, uploads, data))
+        uvloop.run(run(kind, uploads, data, without))
         return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,12 +162,27 @@ def main() -> None:
     parser.add_argument("kind", nargs="?", choices=sorted(KINDS), default="pair")
     parser.add_argument("--uploads", type=int, default=400)
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose uploadsrv to measure")
+    parser.add_argument(
+        "--without", type=_parts, default=[], help=f"turn off, to see their share: {', '.join(WITHOUT)}"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         parser.exit(2, "valgrind is not installed (apt-get install valgrind)\n")
-    base = instructions(args.python, args.kind, BASE)
-    more = instructions(args.python, args.kind, BASE + args.uploads)
-    print(f"{args.kind}: {(more - base) / args.uploads:,.0f} instructions per upload")
+    without = ",".join(args.without)
+    base = instructions(args.python, args.kind, BASE, without)
+    more = instructions(args.python, args.kind, BASE + args.uploads, without)
+    label = f"{args.kind} without {', '.join(args.without)}" if args.without else args.kind
+    print(f"{label}: {(more - base) / args.uploads:,.0f} instructions per upload")
+
+
+def _parts(text: str) -> list[str]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = set(parts) - set(WITHOUT)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"cannot turn off {', '.join(sorted(unknown))}; of: {', '.join(WITHOUT)}"
+        )
+    return parts
 
 
 if __name__ == "__main__":
