@@ -168,9 +168,9 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         parser.exit(2, "valgrind is not installed (apt-get install valgrind)\n")
-    without = ",".join(args.without)
-    base = instructions(args.python, args.kind, BASE, without)
-    more = instructions(args.python, args.kind, BASE + args.uploads, without)
+    off = ",".join(args.without)
+    base = instructions(args.python, args.kind, BASE, off)
+    more = instructions(args.python, args.kind, BASE + args.uploads, off)
     label = f"{args.kind} without {', '.join(args.without)}" if args.without else args.kind
     print(f"{label}: {(more - base) / args.uploads:,.0f} instructions per upload")
 
