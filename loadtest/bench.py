@@ -220,10 +220,10 @@ class Bench:
         """The same memory for every measurement: what the run before left dirty (the
         peers do not fsync; deleted uploads) written out now, not by the disk during this
         run (the 1 GiB row swung 0.8-1.5x), and with `--drop-caches` (root) the page
-        cache emptied and only the inputs read back. Once earlier runs had filled memory
-        with cached pages, every page a server wrote first had to be reclaimed, on its own
-        CPU: the same 1 GiB IETF POST cost 0.7-1.2 s of server CPU with free memory and
-        3.3-4.5 s without, old and new code alike."""
+        cache emptied, only the inputs read back, and free memory warmed. Once earlier
+        runs had filled memory with cached pages, every page a server wrote first had to
+        be reclaimed, on its own CPU: the same 1 GiB IETF POST cost 0.7-1.2 s of server
+        CPU with free memory and 3.3-4.5 s without, old and new code alike."""
         os.sync()
         if not self.args.drop_caches:
             return
@@ -236,6 +236,22 @@ class Bench:
             with open(path, "rb") as f:
                 while f.read(1 << 20):
                     pass
+        self.warm(2 * max(self.files))
+
+    def warm(self, size: int) -> None:
+        """Write `size` bytes to a file and delete it unsynced, just before a measurement,
+        so that the free pages its server's writes take have been touched. This VM hands
+        memory that stays free for 2 s back to its host, and the first touch after that
+        costs 1.5-2.1 s of system time per GiB written, against 0.22-0.25 s for memory
+        freed a moment before (`dd` of 1 GiB): charged to whichever server wrote first,
+        it moved the sink's 1 GiB row from 0.61 to 2.79 s/GiB between runs. Twice the
+        largest input: the checksum row writes its body twice (staging, then data)."""
+        path = self.work / "warm-up"
+        block = bytes(1 << 20)
+        with open(path, "wb") as f:
+            for _ in range(0, size, len(block)):
+                f.write(block)
+        path.unlink()  # its dirty pages are dropped, not written: free, and just touched
 
     async def measure(self, scenario: Scenario, server: Server) -> Figure:
         await asyncio.to_thread(self.settle)

@@ -188,6 +188,23 @@ def test_the_benchmark_runs_only_the_scenarios_named(tmp_path):
     assert refused.returncode == 2 and "no scenario nope" in refused.stderr
 
 
+def test_warming_writes_the_bytes_and_leaves_no_file(tmp_path):
+    """The warm-up before a measurement writes what it is asked to (counted by the kernel
+    in /proc/self/io, so a warm-up that wrote nothing fails) and deletes its file."""
+    import argparse
+
+    from uploadsrv.loadtest.bench import Bench
+
+    def written() -> int:
+        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        return int(fields["wchar"])
+
+    before = written()
+    Bench(argparse.Namespace(), tmp_path).warm(5 << 20)
+    assert written() - before >= 5 << 20
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_server_is_its_worker_processes_too(tmp_path):
     """The 2-worker uploadsrv row is a supervisor and its workers: their CPU and memory are
     found through /proc, grandchildren included, and stopping it stops them all (workers
