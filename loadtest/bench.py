@@ -45,6 +45,7 @@ from uploadsrv.config import parse_size
 
 from . import lean, servers
 from .clients import TUS, tus_append_headers, tus_create, tus_in_one, tus_pair
+from .options import names_of
 from .servers import COMPARED, OURS, PEERS, SINK, UPLOADSRV, UPLOADSRV_WORKERS, Server
 
 GiB = 1 << 30
@@ -567,15 +568,6 @@ def s3_row(args: argparse.Namespace, work: Path) -> dict[str, float]:
     }
 
 
-def _scenario_keys(text: str) -> list[str]:
-    keys = [key.strip() for key in text.split(",")]
-    unknown = set(keys) - set(SCENARIOS)
-    if unknown:
-        known = ", ".join(SCENARIOS)
-        raise argparse.ArgumentTypeError(f"no scenario {', '.join(sorted(unknown))}; of: {known}")
-    return keys
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -607,7 +599,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--only",
-        type=_scenario_keys,
+        type=names_of(SCENARIOS, "scenario"),
         help=f"run only these scenarios, of: {', '.join(SCENARIOS)} (all by default)",
     )
     parser.add_argument("--no-extra", action="store_true", help="skip checksum, IETF and chunk API rows")

@@ -130,15 +130,8 @@ def instructions(python: str, kind: str, uploads: int, without: str = "") -> int
     data = tempfile.mkdtemp(prefix="uploadsrv-instructions-")
     try:
         command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
-        command += [
-            python,
-            __file__,
-            "--run",
-            kind,
-            str(uploads),
-            data,
-            without,
-        ]  # by path: another venv may lack it
+        # by path: another venv may lack this module
+        command += [python, __file__, "--run", kind, str(uploads), data, without]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -156,6 +149,8 @@ def main() -> None:
 
         uvloop.run(run(kind, uploads, data, without))
         return
+    from uploadsrv.loadtest.options import names_of  # here: the measured process runs this file by path
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -163,7 +158,10 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=400)
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose uploadsrv to measure")
     parser.add_argument(
-        "--without", type=_parts, default=[], help=f"turn off, to see their share: {', '.join(WITHOUT)}"
+        "--without",
+        type=names_of(WITHOUT, "part named"),
+        default=[],
+        help=f"turn off, to see their share: {', '.join(WITHOUT)}",
     )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
@@ -173,16 +171,6 @@ def main() -> None:
     more = instructions(args.python, args.kind, BASE + args.uploads, off)
     label = f"{args.kind} without {', '.join(args.without)}" if args.without else args.kind
     print(f"{label}: {(more - base) / args.uploads:,.0f} instructions per upload")
-
-
-def _parts(text: str) -> list[str]:
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = set(parts) - set(WITHOUT)
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"cannot turn off {', '.join(sorted(unknown))}; of: {', '.join(WITHOUT)}"
-        )
-    return parts
 
 
 if __name__ == "__main__":
